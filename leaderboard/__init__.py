@@ -1,0 +1,1 @@
+"""The Gradio leaderboard over ``results/`` (built in its own issue; nothing here yet)."""

@@ -1,0 +1,5 @@
+import sys
+
+from moecap.cli import main
+
+sys.exit(main())

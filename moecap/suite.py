@@ -1,0 +1,435 @@
+"""Suites: YAML files of models x runners x workloads x loads, validated before anything runs.
+
+A suite file looks like::
+
+    name: quickstart
+    models:   [{id: tiny-moe}]
+    runners:  [{type: hf, args: {dtype: float32}}]
+    workloads: [{name: short, input_tokens: 64, output_tokens: 32, num_prompts: 8}]
+    loads:    [{batch_size: 1}, {batch_size: 4}]
+    hardware: {device: cpu}
+    output:   {dir: results}
+
+Every error names the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moecap.registry import EMBEDDED_MODELS, RUNNERS, load_object
+
+
+class SuiteError(ValueError):
+    """A suite that cannot run; the message names the file, the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class ModelConfig(_Strict):
+    id: str
+    """An embedded model (``tiny-moe``), a Hugging Face id (``org/name``), a local model directory, or
+    ``random:<config>``: random weights on a real architecture config (a built-in name, a config.json
+    path or a hub id)."""
+    name: str | None = None
+    """Display name; default: derived from ``id``."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Config fields to change before building a ``random:`` model (e.g. ``num_hidden_layers: 4``)."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        base = self.id.split(":", 1)[-1].rstrip("/").split("/")[-1]
+        base = base.removesuffix(".json")
+        if self.id.startswith("random:"):
+            base = f"{base}-random"
+        if self.overrides.get("num_hidden_layers") is not None:
+            base = f"{base}-{self.overrides['num_hidden_layers']}L"
+        return base
+
+
+class RunnerConfig(_Strict):
+    type: str
+    """A registered runner (``moecap runners`` lists them)."""
+    name: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.type
+
+
+class WorkloadConfig(_Strict):
+    name: str | None = None
+    source: Literal["random", "text"] = "random"
+    """``random``: uniformly drawn token ids; ``text``: consecutive pieces of a text file, tokenized."""
+    text_file: str | None = None
+    """For ``source: text``; default: text of the Python standard library on this machine."""
+    input_tokens: int = Field(gt=0)
+    output_tokens: int = Field(gt=0)
+    num_prompts: int = Field(gt=0)
+    seed: int = 0
+    ignore_eos: bool = True
+    """Generate exactly ``output_tokens`` tokens per request (as vLLM's benchmarks do)."""
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"{self.source}-in{self.input_tokens}-out{self.output_tokens}"
+
+
+class LoadConfig(_Strict):
+    """Exactly one of: a static batch size, a max concurrency, or an arrival rate (requests/s)."""
+
+    batch_size: int | None = Field(default=None, gt=0)
+    concurrency: int | None = Field(default=None, gt=0)
+    rate: float | None = Field(default=None, gt=0)
+    arrival: Literal["poisson", "gamma"] = "poisson"
+    burstiness: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "LoadConfig":
+        set_ = [k for k in ("batch_size", "concurrency", "rate") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(
+                "a load sets exactly one of batch_size, concurrency, rate; "
+                f"got {', '.join(set_) if set_ else 'none'}"
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        if self.batch_size is not None:
+            return "batch"
+        if self.concurrency is not None:
+            return "concurrency"
+        return "rate"
+
+    @property
+    def slug(self) -> str:
+        if self.batch_size is not None:
+            return f"bs{self.batch_size}"
+        if self.concurrency is not None:
+            return f"c{self.concurrency}"
+        return f"r{self.rate:g}-{self.arrival}"
+
+
+class PeaksConfig(_Strict):
+    mem_bandwidth_gbs: float = Field(gt=0)
+    tflops: dict[str, float]
+    """Dense peak TFLOP/s per dtype (``bf16``, ``fp16``, ``fp32``, ...)."""
+
+
+class HardwareConfig(_Strict):
+    device: str = "auto"
+    """``auto`` (the first GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    peaks: PeaksConfig | None = None
+    """Your own peaks; they take precedence over the datasheet table and calibration."""
+    calibrate: Literal["auto", "never"] = "auto"
+    """``auto``: measure the ceilings when there is no datasheet row and no cached calibration (always
+    so on a CPU); ``never``: fail instead."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(r"^(auto|cpu|cuda|cuda:\d+)$", v):
+            raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N; got {v!r}")
+        return v
+
+
+class OutputConfig(_Strict):
+    dir: str = "results"
+    """Records go to ``<dir>/<suite name>/``."""
+
+
+class Suite(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*$")
+    description: str = ""
+    models: list[ModelConfig] = Field(min_length=1)
+    runners: list[RunnerConfig] = Field(min_length=1)
+    workloads: list[WorkloadConfig] = Field(min_length=1)
+    loads: list[LoadConfig] = Field(min_length=1)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    # set by load_suite, not part of the file
+    source: str | None = Field(default=None, exclude=True)
+
+
+# --------------------------------------------------------------------------------------------
+# cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    suite: Suite
+    model: ModelConfig
+    runner: RunnerConfig
+    workload: WorkloadConfig
+    load: LoadConfig
+
+    def config_dict(self) -> dict[str, Any]:
+        """What defines the cell; hashed into its id."""
+        return {
+            "model": self.model.model_dump(mode="json"),
+            "runner": self.runner.model_dump(mode="json"),
+            "workload": self.workload.model_dump(mode="json"),
+            "load": self.load.model_dump(mode="json", exclude_defaults=True),
+            "hardware": {"device": self.suite.hardware.device},
+        }
+
+    @property
+    def cell_id(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        parts = [self.model.display_name, self.runner.display_name, self.workload.display_name, self.load.slug]
+        slug = "__".join(re.sub(r"[^\w.\-]+", "-", p) for p in parts)
+        return f"{slug}__{digest}"
+
+    def describe(self) -> str:
+        return (
+            f"{self.model.display_name} | {self.runner.display_name} | "
+            f"{self.workload.display_name} | {self.load.slug}"
+        )
+
+
+def expand(suite: Suite) -> list[Cell]:
+    """The cells of a suite, models outermost (one model load serves its consecutive cells)."""
+    return [
+        Cell(suite, m, r, w, l)
+        for m in suite.models
+        for r in suite.runners
+        for w in suite.workloads
+        for l in suite.loads
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def builtin_suites() -> list[str]:
+    root = resources.files("moecap") / "suites"
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_suite_path(spec: str) -> Path:
+    """A path to a YAML file, or the name of a suite shipped under ``moecap/suites``."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    root = resources.files("moecap") / "suites"
+    for cand in (root / spec, root / f"{spec}.yaml"):
+        if cand.is_file():
+            return Path(str(cand))
+    raise SuiteError(
+        f"{spec}: no such suite file, and not a built-in suite (built-in: {', '.join(builtin_suites())})"
+    )
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (value parsed as YAML; list items by index)."""
+    for item in overrides:
+        key, sep, value_s = item.partition("=")
+        if not sep or not key:
+            raise SuiteError(f"--set {item!r}: expected key=value, e.g. workloads.0.num_prompts=4")
+        value = yaml.safe_load(value_s) if value_s != "" else ""
+        parts = key.split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SuiteError(
+                        f"{source}: --set {key}: {where!r}: expected a list index below {len(node)}"
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise SuiteError(f"{source}: --set {key}: {where!r} is inside a {type(node).__name__}, not a mapping")
+    return raw
+
+
+def _loc_str(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that sits at ``loc`` (list indices skipped)."""
+    cur: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cur.model_fields.get(part) if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        # unwrap list[X] / X | None
+        for _ in range(3):
+            args = getattr(ann, "__args__", None)
+            if args and not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                ann = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), args[0])
+        cur = ann
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def format_validation_error(err: ValidationError, cls: type[BaseModel], source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(cls, loc[:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            msg = f"unknown key {loc[-1]!r}; allowed keys: {allowed}"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in e and e["type"] not in ("model_type", "dict_type", "list_type"):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{source}: {_loc_str(loc)}: {msg}")
+    return "\n".join(lines)
+
+
+def _check_model_id(m: ModelConfig) -> str | None:
+    """None if ``m.id`` can be resolved, else what is wrong with it."""
+    from moecap.metrics.accounting import builtin_config_names  # pure python
+
+    mid = m.id
+    if mid in EMBEDDED_MODELS:
+        return None
+    if mid.startswith("random:"):
+        ref = mid.split(":", 1)[1]
+        if ref in builtin_config_names():
+            return None
+        p = Path(ref).expanduser()
+        if p.is_file() or (p.is_dir() and (p / "config.json").is_file()):
+            return None
+        if HUB_ID_RE.match(ref) and not p.exists():
+            return None  # config fetched from the hub when the cell runs
+        return (
+            f"unknown architecture config {ref!r} in {mid!r}; allowed: one of "
+            f"{', '.join(builtin_config_names())}, a config.json path, or a Hugging Face id (org/name)"
+        )
+    p = Path(mid).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return None
+        return f"local model directory {mid!r} has no config.json"
+    if HUB_ID_RE.match(mid):
+        return None
+    return (
+        f"unknown model {mid!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not a local model "
+        f"directory, not a Hugging Face id (org/name), not random:<config> "
+        f"(configs: {', '.join(builtin_config_names())})"
+    )
+
+
+def _model_errors(i: int, m: ModelConfig, source: str) -> list[str]:
+    problem = _check_model_id(m)
+    return [f"{source}: models[{i}].id: {problem}"] if problem else []
+
+
+def _runner_errors(i: int, r: RunnerConfig, source: str) -> list[str]:
+    entry = RUNNERS.get(r.type)
+    if entry is None:
+        return [f"{source}: runners[{i}].type: unknown runner {r.type!r}; allowed: {', '.join(sorted(RUNNERS))}"]
+    args_cls = load_object(entry.args)
+    try:
+        args_cls.model_validate(r.args)
+    except ValidationError as err:
+        return [format_validation_error(err, args_cls, f"{source}: runners[{i}].args")]
+    return []
+
+
+def validate_semantics(suite: Suite, source: str) -> None:
+    """Checks beyond types: registered runners and their args, load kinds, model ids, unique names."""
+    errors: list[str] = []
+    for i, m in enumerate(suite.models):
+        errors += _model_errors(i, m, source)
+    for i, r in enumerate(suite.runners):
+        errors += _runner_errors(i, r, source)
+        entry = RUNNERS.get(r.type)
+        for j, load in enumerate(suite.loads):
+            if entry is not None and load.kind not in entry.loads:
+                errors.append(
+                    f"{source}: loads[{j}]: runner {r.type!r} cannot drive a {load.kind} load "
+                    f"(it supports: {', '.join(entry.loads)})"
+                )
+    for what, items in (("models", suite.models), ("runners", suite.runners), ("workloads", suite.workloads)):
+        names = [it.display_name for it in items]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            errors.append(f"{source}: {what}: duplicate names {dups}; give each a distinct 'name'")
+    for i, w in enumerate(suite.workloads):
+        if w.source == "text" and w.text_file and not Path(w.text_file).expanduser().is_file():
+            errors.append(f"{source}: workloads[{i}].text_file: no such file {w.text_file!r}")
+        if w.source == "random" and w.text_file:
+            errors.append(f"{source}: workloads[{i}].text_file: only used with source: text")
+    if errors:
+        raise SuiteError("\n".join(errors))
+
+
+def _entry_errors(raw: dict[str, Any], source: str) -> list[str]:
+    """Model and runner checks on the well-formed entries of a suite that failed validation elsewhere,
+    so that one run of the validator reports every problem."""
+    errors: list[str] = []
+    for key, cls, check in (("models", ModelConfig, _model_errors), ("runners", RunnerConfig, _runner_errors)):
+        items = raw.get(key)
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            try:
+                entry = cls.model_validate(item)
+            except ValidationError:
+                continue  # already reported
+            errors += check(i, entry, source)
+    return errors
+
+
+def parse_suite(raw: Any, source: str) -> Suite:
+    if not isinstance(raw, dict):
+        raise SuiteError(f"{source}: a suite is a YAML mapping (name, models, runners, workloads, loads, ...)")
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as err:
+        lines = [format_validation_error(err, Suite, source)] + _entry_errors(raw, source)
+        raise SuiteError("\n".join(lines)) from None
+    validate_semantics(suite, source)
+    suite.source = source
+    return suite
+
+
+def load_suite(spec: str, overrides: list[str] | None = None) -> Suite:
+    path = resolve_suite_path(spec)
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise SuiteError(f"{source}: not valid YAML: {err}") from None
+    if overrides:
+        raw = apply_overrides(raw if isinstance(raw, dict) else {}, list(overrides), source)
+    return parse_suite(raw, source)

@@ -1,0 +1,141 @@
+"""Suite parsing, validation messages, overrides and cell expansion."""
+
+import pytest
+import yaml
+
+from moecap.suite import SuiteError, apply_overrides, builtin_suites, expand, load_suite
+
+BASE = {
+    "name": "t",
+    "models": [{"id": "tiny-moe"}],
+    "runners": [{"type": "hf"}],
+    "workloads": [{"name": "w", "input_tokens": 8, "output_tokens": 4, "num_prompts": 2}],
+    "loads": [{"batch_size": 1}, {"batch_size": 2}],
+}
+
+
+def write(tmp_path, data, name="suite.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+def err_of(tmp_path, data, overrides=None) -> str:
+    p = write(tmp_path, data)
+    with pytest.raises(SuiteError) as exc:
+        load_suite(str(p), overrides)
+    return str(exc.value)
+
+
+def test_builtin_suites_load_and_expand():
+    assert {"quickstart", "moe-1gpu"} <= set(builtin_suites())
+    for name in builtin_suites():
+        suite = load_suite(name)
+        cells = expand(suite)
+        assert len(cells) == len(suite.models) * len(suite.runners) * len(suite.workloads) * len(suite.loads)
+        assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_expand_order_and_ids(tmp_path):
+    s = load_suite(str(write(tmp_path, BASE)))
+    cells = expand(s)
+    assert [c.load.batch_size for c in cells] == [1, 2]
+    assert cells[0].cell_id.startswith("tiny-moe__hf__w__bs1__")
+    # ids are stable across loads and change when the cell's configuration changes
+    assert expand(load_suite(str(write(tmp_path, BASE))))[0].cell_id == cells[0].cell_id
+    changed = load_suite(str(write(tmp_path, BASE)), ["workloads.0.seed=3"])
+    assert expand(changed)[0].cell_id != cells[0].cell_id
+
+
+def test_unknown_key_names_file_field_and_allowed(tmp_path):
+    data = {**BASE, "workloads": [{**BASE["workloads"][0], "input_len": 3}]}
+    msg = err_of(tmp_path, data)
+    assert "suite.yaml" in msg and "workloads[0].input_len" in msg
+    assert "allowed keys" in msg and "input_tokens" in msg
+
+
+def test_top_level_unknown_key(tmp_path):
+    msg = err_of(tmp_path, {**BASE, "modles": []})
+    assert "modles" in msg and "models" in msg
+
+
+def test_wrong_type(tmp_path):
+    data = {**BASE, "workloads": [{**BASE["workloads"][0], "num_prompts": "many"}]}
+    msg = err_of(tmp_path, data)
+    assert "workloads[0].num_prompts" in msg and "many" in msg
+
+
+def test_unknown_runner_lists_registered(tmp_path):
+    msg = err_of(tmp_path, {**BASE, "runners": [{"type": "vllmm"}]})
+    assert "runners[0].type" in msg and "vllmm" in msg and "hf" in msg
+
+
+def test_runner_args_validated(tmp_path):
+    msg = err_of(tmp_path, {**BASE, "runners": [{"type": "hf", "args": {"dtype": "int3"}}]})
+    assert "runners[0].args" in msg and "dtype" in msg and "bfloat16" in msg
+    msg = err_of(tmp_path, {**BASE, "runners": [{"type": "hf", "args": {"devise": "cpu"}}]})
+    assert "devise" in msg and "allowed keys" in msg and "device" in msg
+
+
+@pytest.mark.parametrize(
+    "model_id, fragment",
+    [
+        ("tiny-mo", "unknown model 'tiny-mo'"),
+        ("random:mixtral-9x9b", "unknown architecture config 'mixtral-9x9b'"),
+    ],
+)
+def test_unknown_model(tmp_path, model_id, fragment):
+    msg = err_of(tmp_path, {**BASE, "models": [{"id": model_id}]})
+    assert "models[0].id" in msg and fragment in msg
+    assert "tiny-moe" in msg or "mixtral-8x7b" in msg  # says what is allowed
+
+
+def test_hub_ids_and_random_configs_accepted(tmp_path):
+    data = {**BASE, "models": [{"id": "mistralai/Mixtral-8x7B-v0.1"}, {"id": "random:mixtral-8x7b", "overrides": {"num_hidden_layers": 2}}]}
+    s = load_suite(str(write(tmp_path, data)))
+    assert [m.display_name for m in s.models] == ["Mixtral-8x7B-v0.1", "mixtral-8x7b-random-2L"]
+
+
+def test_load_kind_checked_against_runner(tmp_path):
+    msg = err_of(tmp_path, {**BASE, "loads": [{"concurrency": 4}]})
+    assert "loads[0]" in msg and "concurrency" in msg and "batch" in msg
+
+
+def test_load_needs_exactly_one(tmp_path):
+    msg = err_of(tmp_path, {**BASE, "loads": [{"batch_size": 1, "rate": 2.0}]})
+    assert "exactly one of" in msg
+    msg = err_of(tmp_path, {**BASE, "loads": [{"batch_size": 0}]})
+    assert "loads[0].batch_size" in msg
+
+
+def test_duplicate_names(tmp_path):
+    data = {**BASE, "models": [{"id": "tiny-moe"}, {"id": "tiny-moe"}]}
+    assert "duplicate names" in err_of(tmp_path, data)
+
+
+def test_not_yaml_and_not_mapping(tmp_path):
+    assert "not valid YAML" in err_of(tmp_path, "name: [unclosed")
+    assert "a suite is a YAML mapping" in err_of(tmp_path, "- just\n- a list\n")
+
+
+def test_missing_suite_names_builtins():
+    with pytest.raises(SuiteError) as exc:
+        load_suite("no-such-suite")
+    assert "quickstart" in str(exc.value)
+
+
+def test_overrides():
+    raw = {"a": {"b": 1}, "l": [{"x": 1}, {"x": 2}]}
+    apply_overrides(raw, ["a.b=5", "l.1.x=hello", "new.key=[1, 2]", "loads=[{batch_size: 8}]"], "s")
+    assert raw == {"a": {"b": 5}, "l": [{"x": 1}, {"x": "hello"}], "new": {"key": [1, 2]}, "loads": [{"batch_size": 8}]}
+    with pytest.raises(SuiteError, match="list index below 2"):
+        apply_overrides(raw, ["l.7.x=1"], "s")
+    with pytest.raises(SuiteError, match="key=value"):
+        apply_overrides(raw, ["nonsense"], "s")
+
+
+def test_overrides_on_builtin_are_validated():
+    s = load_suite("quickstart", ["loads=[{batch_size: 2}]", "workloads.0.num_prompts=2"])
+    assert [c.load.batch_size for c in expand(s)] == [2]
+    with pytest.raises(SuiteError, match="workloads\\[0\\].num_prompts"):
+        load_suite("quickstart", ["workloads.0.num_prompts=-1"])

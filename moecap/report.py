@@ -1,0 +1,117 @@
+"""Tables of records: ``moecap report`` and the end-of-run summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from moecap.records import Record
+
+# (column, header, path into the record, format)
+COLUMNS: list[tuple[str, str, tuple[str, ...], str]] = [
+    ("model", "model", ("config", "model", "display_name"), "s"),
+    ("runner", "runner", ("config", "runner", "display_name"), "s"),
+    ("workload", "workload", ("config", "workload", "display_name"), "s"),
+    ("load", "load", (), "load"),
+    ("status", "status", ("status",), "s"),
+    ("ttft_ms_median", "TTFT p50 ms", ("report", "latency", "ttft_ms", "median"), ".1f"),
+    ("ttft_ms_p99", "TTFT p99 ms", ("report", "latency", "ttft_ms", "p99"), ".1f"),
+    ("tpot_ms_median", "TPOT p50 ms", ("report", "latency", "tpot_ms", "median"), ".2f"),
+    ("itl_ms_p99", "ITL p99 ms", ("report", "latency", "itl_ms", "p99"), ".2f"),
+    ("output_tokens_per_s", "out tok/s", ("report", "throughput", "output_tokens_per_s"), ".1f"),
+    ("requests_per_s", "req/s", ("report", "throughput", "requests_per_s"), ".2f"),
+    ("s_mbu_prefill", "S-MBU pre", ("report", "utilization", "prefill", "s_mbu"), ".3f"),
+    ("s_mbu_decode", "S-MBU dec", ("report", "utilization", "decode", "s_mbu"), ".3f"),
+    ("s_mfu_prefill", "S-MFU pre", ("report", "utilization", "prefill", "s_mfu"), ".3f"),
+    ("s_mfu_decode", "S-MFU dec", ("report", "utilization", "decode", "s_mfu"), ".4f"),
+    ("experts_per_layer_decode", "experts/layer dec", ("report", "utilization", "decode", "mean_active_experts_per_layer"), ".2f"),
+    ("peak", "peak", ("report", "utilization", "peak", "kind"), "s"),
+    ("peak_mem_gib", "peak mem GiB", (), "mem"),
+]
+
+
+def _get(d: Any, path: Sequence[str]) -> Any:
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _load_str(rec: dict[str, Any]) -> str | None:
+    load = _get(rec, ("config", "load")) or {}
+    for key, prefix in (("batch_size", "bs="), ("concurrency", "conc="), ("rate", "rate=")):
+        if load.get(key) is not None:
+            return f"{prefix}{load[key]}"
+    return None
+
+
+def _peak_mem(rec: dict[str, Any]) -> float | None:
+    mem = _get(rec, ("report", "memory")) or {}
+    v = mem.get("device_peak_allocated_bytes") or mem.get("host_peak_rss_process_bytes")
+    return v / 2**30 if v else None
+
+
+def record_row(rec: Record | dict[str, Any]) -> dict[str, Any]:
+    d = rec.model_dump() if isinstance(rec, Record) else rec
+    row: dict[str, Any] = {"cell_id": d.get("cell_id")}
+    for col, _, path, fmt in COLUMNS:
+        if fmt == "load":
+            row[col] = _load_str(d)
+        elif fmt == "mem":
+            row[col] = _peak_mem(d)
+        else:
+            row[col] = _get(d, path)
+    return row
+
+
+def _fmt(v: Any, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if fmt in ("s", "load"):
+        return str(v)
+    if fmt == "mem":
+        fmt = ".3f"
+    try:
+        return format(v, fmt)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def format_rows(rows: list[dict[str, Any]], fmt: str = "table") -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2, default=str)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["cell_id"] + [c[0] for c in COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+    headers = [c[1] for c in COLUMNS]
+    cells = [[_fmt(r.get(c[0]), c[3]) for c in COLUMNS] for r in rows]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join(lines)
+    if fmt != "table":
+        raise ValueError(f"unknown format {fmt!r}; allowed: table, csv, json, markdown")
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+def report(paths: Sequence[str | Path], fmt: str = "table") -> str:
+    from moecap.records import load_records
+
+    rows = []
+    for p in paths:
+        rows.extend(record_row(rec) for _, rec in load_records(p))
+    if not rows:
+        return "no records found under " + ", ".join(str(p) for p in paths)
+    return format_rows(rows, fmt)

@@ -1,0 +1,152 @@
+"""Expert tracing on real transformers 5 MoE modules of every supported family."""
+
+import pytest
+import torch
+from torch import nn
+
+from moecap.metrics.accounting import from_hf_config
+from moecap.runners.tracing import ExpertTracer, find_moe_blocks
+from test_accounting import TINY  # tiny configs of every family, checked against real modules there
+
+MOE_FAMILIES = sorted(f for f, cfg in TINY.items() if from_hf_config(cfg).moe_layers)
+
+
+def _build(cfg):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(**cfg)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def _reference_counts(model, ids):
+    """Route independently: capture each MoE block's input, call its router again, count its top-k."""
+    inputs = {}
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, layer=layer: inputs.__setitem__(layer, a[0]))
+        for layer, block in find_moe_blocks(model)
+    ]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    out = []
+    for layer, block in find_moe_blocks(model):
+        router = getattr(block, "gate", None) or getattr(block, "router", None)
+        x = inputs[layer].reshape(-1, inputs[layer].shape[-1])
+        with torch.no_grad():
+            idx = router(x)[-1]
+        out.append(torch.bincount(idx.reshape(-1), minlength=router.weight.shape[0]).tolist())
+    return out
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_traced_counts_match_independent_routing(family):
+    cfg = TINY[family]
+    model = _build(cfg)
+    acc = from_hf_config(cfg)
+    tracer = ExpertTracer(model).attach()
+    assert tracer.layers == acc.moe_layers
+    ids = torch.randint(1, cfg["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(1))
+    tracer.begin_pass()
+    with torch.no_grad():
+        model(ids)
+    counts = tracer.end_pass()
+    assert counts is not None and len(counts) == len(acc.moe_layers)
+    for row, layer in zip(counts, acc.moe_layers):
+        spec = acc.layers[layer]
+        assert len(row) == spec.n_experts
+        assert sum(row) == 3 * 7 * spec.top_k  # every token runs top-k experts
+    assert counts == _reference_counts(model, ids)
+    assert tracer.method == "experts-input pre-hook"
+    tracer.detach()
+
+
+def test_inactive_tracer_records_nothing_and_detach_removes_hooks():
+    model = _build(TINY["mixtral"])
+    tracer = ExpertTracer(model).attach()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert tracer.end_pass() is None  # no pass begun: nothing kept
+    tracer.detach()
+    assert all(not b.experts._forward_pre_hooks for _, b in tracer.blocks)
+
+
+def test_deferred_passes_flush_in_order():
+    model = _build(TINY["olmoe"])
+    tracer = ExpertTracer(model).attach()
+    expected = []
+    with torch.no_grad():
+        for n in (5, 1, 1, 3):  # two shapes: grouped separately, returned in pass order
+            ids = torch.randint(1, 100, (1, n), generator=torch.Generator().manual_seed(n))
+            tracer.begin_pass()
+            model(ids)
+            expected.append(tracer.end_pass())
+            tracer.begin_pass()
+            model(ids)
+            assert tracer.end_pass(defer=True) is None
+    assert tracer.flush() == expected
+    assert tracer.flush() == []
+
+
+class _LogitsRouter(nn.Module):
+    """An older layout: the router returns logits only, the experts get dense routing weights."""
+
+    def __init__(self, h, e):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(e, h))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class _DenseExperts(nn.Module):
+    num_experts = 4
+
+    def forward(self, x, weights):
+        return x * weights.sum(-1, keepdim=True)
+
+
+class _Block(nn.Module):
+    top_k = 2
+
+    def __init__(self):
+        super().__init__()
+        self.gate = _LogitsRouter(8, 4)
+        self.experts = _DenseExperts()
+
+    def forward(self, x):
+        logits = self.gate(x)
+        top = torch.topk(logits, 2, dim=-1)
+        weights = torch.zeros_like(logits).scatter(-1, top.indices, top.values.softmax(-1))
+        return self.experts(x, weights)
+
+
+class _Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _Block()
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.mlp(x)
+        return x
+
+
+def test_router_logits_fallback():
+    torch.manual_seed(0)
+    model = _Toy()
+    tracer = ExpertTracer(model).attach()
+    x = torch.randn(6, 8)
+    tracer.begin_pass()
+    model(x)
+    counts = tracer.end_pass()
+    assert tracer.method == "router-logits top-k"
+    expected = torch.bincount(torch.topk(model.layers[0].mlp.gate(x), 2).indices.reshape(-1), minlength=4).tolist()
+    assert counts[0] == expected and sum(counts[1]) == 12

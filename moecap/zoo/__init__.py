@@ -1,0 +1,1 @@
+"""Models that moecap builds itself, from text already on the machine (no download)."""

@@ -1,0 +1,143 @@
+"""The ``moecap`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from moecap.suite import SuiteError, expand, load_suite
+
+    overrides = list(args.set or [])
+    if args.output:
+        overrides.append(f"output.dir={args.output}")
+    try:
+        suite = load_suite(args.suite, overrides)
+    except SuiteError as err:
+        print(f"moecap: invalid suite\n{err}", file=sys.stderr)
+        return 2
+    cells = expand(suite)
+    if args.dry_run:
+        print(f"suite {suite.name} ({suite.source}): {len(cells)} cells -> {suite.output.dir}/{suite.name}/")
+        for i, cell in enumerate(cells):
+            print(f"  {i + 1:3d}. {cell.describe():60s} {cell.cell_id}")
+        return 0
+
+    from moecap.executor import run_suite
+    from moecap.report import format_rows, record_row
+
+    outcome = run_suite(suite, force=args.force)
+    rows = []
+    for o in outcome.outcomes:
+        if o.record is not None:
+            rows.append(record_row(o.record))
+        elif o.status == "skipped":
+            from moecap.records import ResultStore
+
+            rec = ResultStore(suite.output.dir, suite.name).load(o.cell.cell_id)
+            if rec is not None:
+                row = record_row(rec)
+                row["status"] = "done before"
+                rows.append(row)
+    print(format_rows(rows))
+    n_failed = len(outcome.failed)
+    print(
+        f"\nrun {outcome.run_id}: {sum(o.status == 'ok' for o in outcome.outcomes)} ok, {n_failed} failed, "
+        f"{sum(o.status == 'skipped' for o in outcome.outcomes)} done before; records in "
+        f"{suite.output.dir}/{suite.name}/"
+    )
+    return 1 if n_failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from moecap.report import report
+
+    print(report(args.paths or ["results"], args.format))
+    return 0
+
+
+def _cmd_hardware(args: argparse.Namespace) -> int:
+    from moecap.hardware import UnknownDeviceError, calibrate, detect_hardware, format_hardware, resolve_peaks, save_calibration
+
+    hw = detect_hardware(args.device)
+    dtype = args.dtype or ("bfloat16" if hw.accelerator != "cpu" else "float32")
+    peaks = None
+    if args.calibrate:
+        dev = "cpu" if hw.accelerator == "cpu" else f"cuda:{hw.device_index}"
+        print(f"calibrating {hw.device_name} ({dtype}) ...", file=sys.stderr)
+        peaks = calibrate(dev, dtype)
+        save_calibration(peaks)
+    else:
+        try:
+            peaks = resolve_peaks(hw, dtype, calibrate_if_missing=False)
+        except UnknownDeviceError as err:
+            print(f"note: {err}", file=sys.stderr)
+    print(format_hardware(hw, peaks))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from moecap.metrics.accounting import builtin_config_names
+    from moecap.registry import EMBEDDED_MODELS
+
+    print("embedded models (built locally on first use):")
+    for e in EMBEDDED_MODELS.values():
+        print(f"  {e.name:24s} {e.description}")
+    print("\nrandom-weight architectures (model id 'random:<name>'):")
+    for name in builtin_config_names():
+        print(f"  random:{name}")
+    print("\nany Hugging Face id (org/name) or local model directory loads with from_pretrained.")
+    return 0
+
+
+def _cmd_runners(args: argparse.Namespace) -> int:
+    from moecap.registry import RUNNERS
+
+    for e in RUNNERS.values():
+        print(f"  {e.name:12s} loads: {','.join(e.loads):20s} {e.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moecap import __version__
+
+    p = argparse.ArgumentParser(prog="moecap", description="Cost / Accuracy / Performance benchmarks for MoE serving")
+    p.add_argument("--version", action="version", version=f"moecap {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a suite (a YAML file or a built-in suite name)")
+    r.add_argument("suite", help="path to a suite YAML, or a built-in suite (e.g. quickstart)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a suite field, e.g. loads=[{batch_size: 2}]")
+    r.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    r.add_argument("--force", action="store_true", help="re-run cells that already have an ok record")
+    r.add_argument("-o", "--output", help="results folder (default: the suite's output.dir)")
+    r.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser("report", help="tabulate records")
+    rep.add_argument("paths", nargs="*", help="record files or folders (default: results)")
+    rep.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
+    rep.set_defaults(func=_cmd_report)
+
+    hw = sub.add_parser("hardware", help="show the detected device and its peaks")
+    hw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    hw.add_argument("--dtype", help="compute dtype for the FLOPS peak (default: bfloat16 on GPU, float32 on CPU)")
+    hw.add_argument("--calibrate", action="store_true", help="measure the bandwidth and matmul ceilings and cache them")
+    hw.set_defaults(func=_cmd_hardware)
+
+    sub.add_parser("models", help="list embedded models and built-in architectures").set_defaults(func=_cmd_models)
+    sub.add_parser("runners", help="list registered runners").set_defaults(func=_cmd_runners)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Runs a suite's cells and writes one record per cell.
+
+Cells sharing a model and a runner reuse one loaded model. A failed cell (exception, OOM, a model that
+does not load, unknown peaks) is recorded with its traceback and the suite goes on. Cells whose record
+is already ``ok`` are skipped unless ``force``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from moecap.records import Record, ResultStore, new_run_id, now_iso
+from moecap.registry import load_object, runner_entry
+from moecap.suite import Cell, Suite, expand
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    status: str  # ok | failed | skipped (already done)
+    record: Record | None = None
+    path: str | None = None
+
+
+@dataclass
+class SuiteOutcome:
+    run_id: str
+    outcomes: list[CellOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[CellOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def _suite_info(suite: Suite) -> dict[str, Any]:
+    return {"name": suite.name, "source": suite.source, "description": suite.description}
+
+
+def _cell_config(cell: Cell, runner_info: dict[str, Any] | None, hw: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = cell.config_dict()
+    cfg["model"]["display_name"] = cell.model.display_name
+    cfg["runner"]["display_name"] = cell.runner.display_name
+    if runner_info:
+        cfg["runner"].update({k: v for k, v in runner_info.items() if k != "args"})
+        cfg["runner"]["resolved_args"] = runner_info.get("args")
+    cfg["workload"]["display_name"] = cell.workload.display_name
+    cfg["load"]["kind"] = cell.load.kind
+    cfg["hardware"] = {"settings": cell.suite.hardware.model_dump(mode="json"), "detected": hw}
+    return cfg
+
+
+def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Turn a RunTrace into the record's report section (and per-pass rows for the artifacts)."""
+    from moecap.metrics.accounting import from_hf_config
+    from moecap.metrics.latency import pass_latency, summarize_requests
+    from moecap.metrics.utilization import utilization
+
+    acc = from_hf_config(trace.model_config)
+    report: dict[str, Any] = summarize_requests(trace.requests)
+    report["pass_latency"] = pass_latency(trace.passes)
+    report["model"] = acc.summary()
+    report["memory"] = trace.memory
+    report["tracing"] = trace.tracing
+    rows: list[dict[str, Any]] = []
+    if trace.tracing.get("traced"):
+        phases, rows = utilization(
+            trace.passes,
+            acc,
+            trace.moe_layers,
+            trace.weight_bytes_per_param,
+            trace.kv_bytes_per_elem,
+            peaks.mem_bandwidth_Bps,
+            peaks.flops_for(trace.compute_dtype),
+            expanded_mla=trace.kv_cache_expanded_mla,
+        )
+        report["utilization"] = {
+            **phases,
+            "peak": {
+                "kind": peaks.kind,
+                "source": peaks.source,
+                "device": peaks.device,
+                "mem_bandwidth_gbs": peaks.mem_bandwidth_Bps / 1e9,
+                "compute_dtype": trace.compute_dtype,
+                "tflops": peaks.flops_for(trace.compute_dtype) / 1e12,
+            },
+            "weight_bytes_per_param": trace.weight_bytes_per_param,
+            "kv_bytes_per_elem": trace.kv_bytes_per_elem,
+        }
+    else:
+        report["utilization"] = {"available": False, "reason": trace.tracing.get("reason", "experts not traced")}
+    return report, rows
+
+
+def run_suite(
+    suite: Suite,
+    force: bool = False,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> SuiteOutcome:
+    from tqdm.auto import tqdm
+
+    from moecap.environment import collect_environment
+    from moecap.hardware import detect_hardware, resolve_peaks
+
+    store = ResultStore(suite.output.dir, suite.name)
+    outcome = SuiteOutcome(run_id=new_run_id())
+    env = collect_environment()
+    cells = expand(suite)
+    todo: list[Cell] = []
+    for cell in cells:
+        if not force and store.is_done(cell.cell_id):
+            outcome.outcomes.append(CellOutcome(cell, "skipped", path=str(store.record_path(cell.cell_id))))
+        else:
+            todo.append(cell)
+    skipped = len(cells) - len(todo)
+    if skipped:
+        log(f"moecap: {skipped} of {len(cells)} cells already have an ok record (use --force to re-run them)")
+
+    user_peaks = None
+    if suite.hardware.peaks is not None:
+        user_peaks = suite.hardware.peaks.model_dump()
+
+    def record_of(cell: Cell, status: str, **kw: Any) -> Record:
+        return Record(
+            run_id=outcome.run_id,
+            created_at=now_iso(),
+            suite=_suite_info(suite),
+            cell_id=cell.cell_id,
+            status=status,
+            environment=env,
+            **kw,
+        )
+
+    def finish(cell: Cell, rec: Record) -> None:
+        path = store.write(rec)
+        outcome.outcomes.append(CellOutcome(cell, rec.status, rec, str(path)))
+        if rec.status == "failed":
+            last = (rec.error or "").strip().splitlines()[-1:] or ["?"]
+            log(f"moecap: cell {cell.cell_id} FAILED: {last[0]}")
+
+    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=None)
+    try:
+        groups = itertools.groupby(todo, key=lambda c: (id(c.model), id(c.runner)))
+        for _, group_iter in groups:
+            group = list(group_iter)
+            first = group[0]
+            runner = None
+            hw_dict = None
+            try:
+                entry = runner_entry(first.runner.type)
+                args = load_object(entry.args).model_validate(first.runner.args)
+                runner = load_object(entry.cls)(args, suite.hardware)
+                hw = detect_hardware(runner.device_name())
+                hw_dict = hw.to_dict()
+                peaks = resolve_peaks(
+                    hw,
+                    getattr(runner, "dtype_name", "float32"),
+                    user=user_peaks,
+                    calibrate_if_missing=suite.hardware.calibrate == "auto",
+                )
+                bar.set_postfix_str(f"loading {first.model.display_name}")
+                runner.load(first.model)
+            except Exception:
+                err = traceback.format_exc()
+                info = None
+                for cell in group:
+                    finish(cell, record_of(cell, "failed", error=err, config=_cell_config(cell, info, hw_dict)))
+                    bar.update(1)
+                if runner is not None:
+                    runner.close()
+                continue
+            try:
+                for cell in group:
+                    bar.set_postfix_str(cell.describe())
+                    info = None
+                    try:
+                        info = runner.info()
+                        trace = runner.run(cell.workload, cell.load)
+                        report, rows = build_report(trace, peaks)
+                        by_index = {r["index"]: r for r in rows}
+                        arts = {
+                            "passes": store.write_artifact(
+                                cell.cell_id,
+                                "passes.jsonl",
+                                ({**p.to_dict(), **by_index.get(p.index, {})} for p in trace.passes),
+                            ),
+                            "requests": store.write_artifact(
+                                cell.cell_id, "requests.jsonl", (r.to_dict() for r in trace.requests)
+                            ),
+                        }
+                        rec = record_of(
+                            cell, "ok", config=_cell_config(cell, info, hw_dict), report=report, artifacts=arts
+                        )
+                    except Exception:
+                        rec = record_of(
+                            cell, "failed", error=traceback.format_exc(), config=_cell_config(cell, info, hw_dict)
+                        )
+                        _free_device_memory()
+                    finish(cell, rec)
+                    bar.update(1)
+            finally:
+                runner.close()
+    finally:
+        bar.close()
+    outcome.outcomes.sort(key=lambda o: cells.index(o.cell))
+    return outcome
+
+
+def _free_device_memory() -> None:
+    """After a failure (e.g. CUDA OOM), give cached device memory back before the next cell."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,181 @@
+"""End to end through the real CLI, in subprocesses: suites on the embedded model on this CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SMALL = ["--set", "workloads.0.num_prompts=4", "--set", "workloads.0.output_tokens=8"]
+
+
+def moecap(*args, cwd=None, check=None):
+    env = dict(os.environ)  # carries MOECAP_CACHE_DIR from conftest: built models and calibrations are reused
+    proc = subprocess.run(
+        [sys.executable, "-m", "moecap", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900
+    )
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def records(folder: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory, tiny_moe_dir):
+    out = tmp_path_factory.mktemp("results")
+    proc = moecap("run", "quickstart", "-o", str(out), *SMALL, check=0)
+    return out, proc
+
+
+def test_quickstart_records(quickstart_run):
+    out, proc = quickstart_run
+    recs = records(out / "quickstart")
+    assert len(recs) == 2
+    for cell_id, rec in recs.items():
+        assert rec["status"] == "ok", rec.get("error")
+        assert rec["schema_version"] == 1 and rec["cell_id"] == cell_id
+        rep = rec["report"]
+        # S-MBU and S-MFU against the calibrated CPU ceilings
+        util = rep["utilization"]
+        assert util["peak"]["kind"] == "calibrated"
+        for phase in ("prefill", "decode"):
+            assert 0 < util[phase]["s_mbu"] <= 1, (phase, util[phase])
+            assert 0 < util[phase]["s_mfu"] <= 1, (phase, util[phase])
+            b = util[phase]["bytes"]
+            assert b["experts"] > 0 and b["attention"] > 0 and b["lm_head"] > 0
+        assert util["decode"]["bytes"]["kv_read"] > 0
+        assert util["prefill"]["passes"] == 4 // rec["config"]["load"]["batch_size"]
+        lat = rep["latency"]
+        assert lat["ttft_ms"]["n"] == 4 and lat["ttft_ms"]["median"] > 0
+        assert lat["tpot_ms"]["median"] > 0 and lat["itl_ms"]["n"] == 4 * 7
+        assert rep["throughput"]["output_tokens"] == 4 * 8 and rep["throughput"]["failed"] == 0
+        assert rep["throughput"]["output_tokens_per_s"] > 0
+        assert rep["model"]["total_params"] > 1_000_000
+        assert rec["environment"]["packages"]["transformers"] == "5.23.0"
+        assert rec["config"]["runner"]["device"] == "cpu"
+
+        # per-pass trace with non-empty expert unions; per-request timestamps
+        passes = [json.loads(x) for x in (out / "quickstart" / rec["artifacts"]["passes"]).read_text().splitlines()]
+        assert len(passes) == (4 // rec["config"]["load"]["batch_size"]) * 8
+        k = 2
+        for p in passes:
+            assert len(p["expert_counts"]) == 4
+            for row in p["expert_counts"]:
+                assert sum(row) == sum(p["new_tokens"]) * k and any(row)
+            assert p["bytes"] > 0 and p["flops"] > 0
+        reqs = [json.loads(x) for x in (out / "quickstart" / rec["artifacts"]["requests"]).read_text().splitlines()]
+        assert len(reqs) == 4 and all(r["output_tokens"] == 8 for r in reqs)
+    # the end-of-run summary table
+    assert "S-MBU dec" in proc.stdout and "2 ok, 0 failed" in proc.stdout
+
+
+def test_report_shows_records(quickstart_run):
+    out, _ = quickstart_run
+    table = moecap("report", str(out), check=0).stdout
+    assert "tiny-moe" in table and "bs=1" in table and "bs=4" in table and "TTFT p50 ms" in table
+    rows = json.loads(moecap("report", str(out), "--format", "json", check=0).stdout)
+    assert len(rows) == 2 and all(0 < r["s_mbu_decode"] <= 1 for r in rows)
+    assert moecap("report", str(out), "--format", "csv", check=0).stdout.startswith("cell_id,")
+    assert moecap("report", str(out), "--format", "markdown", check=0).stdout.startswith("| model")
+
+
+def test_rerun_skips_done_cells_unless_forced(quickstart_run):
+    out, _ = quickstart_run
+    before = {k: v["run_id"] for k, v in records(out / "quickstart").items()}
+    proc = moecap("run", "quickstart", "-o", str(out), *SMALL, check=0)
+    assert "2 of 2 cells already have an ok record" in proc.stderr
+    assert {k: v["run_id"] for k, v in records(out / "quickstart").items()} == before
+    proc = moecap("run", "quickstart", "-o", str(out), *SMALL, "--set", "loads=[{batch_size: 4}]", "--force", check=0)
+    after = records(out / "quickstart")
+    changed = [k for k in after if after[k]["run_id"] != before[k]]
+    assert len(changed) == 1 and "bs4" in changed[0]
+
+
+def test_dry_run_lists_cells():
+    proc = moecap("run", "quickstart", "--dry-run", check=0)
+    assert "2 cells" in proc.stdout and "bs1" in proc.stdout and "bs4" in proc.stdout
+
+
+def test_broken_suite_fails_before_running(tmp_path):
+    bad = {
+        "name": "bad",
+        "models": [{"id": "tiny-moe"}],
+        "runners": [{"type": "hf", "args": {"dtype": "fp8"}}],
+        "workloads": [{"input_tokens": 8, "output_tokens": 2, "num_prompts": 1, "promts": 3}],
+        "loads": [{"batch_size": 1}],
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = moecap("run", str(path), check=2)
+    assert str(path) in proc.stderr and "workloads[0].promts" in proc.stderr and "input_tokens" in proc.stderr
+    assert "runners[0].args" in proc.stderr and "dtype" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_unknown_model_id_is_a_clear_error(tmp_path):
+    proc = moecap("run", "quickstart", "--set", "models.0.id=tiny-mixtral", "-o", str(tmp_path), check=2)
+    assert "models[0].id" in proc.stderr and "unknown model 'tiny-mixtral'" in proc.stderr and "tiny-moe" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_failing_cell_is_recorded_and_suite_goes_on(tmp_path, tiny_moe_dir):
+    out = tmp_path / "out"
+    suite = {
+        "name": "mixed",
+        "models": [
+            {"id": "tiny-moe"},
+            # an OLMoE-architecture model with random weights, shrunk to run on a CPU
+            {
+                "id": "random:olmoe-1b-7b",
+                "overrides": {
+                    "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 512,
+                },
+            },
+        ],
+        "runners": [{"type": "hf"}],
+        "workloads": [
+            {"name": "ok", "input_tokens": 16, "output_tokens": 4, "num_prompts": 2},
+            # text prompts need a tokenizer: fine for tiny-moe, a failure for a random: model
+            {"name": "text", "source": "text", "input_tokens": 16, "output_tokens": 4, "num_prompts": 2},
+        ],
+        "loads": [{"batch_size": 2}],
+        "hardware": {"device": "cpu"},
+        "output": {"dir": str(out)},
+    }
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    proc = moecap("run", str(path), check=1)  # non-zero: a cell failed
+    recs = records(out / "mixed")
+    status = {k.split("__")[0] + "/" + k.split("__")[2]: v["status"] for k, v in recs.items()}
+    assert status == {
+        "tiny-moe/ok": "ok",
+        "tiny-moe/text": "ok",
+        "olmoe-1b-7b-random-2L/ok": "ok",
+        "olmoe-1b-7b-random-2L/text": "failed",
+    }
+    failed = next(v for k, v in recs.items() if v["status"] == "failed")
+    assert "Traceback" in failed["error"] and "needs a tokenizer" in failed["error"]
+    assert "FAILED" in proc.stderr and "3 ok, 1 failed" in proc.stdout
+    # the random OLMoE cell traced its experts too (a second family end to end)
+    olmoe = next(v for k, v in recs.items() if k.startswith("olmoe") and v["status"] == "ok")
+    assert olmoe["report"]["model"]["family"] == "olmoe" and olmoe["report"]["utilization"]["decode"]["s_mbu"] > 0
+
+    # a re-run retries only the failed cell and loses no completed record
+    ok_before = {k: v["run_id"] for k, v in recs.items() if v["status"] == "ok"}
+    moecap("run", str(path), check=1)
+    recs2 = records(out / "mixed")
+    assert {k: v["run_id"] for k, v in recs2.items() if k in ok_before} == ok_before
+
+
+def test_models_and_runners_listing():
+    assert "tiny-moe" in moecap("models", check=0).stdout
+    assert "random:mixtral-8x7b" in moecap("models", check=0).stdout
+    assert "hf" in moecap("runners", check=0).stdout

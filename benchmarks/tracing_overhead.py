@@ -1,0 +1,116 @@
+"""Expert-tracing overhead on decode passes (goal: < 2 % of the decode pass time).
+
+Alternates traced and untraced decode passes on the same model and prompts (so both see the same
+context lengths and the same background load); each round starts from a fresh, untimed prefill. The
+traced time includes the collection the HF runner does after each batch (one bincount over the
+batch's passes and one device-to-host copy), charged evenly to the traced passes. Reports the ratio
+of the medians measured in this one run.
+
+    python benchmarks/tracing_overhead.py                         # tiny-moe on the CPU
+    python benchmarks/tracing_overhead.py --model random:mixtral-8x7b --set num_hidden_layers=4 \
+        --device cuda --dtype bfloat16 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import yaml
+from transformers import DynamicCache
+
+from moecap.models import load_causal_lm
+from moecap.runners.tracing import ExpertTracer
+from moecap.suite import ModelConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-moe")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (random: models)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=32, help="timed decode passes per mode per round")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+
+    overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
+    model, _, _ = load_causal_lm(
+        ModelConfig(id=args.model, overrides=overrides), args.device, getattr(torch, args.dtype), "sdpa"
+    )
+    cuda = args.device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    tracer = ExpertTracer(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=gen).to(args.device)
+
+    plain: list[float] = []
+    traced: list[float] = []
+
+    def one_round(first_traced: bool, keep: bool) -> None:
+        """A fresh prefill, then decode passes alternating traced / untraced (paired, same contexts)."""
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        for step in range(2 * args.steps):
+            mode = (step % 2 == 0) == first_traced
+            sync()
+            t0 = time.perf_counter()
+            if mode:
+                tracer.begin_pass()
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            if mode:
+                tracer.end_pass(defer=True)  # as the runner does for decode passes
+            sync()
+            if keep:
+                (traced if mode else plain).append(time.perf_counter() - t0)
+        # the runner counts a batch's deferred passes at its end: charge that evenly to the traced passes
+        t0 = time.perf_counter()
+        counts = tracer.flush()
+        flush_s = time.perf_counter() - t0
+        assert len(counts) == args.steps and all(c is not None for c in counts)
+        if keep:
+            for i in range(len(traced) - args.steps, len(traced)):
+                traced[i] += flush_s / args.steps
+
+    with torch.inference_mode():
+        tracer.attach()
+        one_round(True, keep=False)  # warm-up
+        for r in range(args.rounds):
+            one_round(r % 2 == 0, keep=True)
+    tracer.detach()
+
+    med_plain = statistics.median(plain)
+    med_traced = statistics.median(traced)
+    result = {
+        "model": args.model,
+        "overrides": overrides,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "moe_layers": len(tracer.layers),
+        "decode_passes_each": len(plain),
+        "median_decode_pass_ms_untraced": med_plain * 1e3,
+        "median_decode_pass_ms_traced": med_traced * 1e3,
+        "overhead_ratio": med_traced / med_plain - 1.0,
+        "goal": "< 0.02",
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -101,6 +101,31 @@ def _cmd_runners(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_build(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    if args.profile:
+        os.environ["MOECAP_TINY_MOE_PROFILE"] = args.profile
+    from moecap.zoo.tiny_moe import VARIANTS, build, format_summary, zoo_root
+
+    if args.name != "tiny-moe":
+        print(f"moecap: unknown zoo model {args.name!r}; the zoo builds: tiny-moe", file=sys.stderr)
+        return 2
+    root = zoo_root()
+    if args.force:
+        shutil.rmtree(root, ignore_errors=True)
+    variants = tuple(v for v in (args.variants.split(",") if args.variants else VARIANTS) if v and v != "none")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        print(f"moecap: unknown variant(s) {bad}; allowed: {', '.join(VARIANTS)} or none", file=sys.stderr)
+        return 2
+    summary = build(root=root, variants=variants)
+    print(format_summary(summary))
+    print(f"\nmodels in {root} (figures in {root / 'build.json'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moecap import __version__
 
@@ -127,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--dtype", help="compute dtype for the FLOPS peak (default: bfloat16 on GPU, float32 on CPU)")
     hw.add_argument("--calibrate", action="store_true", help="measure the bandwidth and matmul ceilings and cache them")
     hw.set_defaults(func=_cmd_hardware)
+
+    zoo = sub.add_parser("zoo", help="models moecap builds itself").add_subparsers(dest="zoo_command", required=True)
+    zb = zoo.add_parser("build", help="train tiny-moe and its domain children (cached; no download)")
+    zb.add_argument("name", nargs="?", default="tiny-moe")
+    zb.add_argument("--profile", choices=["default", "test"], help="default: ~4.4M parameters; test: a faster, smaller one")
+    zb.add_argument("--variants", help="comma-separated children to build: code,prose,c (default all) or none")
+    zb.add_argument("--force", action="store_true", help="rebuild from scratch")
+    zb.set_defaults(func=_cmd_zoo_build)
 
     sub.add_parser("models", help="list embedded models and built-in architectures").set_defaults(func=_cmd_models)
     sub.add_parser("runners", help="list registered runners").set_defaults(func=_cmd_runners)

@@ -7,7 +7,7 @@ free of torch, transformers, gradio, vllm and ray.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -27,6 +27,7 @@ class RunnerEntry:
     args: str  # "module:Model" of its pydantic argument model (importable without torch)
     loads: tuple[str, ...]  # load kinds it can drive: "batch", "concurrency", "rate"
     description: str
+    quality: bool = False  # can score tokens (token_nll, loglikelihood_tokens): perplexity, lm-eval
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,6 @@ class ModelEntry:
     name: str
     builder: str  # "module:function" returning the local model directory (built and cached on first use)
     description: str
-    aliases: tuple[str, ...] = field(default_factory=tuple)
 
 
 RUNNERS: dict[str, RunnerEntry] = {
@@ -44,6 +44,7 @@ RUNNERS: dict[str, RunnerEntry] = {
         args="moecap.runners.args:HFRunnerArgs",
         loads=("batch",),
         description="Hugging Face transformers, in-process; static batches, per-pass timing, traced experts",
+        quality=True,
     ),
 }
 
@@ -51,9 +52,17 @@ EMBEDDED_MODELS: dict[str, ModelEntry] = {
     "tiny-moe": ModelEntry(
         name="tiny-moe",
         builder="moecap.zoo.tiny_moe:ensure_tiny_moe",
-        description="embedded default: a ~4M-parameter Mixtral-architecture MoE (8 experts, top-2) with a "
-        "byte-level BPE tokenizer trained on the Python standard library's source; built locally, no download",
+        description="embedded default: a ~4.4M-parameter Mixtral-architecture MoE (8 experts, top-2) and its BPE "
+        "tokenizer, trained here on the Python installation's code, documentation and C headers",
     ),
+    **{
+        f"tiny-moe-{d}": ModelEntry(
+            name=f"tiny-moe-{d}",
+            builder=f"moecap.zoo.tiny_moe:ensure_{d}",
+            description=f"tiny-moe fine-tuned on the {d} corpus (a child of tiny-moe, for expert consolidation)",
+        )
+        for d in ("code", "prose", "c")
+    },
 }
 
 

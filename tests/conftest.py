@@ -14,20 +14,26 @@ def _isolated_cache(tmp_path_factory):
         path = Path(os.environ["MOECAP_TEST_CACHE_DIR"])
     else:
         path = tmp_path_factory.mktemp("moecap-cache")
-    old = os.environ.get("MOECAP_CACHE_DIR")
+    # the test profile of the tiny-moe builder: the same code, a smaller and faster model
+    saved = {k: os.environ.get(k) for k in ("MOECAP_CACHE_DIR", "MOECAP_TINY_MOE_PROFILE")}
     os.environ["MOECAP_CACHE_DIR"] = str(path)
+    os.environ["MOECAP_TINY_MOE_PROFILE"] = "test"
     yield path
-    if old is None:
-        os.environ.pop("MOECAP_CACHE_DIR", None)
-    else:
-        os.environ["MOECAP_CACHE_DIR"] = old
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
 def tiny_moe_dir(_isolated_cache):
-    from moecap.zoo.tiny_moe import ensure_tiny_moe
+    """The trained tiny-moe base (test profile) with its three domain children, built once per session."""
+    from moecap.zoo.tiny_moe import build, zoo_root
 
-    return ensure_tiny_moe()
+    if not (zoo_root() / "c" / "moecap.json").is_file():
+        build(log=lambda s: None)
+    return zoo_root() / "base"
 
 
 @pytest.fixture

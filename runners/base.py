@@ -105,3 +105,7 @@ class Runner(ABC):
     def device_name(self) -> str:
         """``cpu`` or ``cuda:N``: where the measured work ran."""
         return "cpu"
+
+    def model_config(self) -> dict[str, Any] | None:
+        """The loaded model's Hugging Face config (architecture), for model accounting."""
+        return None

@@ -71,6 +71,9 @@ class HFRunner(Runner):
     def device_name(self) -> str:
         return self.device
 
+    def model_config(self) -> dict[str, Any] | None:
+        return self.model.config.to_dict() if self.model is not None else None
+
     def info(self) -> dict[str, Any]:
         import torch
         import transformers
@@ -240,6 +243,97 @@ class HFRunner(Runner):
             ),
             extra={"batches": len(batches), "warmup_batches": self.args.warmup_batches},
         )
+
+    # ------------------------------------------------------------------ quality (scoring) API
+    @property
+    def max_length(self) -> int:
+        """Longest sequence the model takes (resolved as lm-eval's ``hf`` model does)."""
+        cfg = self.model.config
+        for c in (cfg, getattr(cfg, "text_config", None)):
+            for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+                v = getattr(c, attr, None) if c is not None else None
+                if isinstance(v, int) and v > 0:
+                    return v
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        return tok_max if isinstance(tok_max, int) and 0 < tok_max < 1_000_000 else 2048
+
+    def _logits(self, seqs: list[list[int]]):
+        """Right-padded batch forward; the logits, [B, T, V] in the model's dtype."""
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+
+    def token_nll(self, windows: list[list[int]], batch_size: int = 8, progress: Any = None) -> list[tuple[float, int]]:
+        """Per window: (sum of -log p(token_t | tokens_<t) over t >= 1, number of predicted tokens)."""
+        import torch
+        import torch.nn.functional as F
+
+        out: list[tuple[float, int]] = []
+        with torch.inference_mode():
+            for i in range(0, len(windows), batch_size):
+                chunk = windows[i : i + batch_size]
+                logits = self._logits(chunk)
+                for j, w in enumerate(chunk):
+                    target = torch.tensor(w[1:], device=logits.device)
+                    nll = F.cross_entropy(logits[j, : len(w) - 1].float(), target, reduction="sum")
+                    out.append((float(nll), len(w) - 1))
+                if progress is not None:
+                    progress.update(len(chunk))
+        return out
+
+    def loglikelihood_tokens(
+        self, requests: list[tuple[list[int], list[int]]], batch_size: int = 8, progress: Any = None
+    ) -> list[tuple[float, bool]]:
+        """Per (context, continuation) token lists: (log p(continuation | context), whether greedy
+        decoding would produce the continuation). The sequence is cut from the left to max_length."""
+        import torch
+
+        out: list[tuple[float, bool]] = []
+        with torch.inference_mode():
+            for i in range(0, len(requests), batch_size):
+                chunk = requests[i : i + batch_size]
+                seqs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for ctx, cont in chunk]
+                logits = self._logits(seqs)
+                for j, (ctx, cont) in enumerate(chunk):
+                    n = len(seqs[j])
+                    span = torch.log_softmax(logits[j, n - len(cont) : n].float(), dim=-1)
+                    target = torch.tensor(cont, device=span.device)
+                    ll = float(span.gather(-1, target[:, None]).sum())
+                    greedy = bool((span.argmax(-1) == target).all())
+                    out.append((ll, greedy))
+                if progress is not None:
+                    progress.update(len(chunk))
+        return out
+
+    def generate_tokens(
+        self, prompt: list[int], max_new_tokens: int, stop: Any = None
+    ) -> list[int]:
+        """Greedy continuation of one prompt; ``stop(tokens) -> bool`` ends it early; EOS ends it."""
+        import torch
+        from transformers import DynamicCache
+
+        eos = getattr(self.model.config, "eos_token_id", None)
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        prompt = prompt[-max(1, self.max_length - max_new_tokens) :]
+        cache = DynamicCache(config=self.model.config)
+        step = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        new: list[int] = []
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                tok = int(self._forward(step, cache).logits[0, -1].argmax())
+                if tok in eos_ids:
+                    break
+                new.append(tok)
+                if stop is not None and stop(new):
+                    break
+                step = torch.tensor([[tok]], dtype=torch.long, device=self.device)
+        return new
 
     def _weight_bytes_per_param(self) -> float:
         n = b = 0

@@ -1,0 +1,1 @@
+"""Accuracy: token perplexity and lm-eval tasks through a live runner."""

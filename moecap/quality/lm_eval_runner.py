@@ -1,0 +1,226 @@
+"""Running lm-eval tasks on an ``LM`` (usually ``MoecapLM``) and keeping what a record needs.
+
+``run_lm_eval`` returns, per task: every metric with its standard error, the number of samples
+(original and evaluated), the number of few-shot examples, the task's version, the lm-eval version,
+and a label on ``word_perplexity`` / ``byte_perplexity`` / ``bits_per_byte``: lm-eval normalises them
+per whitespace-separated word and per UTF-8 byte of whole documents; they are *not* token perplexity
+(moecap's ``perplexity`` section reports that).
+
+Command line, with the ``moecap`` model registered and moecap's offline tasks on the include path::
+
+    python -m moecap.quality.lm_eval_runner --model moecap \\
+        --model_args model=tiny-moe,runner=hf,dtype=float32,device=cpu --tasks moecap_mc_code --limit 50
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PERPLEXITY_LABELS = {
+    "word_perplexity": "lm-eval word perplexity: exp(-document log-likelihood / whitespace-separated words); "
+    "NOT token perplexity",
+    "byte_perplexity": "lm-eval byte perplexity: exp(-document log-likelihood / UTF-8 bytes); NOT token perplexity",
+    "bits_per_byte": "-document log-likelihood / (UTF-8 bytes * ln 2); NOT token perplexity",
+}
+
+
+class UnknownTaskError(KeyError):
+    """Task names lm-eval does not know (the message lists close matches)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _paths(include_path: Any) -> list[str]:
+    if include_path is None:
+        return []
+    if isinstance(include_path, (str, Path)):
+        include_path = [include_path]
+    return [str(Path(p).expanduser()) for p in include_path if p]
+
+
+def task_manager_for(tasks: list[str], include_path: Any = None, include_defaults: bool = True):
+    """A ``TaskManager`` that knows every name in ``tasks``, else ``UnknownTaskError``.
+
+    Indexing lm-eval's ~15,000 built-in tasks takes seconds, so when the include paths alone define
+    every requested task, only they are indexed. ``include_defaults=False``: never the built-in ones.
+    """
+    from lm_eval.tasks import TaskManager
+
+    paths = _paths(include_path)
+
+    def missing(tm) -> list[str]:
+        known = set(tm.all_tasks)
+        return [t for t in tasks if t not in known and not Path(t).is_file()]
+
+    tm = None
+    if paths or not include_defaults:
+        tm = TaskManager(include_path=paths or None, include_defaults=False)
+    if include_defaults and (tm is None or missing(tm)):
+        tm = TaskManager(include_path=paths or None)
+    unknown = missing(tm)
+    if unknown:
+        lines = []
+        for t in unknown:
+            close = difflib.get_close_matches(t, tm.all_tasks, n=5, cutoff=0.6)
+            lines.append(f"  {t!r}: " + (f"did you mean {', '.join(close)}?" if close else "no close match"))
+        where = ", ".join((["lm-eval's built-in tasks"] if include_defaults else []) + paths) or "nothing"
+        raise UnknownTaskError(
+            f"unknown lm-eval task(s) (searched {where}):\n" + "\n".join(lines)
+            + "\nmoecap's offline tasks: moecap_rolling_<domain>, moecap_mc_<domain> for code, prose, c; "
+            "`lm-eval ls tasks` lists the built-in ones"
+        )
+    return tm
+
+
+def _num(value: Any) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None  # lm-eval writes "N/A" where it has no stderr
+    return x if math.isfinite(x) else None
+
+
+def _metrics(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"acc,none": 0.3, "acc_stderr,none": 0.02, "alias": ...}`` -> ``{"acc": {"value", "stderr", "filter"}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in entry.items():
+        if "," not in key:
+            continue  # alias, name, sample_len ...
+        metric, _, filt = key.partition(",")
+        if metric.endswith("_stderr"):
+            continue
+        name = metric if filt == "none" else f"{metric},{filt}"
+        m = {"value": _num(value), "stderr": _num(entry.get(f"{metric}_stderr,{filt}")), "filter": filt}
+        base = metric.split(",")[0]
+        if base in PERPLEXITY_LABELS:
+            m["is_token_perplexity"] = False
+            m["definition"] = PERPLEXITY_LABELS[base]
+        out[name] = m
+    return out
+
+
+def _samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def plain(x: Any) -> Any:
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in x.items()}
+        if isinstance(x, (str, int, float, bool)) or x is None:
+            return x
+        try:
+            return float(x)
+        except (TypeError, ValueError):
+            return str(x)
+
+    return [
+        {"doc_id": r.get("doc_id"), "target": plain(r.get("target")), "responses": plain(r.get("filtered_resps"))}
+        for r in rows
+    ]
+
+
+def run_lm_eval(
+    lm: Any,
+    tasks: list[str],
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    include_path: Path | str | list[Path | str] | None = None,
+    batch_size: int | None = None,
+    *,
+    include_defaults: bool = True,
+    bootstrap_iters: int = 100_000,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``lm`` on ``tasks`` with ``lm_eval.simple_evaluate``; a JSON-able summary.
+
+    ``batch_size`` is recorded (the ``LM`` was built with its own). ``include_defaults=False``: only
+    the tasks under ``include_path`` (no indexing of lm-eval's built-in ones). ``log_samples``: add each task's
+    per-document responses (log-likelihoods, ``(loglikelihood, is_greedy)`` pairs, generations).
+    """
+    import lm_eval
+
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no lm-eval tasks given")
+    tm = task_manager_for(tasks, include_path, include_defaults)
+    t0 = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
+        task_manager=tm,
+        bootstrap_iters=bootstrap_iters,
+        log_samples=log_samples,
+    )  # lm-eval's default seeds, so that few-shot examples are the ones its own runs draw
+    seconds = time.perf_counter() - t0
+    if results is None:  # a non-zero rank of a distributed run
+        return {}
+    version = getattr(lm_eval, "__version__", None)
+    per_task: dict[str, Any] = {}
+    for name, entry in results.get("results", {}).items():
+        cfg = results.get("configs", {}).get(name, {})
+        record: dict[str, Any] = {
+            "metrics": _metrics(entry),
+            "n_samples": dict(results.get("n-samples", {}).get(name, {})) or None,
+            "num_fewshot": results.get("n-shot", {}).get(name),
+            "task_version": results.get("versions", {}).get(name),
+            "lm_eval_version": version,
+            "output_type": cfg.get("output_type"),
+            "higher_is_better": dict(results.get("higher_is_better", {}).get(name, {})) or None,
+        }
+        if record["output_type"] == "loglikelihood_rolling":
+            record["note"] = (
+                "word_perplexity / byte_perplexity are lm-eval's per-word / per-byte figures, not token perplexity"
+            )
+        if log_samples and name in results.get("samples", {}):
+            record["samples"] = _samples(results["samples"][name])
+        per_task[name] = record
+    groups = {
+        name: {"metrics": _metrics(entry), "subtasks": results.get("group_subtasks", {}).get(name)}
+        for name, entry in results.get("groups", {}).items()
+    }
+    out: dict[str, Any] = {
+        "lm_eval_version": version,
+        "tasks": per_task,
+        "settings": {
+            "limit": limit,
+            "num_fewshot": num_fewshot,
+            "batch_size": batch_size,
+            "bootstrap_iters": bootstrap_iters,
+            **{k: results.get("config", {}).get(k)
+               for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")},
+        },
+        "seconds": seconds,
+    }
+    if groups:
+        out["groups"] = groups
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's command line with the ``moecap`` model registered and, unless ``--include_path`` is
+    given, moecap's offline tasks included."""
+    import lm_eval.__main__ as lm_eval_main
+
+    import moecap.quality.lm_eval_adapter  # noqa: F401  (registers the "moecap" model)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv) and not (
+        argv and argv[0] in ("-h", "--help")
+    ):
+        from moecap.quality.evaluate import offline_tasks_dir
+
+        argv += ["--include_path", str(offline_tasks_dir())]
+    sys.argv = ["lm-eval", *argv]
+    lm_eval_main.cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

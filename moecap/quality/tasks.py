@@ -1,0 +1,194 @@
+"""moecap's offline lm-eval tasks, generated from held-out text already on the machine.
+
+Per corpus domain (``moecap.corpus``: ``code``, ``prose``, ``c``) two tasks:
+
+- ``moecap_rolling_<domain>``: ``loglikelihood_rolling`` over the documents of the test split (one
+  document per row, each cut at a line boundary to at most ``max_doc_chars`` characters); metrics
+  ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``, as lm-eval's ``wikitext`` (these are
+  per word and per byte, *not* token perplexity);
+- ``moecap_mc_<domain>``: ``multiple_choice`` with 4 choices: after a few lines of a held-out
+  document, which line comes next: the true one, or one of 3 lines drawn (seeded) from other held-out
+  documents of the same domain; metrics ``acc`` and ``acc_norm``. Test items come from the test
+  split, few-shot examples (``fewshot_split: validation``) from the validation split.
+
+Files: ``<out_dir>/<task>.yaml`` and ``<out_dir>/data/<task>.<split>.jsonl``; the YAMLs read the
+JSONL through ``datasets``' packaged ``json`` builder (``dataset_path: json`` with absolute
+``data_files``), which needs no network; its Arrow cache goes to ``<out_dir>/datasets-cache``.
+Output depends only on the corpus, the arguments and ``TASKS_VERSION``: the same seed gives
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from moecap.corpus import DOMAINS, domain_splits
+
+TASKS_VERSION = 1
+N_CHOICES = 4
+CONTEXT_LINES = 6  # lines of the document before the line to predict
+MIN_LINE_CHARS = 12  # a candidate line (true or distractor), stripped, is at least this long ...
+MAX_LINE_CHARS = 200  # ... and at most this long
+MAX_CONTEXT_CHARS = 1200
+N_FEWSHOT_POOL = 20  # validation items, the pool few-shot examples are drawn from
+
+
+def held_out_documents(domain: str, split: str) -> list[str]:
+    """The documents of one held-out split (``validation`` or ``test``) of a corpus domain."""
+    from moecap.corpus import domain_documents
+
+    if split not in ("validation", "test"):
+        raise ValueError(f"held-out splits are validation and test, not {split!r}")
+    return domain_documents(domain, split)
+
+
+def _cap(doc: str, max_chars: int) -> str:
+    if len(doc) <= max_chars:
+        return doc
+    cut = doc.rfind("\n", 0, max_chars)
+    return doc[: cut + 1] if cut > 0 else doc[:max_chars]
+
+
+def _candidate(line: str) -> bool:
+    s = line.strip()
+    return MIN_LINE_CHARS <= len(s) and len(line) <= MAX_LINE_CHARS and any(c.isalnum() for c in s)
+
+
+def mc_items(docs: list[str], n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Up to ``n`` next-line items from ``docs`` (fewer when the documents have fewer candidates).
+
+    Distractors are drawn uniformly from the candidate lines of the *other* documents (by line, not
+    by document, so that they follow the same distribution as the true lines)."""
+    lines = [doc.split("\n") for doc in docs]
+    pool = [(d, ln) for d, doc_lines in enumerate(lines) for ln in doc_lines if _candidate(ln)]
+    if len({d for d, _ in pool}) < 2:
+        raise ValueError("multiple-choice items need at least two held-out documents with candidate lines")
+    positions = [
+        (d, i)
+        for d, doc_lines in enumerate(lines)
+        for i in range(CONTEXT_LINES, len(doc_lines))
+        if _candidate(doc_lines[i]) and any(ln.strip() for ln in doc_lines[i - CONTEXT_LINES : i])
+    ]
+    rng.shuffle(positions)
+    items: list[dict[str, Any]] = []
+    for d, i in positions:
+        if len(items) >= n:
+            break
+        true = lines[d][i]
+        context = "\n".join(lines[d][i - CONTEXT_LINES : i]) + "\n"
+        if len(context) > MAX_CONTEXT_CHARS:
+            context = context[-MAX_CONTEXT_CHARS:]
+        seen = {true.strip()}
+        distractors: list[str] = []
+        for _ in range(100 * N_CHOICES):
+            if len(distractors) == N_CHOICES - 1:
+                break
+            src, cand = pool[rng.randrange(len(pool))]
+            if src != d and cand.strip() not in seen:
+                seen.add(cand.strip())
+                distractors.append(cand)
+        if len(distractors) < N_CHOICES - 1:
+            continue
+        choices = [true, *distractors]
+        rng.shuffle(choices)
+        items.append({"context": context, "choices": choices, "label": choices.index(true), "doc": d, "line": i})
+    return items
+
+
+def _write(path: Path, text: str) -> None:
+    from moecap.paths import atomic_write_text
+
+    atomic_write_text(path, text)
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+
+
+def _yaml(cfg: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, width=1000)
+
+
+def write_offline_tasks(
+    out_dir: Path,
+    domains: tuple[str, ...] | list[str] = DOMAINS,
+    n_mc: int = 200,
+    seed: int = 0,
+    max_doc_chars: int = 4000,
+) -> list[str]:
+    """Write the rolling and multiple-choice tasks of ``domains`` into ``out_dir``; return their names."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    data = out_dir / "data"
+    cache = str(out_dir / "datasets-cache")  # datasets' Arrow copies stay with the tasks, not in ~/.cache
+    names: list[str] = []
+    for domain in domains:
+        if domain not in DOMAINS:
+            raise ValueError(f"unknown corpus domain {domain!r}; allowed: {', '.join(DOMAINS)}")
+        test_docs = held_out_documents(domain, "test")
+        meta = {"version": float(TASKS_VERSION), "moecap_domain": domain, "moecap_seed": seed}
+
+        name = f"moecap_rolling_{domain}"
+        rows = [{"text": _cap(doc, max_doc_chars), "doc": i} for i, doc in enumerate(test_docs)]
+        test_file = data / f"{name}.test.jsonl"
+        _write(test_file, _jsonl(rows))
+        _write(out_dir / f"{name}.yaml", _yaml({
+            "task": name,
+            "tag": ["moecap_rolling"],
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(test_file)}, "cache_dir": cache},
+            "test_split": "test",
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "text",
+            "metric_list": [
+                {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+            ],
+            "metadata": {**meta, "max_doc_chars": max_doc_chars,
+                         "note": "word/byte perplexity over whole documents: not token perplexity"},
+        }))
+        names.append(name)
+
+        name = f"moecap_mc_{domain}"
+        rng = random.Random(f"moecap-mc/{domain}/{seed}")
+        files = {
+            "test": (data / f"{name}.test.jsonl", mc_items(test_docs, n_mc, rng)),
+            "validation": (
+                data / f"{name}.validation.jsonl",
+                mc_items(held_out_documents(domain, "validation"), min(n_mc, N_FEWSHOT_POOL), rng),
+            ),
+        }
+        for path, items in files.values():
+            _write(path, _jsonl(items))
+        _write(out_dir / f"{name}.yaml", _yaml({
+            "task": name,
+            "tag": ["moecap_mc"],
+            "dataset_path": "json",
+            "dataset_kwargs": {
+                "data_files": {split: str(path) for split, (path, _) in files.items()},
+                "cache_dir": cache,
+            },
+            "test_split": "test",
+            "validation_split": "validation",
+            "fewshot_split": "validation",
+            "output_type": "multiple_choice",
+            "doc_to_text": "context",
+            "doc_to_choice": "choices",
+            "doc_to_target": "label",
+            "target_delimiter": "",
+            "fewshot_delimiter": "\n\n",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+            "metadata": {**meta, "n_choices": N_CHOICES, "context_lines": CONTEXT_LINES,
+                         "note": "pick the true next line of a held-out document among 4"},
+        }))
+        names.append(name)
+    return names

@@ -48,7 +48,8 @@ def _cell_config(cell: Cell, runner_info: dict[str, Any] | None, hw: dict[str, A
         cfg["runner"].update({k: v for k, v in runner_info.items() if k != "args"})
         cfg["runner"]["resolved_args"] = runner_info.get("args")
     cfg["workload"]["display_name"] = cell.workload.display_name
-    cfg["load"]["kind"] = cell.load.kind
+    if cell.load is not None:
+        cfg["load"]["kind"] = cell.load.kind
     cfg["hardware"] = {"settings": cell.suite.hardware.model_dump(mode="json"), "detected": hw}
     return cfg
 
@@ -178,19 +179,30 @@ def run_suite(
                     info = None
                     try:
                         info = runner.info()
-                        trace = runner.run(cell.workload, cell.load)
-                        report, rows = build_report(trace, peaks)
-                        by_index = {r["index"]: r for r in rows}
-                        arts = {
-                            "passes": store.write_artifact(
-                                cell.cell_id,
-                                "passes.jsonl",
-                                ({**p.to_dict(), **by_index.get(p.index, {})} for p in trace.passes),
-                            ),
-                            "requests": store.write_artifact(
-                                cell.cell_id, "requests.jsonl", (r.to_dict() for r in trace.requests)
-                            ),
-                        }
+                        report: dict[str, Any] = {}
+                        arts: dict[str, str] = {}
+                        if cell.workload.measures_performance:
+                            trace = runner.run(cell.workload, cell.load)
+                            report, rows = build_report(trace, peaks)
+                            by_index = {r["index"]: r for r in rows}
+                            arts = {
+                                "passes": store.write_artifact(
+                                    cell.cell_id,
+                                    "passes.jsonl",
+                                    ({**p.to_dict(), **by_index.get(p.index, {})} for p in trace.passes),
+                                ),
+                                "requests": store.write_artifact(
+                                    cell.cell_id, "requests.jsonl", (r.to_dict() for r in trace.requests)
+                                ),
+                            }
+                        elif runner.model_config() is not None:
+                            from moecap.metrics.accounting import from_hf_config
+
+                            report["model"] = from_hf_config(runner.model_config()).summary()
+                        if cell.workload.measures_quality:
+                            from moecap.quality.evaluate import evaluate_quality
+
+                            report["quality"] = evaluate_quality(runner, cell.workload)
                         rec = record_of(
                             cell, "ok", config=_cell_config(cell, info, hw_dict), report=report, artifacts=arts
                         )

@@ -56,6 +56,21 @@ def _peak_mem(rec: dict[str, Any]) -> float | None:
     return v / 2**30 if v else None
 
 
+def _quality_columns(d: dict[str, Any]) -> dict[str, Any]:
+    """``ppl:<dataset>`` (token perplexity) and ``<task>:<metric>`` (lm-eval) columns of a record."""
+    out: dict[str, Any] = {}
+    quality = _get(d, ("report", "quality")) or {}
+    for ds, res in (quality.get("perplexity") or {}).items():
+        out[f"ppl:{ds}"] = res.get("perplexity")
+    for task, res in (quality.get("lm_eval") or {}).get("tasks", {}).items():
+        for metric, value in (res.get("metrics") or {}).items():
+            if isinstance(value, dict):  # {"value": ..., "stderr": ...}
+                value = value.get("value")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{task}:{metric}"] = value
+    return out
+
+
 def record_row(rec: Record | dict[str, Any]) -> dict[str, Any]:
     d = rec.model_dump() if isinstance(rec, Record) else rec
     row: dict[str, Any] = {"cell_id": d.get("cell_id")}
@@ -66,7 +81,16 @@ def record_row(rec: Record | dict[str, Any]) -> dict[str, Any]:
             row[col] = _peak_mem(d)
         else:
             row[col] = _get(d, path)
+    row.update(_quality_columns(d))
     return row
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(key, header, format) of the fixed columns, then the quality columns any row has."""
+    cols = [(c[0], c[1], c[3]) for c in COLUMNS]
+    fixed = {"cell_id", *(c[0] for c in COLUMNS)}
+    extra = sorted({k for r in rows for k in r if k not in fixed})
+    return cols + [(k, k, ".2f" if k.startswith("ppl:") else ".4g") for k in extra]
 
 
 def _fmt(v: Any, fmt: str) -> str:
@@ -85,14 +109,15 @@ def _fmt(v: Any, fmt: str) -> str:
 def format_rows(rows: list[dict[str, Any]], fmt: str = "table") -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2, default=str)
+    cols = _columns(rows)
     if fmt == "csv":
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["cell_id"] + [c[0] for c in COLUMNS])
+        writer = csv.DictWriter(buf, fieldnames=["cell_id"] + [c[0] for c in cols])
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    headers = [c[1] for c in COLUMNS]
-    cells = [[_fmt(r.get(c[0]), c[3]) for c in COLUMNS] for r in rows]
+    headers = [c[1] for c in cols]
+    cells = [[_fmt(r.get(c[0]), c[2]) for c in cols] for r in rows]
     if fmt == "markdown":
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in cells]

@@ -76,22 +76,89 @@ class RunnerConfig(_Strict):
         return self.name or self.type
 
 
+class PerplexityConfig(_Strict):
+    """Token perplexity (non-overlapping windows, exp of the mean NLL) on named data sets."""
+
+    datasets: list[str] = Field(min_length=1)
+    """Embedded held-out corpora (``tiny-code``, ``tiny-prose``, ``tiny-c``) or, with a network,
+    ``wikitext2``, ``ptb``, ``c4``."""
+    context_length: int | None = Field(default=None, gt=1)
+    """Window length; default 2048, or the model's maximum if shorter."""
+    batch_size: int = Field(default=8, gt=0)
+    max_windows: int | None = Field(default=None, gt=0)
+    """Evaluate only the first N windows (quick runs)."""
+
+    @field_validator("datasets")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from moecap.quality.perplexity import dataset_names
+
+        bad = [d for d in v if d not in dataset_names()]
+        if bad:
+            raise ValueError(f"unknown data set(s) {bad}; allowed: {', '.join(dataset_names())}")
+        return v
+
+
+class LmEvalConfig(_Strict):
+    """lm-eval tasks, measured through the runner under test (its precision, its offloading)."""
+
+    tasks: list[str] = Field(min_length=1)
+    """lm-eval task names (``arc_easy``, ``gsm8k``, ``mmlu``, ...) or moecap's offline tasks
+    (``moecap_mc_code``, ``moecap_rolling_prose``, ...)."""
+    limit: float | None = Field(default=None, gt=0)
+    """At most this many samples per task (a fraction below 1 means a share of the task)."""
+    num_fewshot: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=8, gt=0)
+    include_path: str | None = None
+    """A folder of extra task YAMLs."""
+
+
 class WorkloadConfig(_Strict):
+    """What a cell measures: serving performance (prompts with exact lengths, under the cell's load),
+    quality (perplexity and/or lm-eval tasks, once per model and runner), or both."""
+
     name: str | None = None
     source: Literal["random", "text"] = "random"
     """``random``: uniformly drawn token ids; ``text``: consecutive pieces of a text file, tokenized."""
     text_file: str | None = None
     """For ``source: text``; default: text of the Python standard library on this machine."""
-    input_tokens: int = Field(gt=0)
-    output_tokens: int = Field(gt=0)
-    num_prompts: int = Field(gt=0)
+    input_tokens: int | None = Field(default=None, gt=0)
+    output_tokens: int | None = Field(default=None, gt=0)
+    num_prompts: int | None = Field(default=None, gt=0)
     seed: int = 0
     ignore_eos: bool = True
     """Generate exactly ``output_tokens`` tokens per request (as vLLM's benchmarks do)."""
+    perplexity: PerplexityConfig | None = None
+    lm_eval: LmEvalConfig | None = None
+
+    @model_validator(mode="after")
+    def _what_to_measure(self) -> "WorkloadConfig":
+        perf = [k for k in ("input_tokens", "output_tokens", "num_prompts") if getattr(self, k) is not None]
+        if perf and len(perf) != 3:
+            missing = sorted({"input_tokens", "output_tokens", "num_prompts"} - set(perf))
+            raise ValueError(f"a performance workload sets input_tokens, output_tokens and num_prompts; missing {missing}")
+        if not perf and self.perplexity is None and self.lm_eval is None:
+            raise ValueError(
+                "a workload measures performance (input_tokens, output_tokens, num_prompts), "
+                "quality (perplexity, lm_eval), or both; it sets none of them"
+            )
+        return self
+
+    @property
+    def measures_performance(self) -> bool:
+        return self.input_tokens is not None
+
+    @property
+    def measures_quality(self) -> bool:
+        return self.perplexity is not None or self.lm_eval is not None
 
     @property
     def display_name(self) -> str:
-        return self.name or f"{self.source}-in{self.input_tokens}-out{self.output_tokens}"
+        if self.name:
+            return self.name
+        if self.measures_performance:
+            return f"{self.source}-in{self.input_tokens}-out{self.output_tokens}"
+        return "quality"
 
 
 class LoadConfig(_Strict):
@@ -164,7 +231,8 @@ class Suite(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     runners: list[RunnerConfig] = Field(min_length=1)
     workloads: list[WorkloadConfig] = Field(min_length=1)
-    loads: list[LoadConfig] = Field(min_length=1)
+    loads: list[LoadConfig] = Field(default_factory=list)
+    """Required when a workload measures performance."""
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -182,40 +250,46 @@ class Cell:
     model: ModelConfig
     runner: RunnerConfig
     workload: WorkloadConfig
-    load: LoadConfig
+    load: LoadConfig | None  # None for a quality-only workload: no load applies
 
     def config_dict(self) -> dict[str, Any]:
         """What defines the cell; hashed into its id."""
         return {
             "model": self.model.model_dump(mode="json"),
             "runner": self.runner.model_dump(mode="json"),
-            "workload": self.workload.model_dump(mode="json"),
-            "load": self.load.model_dump(mode="json", exclude_defaults=True),
+            "workload": self.workload.model_dump(mode="json", exclude_none=True),
+            "load": self.load.model_dump(mode="json", exclude_defaults=True) if self.load else None,
             "hardware": {"device": self.suite.hardware.device},
         }
 
     @property
+    def load_slug(self) -> str:
+        return self.load.slug if self.load else "noload"
+
+    @property
     def cell_id(self) -> str:
         digest = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode()).hexdigest()[:8]
-        parts = [self.model.display_name, self.runner.display_name, self.workload.display_name, self.load.slug]
+        parts = [self.model.display_name, self.runner.display_name, self.workload.display_name, self.load_slug]
         slug = "__".join(re.sub(r"[^\w.\-]+", "-", p) for p in parts)
         return f"{slug}__{digest}"
 
     def describe(self) -> str:
         return (
             f"{self.model.display_name} | {self.runner.display_name} | "
-            f"{self.workload.display_name} | {self.load.slug}"
+            f"{self.workload.display_name} | {self.load_slug}"
         )
 
 
 def expand(suite: Suite) -> list[Cell]:
-    """The cells of a suite, models outermost (one model load serves its consecutive cells)."""
+    """The cells of a suite, models outermost (one model load serves its consecutive cells).
+
+    A performance workload gives one cell per load; a quality-only workload one cell (no load)."""
     return [
         Cell(suite, m, r, w, l)
         for m in suite.models
         for r in suite.runners
         for w in suite.workloads
-        for l in suite.loads
+        for l in (suite.loads if w.measures_performance else [None])
     ]
 
 
@@ -372,9 +446,18 @@ def validate_semantics(suite: Suite, source: str) -> None:
     errors: list[str] = []
     for i, m in enumerate(suite.models):
         errors += _model_errors(i, m, source)
+    if any(w.measures_performance for w in suite.workloads) and not suite.loads:
+        errors.append(f"{source}: loads: required (at least one) when a workload measures performance")
     for i, r in enumerate(suite.runners):
         errors += _runner_errors(i, r, source)
         entry = RUNNERS.get(r.type)
+        if entry is not None and not entry.quality:
+            for j, w in enumerate(suite.workloads):
+                if w.measures_quality:
+                    errors.append(
+                        f"{source}: workloads[{j}]: runner {r.type!r} cannot score tokens, so it cannot "
+                        "measure perplexity or lm-eval accuracy"
+                    )
         for j, load in enumerate(suite.loads):
             if entry is not None and load.kind not in entry.loads:
                 errors.append(

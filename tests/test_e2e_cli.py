@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-SMALL = ["--set", "workloads.0.num_prompts=4", "--set", "workloads.0.output_tokens=8"]
+SMALL = [
+    "--set", "workloads.0.num_prompts=4",
+    "--set", "workloads.0.output_tokens=8",
+    "--set", "workloads.1.perplexity.max_windows=16",
+    "--set", "workloads.1.lm_eval.limit=20",
+]
 
 
 def moecap(*args, cwd=None, check=None):
@@ -36,8 +41,23 @@ def quickstart_run(tmp_path_factory, tiny_moe_dir):
 def test_quickstart_records(quickstart_run):
     out, proc = quickstart_run
     recs = records(out / "quickstart")
-    assert len(recs) == 2
-    for cell_id, rec in recs.items():
+    assert len(recs) == 3
+    quality = {k: v for k, v in recs.items() if "__quality__" in k}
+    assert len(quality) == 1
+    (qrec,) = quality.values()
+    assert qrec["status"] == "ok", qrec.get("error")
+    ppl = qrec["report"]["quality"]["perplexity"]
+    assert set(ppl) == {"tiny-code", "tiny-prose", "tiny-c"}
+    vocab = qrec["report"]["model"]["vocab_size"]
+    for res in ppl.values():
+        # trained: far below a uniform guess over the vocabulary
+        assert 1 < res["perplexity"] < vocab / 4 and res["windows"] == 16 and res["context_length"] == 256
+    lm = qrec["report"]["quality"]["lm_eval"]["tasks"]
+    assert set(lm) == {"moecap_mc_code", "moecap_mc_prose", "moecap_mc_c"}
+    for res in lm.values():
+        assert res["n_samples"]["effective"] == 20 and 0 <= res["metrics"]["acc"]["value"] <= 1
+    perf = {k: v for k, v in recs.items() if k not in quality}
+    for cell_id, rec in perf.items():
         assert rec["status"] == "ok", rec.get("error")
         assert rec["schema_version"] == 1 and rec["cell_id"] == cell_id
         rep = rec["report"]
@@ -56,7 +76,7 @@ def test_quickstart_records(quickstart_run):
         assert lat["tpot_ms"]["median"] > 0 and lat["itl_ms"]["n"] == 4 * 7
         assert rep["throughput"]["output_tokens"] == 4 * 8 and rep["throughput"]["failed"] == 0
         assert rep["throughput"]["output_tokens_per_s"] > 0
-        assert rep["model"]["total_params"] > 1_000_000
+        assert rep["model"]["total_params"] > 100_000
         assert rec["environment"]["packages"]["transformers"] == "5.23.0"
         assert rec["config"]["runner"]["device"] == "cpu"
 
@@ -64,23 +84,26 @@ def test_quickstart_records(quickstart_run):
         passes = [json.loads(x) for x in (out / "quickstart" / rec["artifacts"]["passes"]).read_text().splitlines()]
         assert len(passes) == (4 // rec["config"]["load"]["batch_size"]) * 8
         k = 2
+        n_layers = rec["report"]["model"]["num_layers"]
         for p in passes:
-            assert len(p["expert_counts"]) == 4
+            assert len(p["expert_counts"]) == n_layers
             for row in p["expert_counts"]:
                 assert sum(row) == sum(p["new_tokens"]) * k and any(row)
             assert p["bytes"] > 0 and p["flops"] > 0
         reqs = [json.loads(x) for x in (out / "quickstart" / rec["artifacts"]["requests"]).read_text().splitlines()]
         assert len(reqs) == 4 and all(r["output_tokens"] == 8 for r in reqs)
     # the end-of-run summary table
-    assert "S-MBU dec" in proc.stdout and "2 ok, 0 failed" in proc.stdout
+    assert "S-MBU dec" in proc.stdout and "3 ok, 0 failed" in proc.stdout and "ppl:tiny-code" in proc.stdout
 
 
 def test_report_shows_records(quickstart_run):
     out, _ = quickstart_run
     table = moecap("report", str(out), check=0).stdout
     assert "tiny-moe" in table and "bs=1" in table and "bs=4" in table and "TTFT p50 ms" in table
+    assert "ppl:tiny-prose" in table and "moecap_mc_code:acc" in table
     rows = json.loads(moecap("report", str(out), "--format", "json", check=0).stdout)
-    assert len(rows) == 2 and all(0 < r["s_mbu_decode"] <= 1 for r in rows)
+    assert len(rows) == 3 and sum(r["s_mbu_decode"] is not None and 0 < r["s_mbu_decode"] <= 1 for r in rows) == 2
+    assert sum(r.get("ppl:tiny-code") is not None for r in rows) == 1
     assert moecap("report", str(out), "--format", "csv", check=0).stdout.startswith("cell_id,")
     assert moecap("report", str(out), "--format", "markdown", check=0).stdout.startswith("| model")
 
@@ -89,17 +112,18 @@ def test_rerun_skips_done_cells_unless_forced(quickstart_run):
     out, _ = quickstart_run
     before = {k: v["run_id"] for k, v in records(out / "quickstart").items()}
     proc = moecap("run", "quickstart", "-o", str(out), *SMALL, check=0)
-    assert "2 of 2 cells already have an ok record" in proc.stderr
+    assert "3 of 3 cells already have an ok record" in proc.stderr
     assert {k: v["run_id"] for k, v in records(out / "quickstart").items()} == before
     proc = moecap("run", "quickstart", "-o", str(out), *SMALL, "--set", "loads=[{batch_size: 4}]", "--force", check=0)
     after = records(out / "quickstart")
     changed = [k for k in after if after[k]["run_id"] != before[k]]
-    assert len(changed) == 1 and "bs4" in changed[0]
+    # --force re-ran the cells this suite now has (bs4 and quality); bs1 kept its record
+    assert len(changed) == 2 and not any("__bs1__" in k for k in changed)
 
 
 def test_dry_run_lists_cells():
     proc = moecap("run", "quickstart", "--dry-run", check=0)
-    assert "2 cells" in proc.stdout and "bs1" in proc.stdout and "bs4" in proc.stdout
+    assert "3 cells" in proc.stdout and "bs1" in proc.stdout and "bs4" in proc.stdout and "quality | noload" in proc.stdout
 
 
 def test_broken_suite_fails_before_running(tmp_path):

@@ -32,7 +32,8 @@ def test_builtin_suites_load_and_expand():
     for name in builtin_suites():
         suite = load_suite(name)
         cells = expand(suite)
-        assert len(cells) == len(suite.models) * len(suite.runners) * len(suite.workloads) * len(suite.loads)
+        per_model_runner = sum(len(suite.loads) if w.measures_performance else 1 for w in suite.workloads)
+        assert len(cells) == len(suite.models) * len(suite.runners) * per_model_runner
         assert len({c.cell_id for c in cells}) == len(cells)
 
 
@@ -136,6 +137,29 @@ def test_overrides():
 
 def test_overrides_on_builtin_are_validated():
     s = load_suite("quickstart", ["loads=[{batch_size: 2}]", "workloads.0.num_prompts=2"])
-    assert [c.load.batch_size for c in expand(s)] == [2]
+    assert [c.load.batch_size if c.load else None for c in expand(s)] == [2, None]  # + the quality cell
     with pytest.raises(SuiteError, match="workloads\\[0\\].num_prompts"):
         load_suite("quickstart", ["workloads.0.num_prompts=-1"])
+
+
+QUALITY = {"name": "q", "perplexity": {"datasets": ["tiny-code"]}, "lm_eval": {"tasks": ["moecap_mc_code"], "limit": 10}}
+
+
+def test_quality_workloads_expand_once_without_load(tmp_path):
+    s = load_suite(str(write(tmp_path, {**BASE, "workloads": [BASE["workloads"][0], QUALITY]})))
+    cells = expand(s)
+    assert [(c.workload.display_name, c.load_slug) for c in cells] == [("w", "bs1"), ("w", "bs2"), ("q", "noload")]
+    # a suite of quality workloads alone needs no loads
+    only = {k: v for k, v in BASE.items() if k != "loads"}
+    assert len(expand(load_suite(str(write(tmp_path, {**only, "workloads": [QUALITY]}))))) == 1
+
+
+def test_workload_must_measure_something_complete(tmp_path):
+    msg = err_of(tmp_path, {**BASE, "workloads": [{"name": "empty"}]})
+    assert "workloads[0]" in msg and "sets none of them" in msg
+    msg = err_of(tmp_path, {**BASE, "workloads": [{"input_tokens": 8, "num_prompts": 2}]})
+    assert "missing ['output_tokens']" in msg
+    msg = err_of(tmp_path, {**BASE, "workloads": [{"perplexity": {"datasets": ["wikitext3"]}}]})
+    assert "wikitext3" in msg and "tiny-code" in msg
+    only = {k: v for k, v in BASE.items() if k != "loads"}
+    assert "loads: required" in err_of(tmp_path, only)

@@ -1,0 +1,42 @@
+"""A cell's quality section: token perplexity and lm-eval tasks, measured through its runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def offline_tasks_dir() -> Path:
+    """moecap's offline lm-eval tasks (generated from the held-out corpora on first use)."""
+    from moecap.paths import cache_dir
+    from moecap.quality.tasks import TASKS_VERSION, write_offline_tasks
+
+    out = cache_dir() / "lm_eval_tasks" / f"v{TASKS_VERSION}"
+    if not (out / ".complete").is_file():
+        write_offline_tasks(out)
+        (out / ".complete").write_text("ok\n")
+    return out
+
+
+def evaluate_quality(runner: Any, workload: Any) -> dict[str, Any]:
+    quality: dict[str, Any] = {}
+    if workload.perplexity is not None:
+        from moecap.quality.perplexity import evaluate_perplexity
+
+        cfg = workload.perplexity
+        quality["perplexity"] = {
+            ds: evaluate_perplexity(runner, ds, cfg.context_length, cfg.batch_size, cfg.max_windows)
+            for ds in cfg.datasets
+        }
+    if workload.lm_eval is not None:
+        from moecap.quality.lm_eval_adapter import MoecapLM
+        from moecap.quality.lm_eval_runner import run_lm_eval
+
+        cfg = workload.lm_eval
+        include = [str(offline_tasks_dir())] + ([cfg.include_path] if cfg.include_path else [])
+        lm = MoecapLM(runner=runner, batch_size=cfg.batch_size)
+        quality["lm_eval"] = run_lm_eval(
+            lm, list(cfg.tasks), limit=cfg.limit, num_fewshot=cfg.num_fewshot, include_path=include,
+            batch_size=cfg.batch_size,
+        )
+    return quality

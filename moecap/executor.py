@@ -96,6 +96,31 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
     return report, rows
 
 
+def _measure_cell(runner: Any, cell: Cell, peaks: Any, store: ResultStore) -> tuple[dict[str, Any], dict[str, str]]:
+    """Run one cell on a loaded runner: performance (traces -> figures, artifacts) and/or quality."""
+    report: dict[str, Any] = {}
+    arts: dict[str, str] = {}
+    if cell.workload.measures_performance:
+        trace = runner.run(cell.workload, cell.load)
+        report, rows = build_report(trace, peaks)
+        by_index = {r["index"]: r for r in rows}
+        arts = {
+            "passes": store.write_artifact(
+                cell.cell_id, "passes.jsonl", ({**p.to_dict(), **by_index.get(p.index, {})} for p in trace.passes)
+            ),
+            "requests": store.write_artifact(cell.cell_id, "requests.jsonl", (r.to_dict() for r in trace.requests)),
+        }
+    elif runner.model_config() is not None:
+        from moecap.metrics.accounting import from_hf_config
+
+        report["model"] = from_hf_config(runner.model_config()).summary()
+    if cell.workload.measures_quality:
+        from moecap.quality.evaluate import evaluate_quality
+
+        report["quality"] = evaluate_quality(runner, cell.workload)
+    return report, arts
+
+
 def run_suite(
     suite: Suite,
     force: bool = False,
@@ -158,7 +183,7 @@ def run_suite(
                 hw_dict = hw.to_dict()
                 peaks = resolve_peaks(
                     hw,
-                    getattr(runner, "dtype_name", "float32"),
+                    runner.compute_dtype(),
                     user=user_peaks,
                     calibrate_if_missing=suite.hardware.calibrate == "auto",
                 )
@@ -166,9 +191,8 @@ def run_suite(
                 runner.load(first.model)
             except Exception:
                 err = traceback.format_exc()
-                info = None
                 for cell in group:
-                    finish(cell, record_of(cell, "failed", error=err, config=_cell_config(cell, info, hw_dict)))
+                    finish(cell, record_of(cell, "failed", error=err, config=_cell_config(cell, None, hw_dict)))
                     bar.update(1)
                 if runner is not None:
                     runner.close()
@@ -179,30 +203,7 @@ def run_suite(
                     info = None
                     try:
                         info = runner.info()
-                        report: dict[str, Any] = {}
-                        arts: dict[str, str] = {}
-                        if cell.workload.measures_performance:
-                            trace = runner.run(cell.workload, cell.load)
-                            report, rows = build_report(trace, peaks)
-                            by_index = {r["index"]: r for r in rows}
-                            arts = {
-                                "passes": store.write_artifact(
-                                    cell.cell_id,
-                                    "passes.jsonl",
-                                    ({**p.to_dict(), **by_index.get(p.index, {})} for p in trace.passes),
-                                ),
-                                "requests": store.write_artifact(
-                                    cell.cell_id, "requests.jsonl", (r.to_dict() for r in trace.requests)
-                                ),
-                            }
-                        elif runner.model_config() is not None:
-                            from moecap.metrics.accounting import from_hf_config
-
-                            report["model"] = from_hf_config(runner.model_config()).summary()
-                        if cell.workload.measures_quality:
-                            from moecap.quality.evaluate import evaluate_quality
-
-                            report["quality"] = evaluate_quality(runner, cell.workload)
+                        report, arts = _measure_cell(runner, cell, peaks, store)
                         rec = record_of(
                             cell, "ok", config=_cell_config(cell, info, hw_dict), report=report, artifacts=arts
                         )

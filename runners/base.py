@@ -106,6 +106,10 @@ class Runner(ABC):
         """``cpu`` or ``cuda:N``: where the measured work ran."""
         return "cpu"
 
+    def compute_dtype(self) -> str:
+        """The dtype the model computes in (picks the FLOPS peak)."""
+        return "float32"
+
     def model_config(self) -> dict[str, Any] | None:
         """The loaded model's Hugging Face config (architecture), for model accounting."""
         return None

@@ -71,6 +71,9 @@ class HFRunner(Runner):
     def device_name(self) -> str:
         return self.device
 
+    def compute_dtype(self) -> str:
+        return self.dtype_name
+
     def model_config(self) -> dict[str, Any] | None:
         return self.model.config.to_dict() if self.model is not None else None
 

@@ -59,6 +59,77 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cost(args: argparse.Namespace) -> int:
+    import yaml
+
+    from moecap.catalog import OVERRIDE_KEYS
+    from moecap.executor import price_run
+    from moecap.records import load_records
+    from moecap.report import format_rows, record_row
+
+    if args.list_settings:
+        for key, text in OVERRIDE_KEYS.items():
+            print(f"  {key:24s} {text}")
+        return 0
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"moecap cost: --set {item!r}: expected key=value", file=sys.stderr)
+            return 2
+        overrides[key] = yaml.safe_load(value)
+    if args.hardware:
+        overrides["gpu_key"] = args.hardware
+    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
+    if unknown:
+        print(f"moecap cost: unknown cost setting(s) {unknown}; allowed: {', '.join(sorted(OVERRIDE_KEYS))}", file=sys.stderr)
+        return 2
+    new_device = any(k in overrides for k in ("gpu_key", "gpus", "gpu_count")) and "avg_power_w" not in overrides
+    rows = []
+    for path in args.paths or ["results"]:
+        for _, rec in load_records(path):
+            if rec.status != "ok" or "throughput" not in rec.report:
+                continue
+            report = dict(rec.report)
+            if new_device:  # the measured power belongs to the device that ran: price the new one at TDP
+                report["energy"] = {}
+            settings = {**rec.config.get("cost_settings", {}), **overrides}
+            new = price_run(report, (rec.config.get("hardware") or {}).get("detected"), settings)
+            base = record_row(rec)
+            rows.append(
+                {
+                    "cell_id": rec.cell_id,
+                    "model": base["model"],
+                    "load": base["load"],
+                    "out tok/s": base["output_tokens_per_s"],
+                    "$/1M out (record)": (rec.report.get("cost") or {}).get("usd_per_1m_output_tokens"),
+                    "$/1M out (what-if)": new.get("usd_per_1m_output_tokens"),
+                    "$/request (what-if)": new.get("usd_per_request"),
+                    "capital $/h": (new.get("usd_per_hour") or {}).get("capital"),
+                    "energy $/h": (new.get("usd_per_hour") or {}).get("energy"),
+                    "power": new.get("power_source") or new.get("reason"),
+                    "cloud $/1M out": new.get("cloud_usd_per_1m_output_tokens"),
+                }
+            )
+    if not rows:
+        print("no ok performance records found under " + ", ".join(args.paths or ["results"]))
+        return 1
+    if args.format == "json":
+        import json
+
+        print(json.dumps(rows, indent=2))
+        return 0
+    headers = [k for k in rows[0] if k != "cell_id"]
+    table = [[("-" if r[h] is None else (f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h]))) for h in headers] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for t in table:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    print("\nthroughput and tokens are the measured ones; only prices, power and amortization change")
+    return 0
+
+
 def _cmd_hardware(args: argparse.Namespace) -> int:
     from moecap.hardware import UnknownDeviceError, calibrate, detect_hardware, format_hardware, resolve_peaks, save_calibration
 
@@ -146,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("paths", nargs="*", help="record files or folders (default: results)")
     rep.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
     rep.set_defaults(func=_cmd_report)
+
+    c = sub.add_parser("cost", help="re-price records on other hardware prices or tariffs, without re-running")
+    c.add_argument("paths", nargs="*", help="record files or folders (default: results)")
+    c.add_argument("--hardware", help="price this GPU instead (a catalog key or device name, e.g. h100-sxm5-80gb)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="a cost input, e.g. usd_per_kwh=0.2 or pue=1.5")
+    c.add_argument("--list-settings", action="store_true", help="list the cost inputs --set takes")
+    c.add_argument("--format", choices=["table", "json"], default="table")
+    c.set_defaults(func=_cmd_cost)
 
     hw = sub.add_parser("hardware", help="show the detected device and its peaks")
     hw.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

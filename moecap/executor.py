@@ -51,6 +51,7 @@ def _cell_config(cell: Cell, runner_info: dict[str, Any] | None, hw: dict[str, A
     if cell.load is not None:
         cfg["load"]["kind"] = cell.load.kind
     cfg["hardware"] = {"settings": cell.suite.hardware.model_dump(mode="json"), "detected": hw}
+    cfg["cost_settings"] = dict(cell.suite.cost)
     return cfg
 
 
@@ -66,6 +67,10 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
     report["model"] = acc.summary()
     report["memory"] = trace.memory
     report["tracing"] = trace.tracing
+    if trace.energy:
+        from moecap.energy import per_token
+
+        report["energy"] = {**trace.energy, **per_token(trace.energy, report["throughput"]["output_tokens"])}
     rows: list[dict[str, Any]] = []
     if trace.tracing.get("traced"):
         phases, rows = utilization(
@@ -96,13 +101,33 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
     return report, rows
 
 
-def _measure_cell(runner: Any, cell: Cell, peaks: Any, store: ResultStore) -> tuple[dict[str, Any], dict[str, str]]:
+def price_run(report: dict[str, Any], hw: dict[str, Any] | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """The record's cost section: measured power when the run had it, else TDP; never fails the cell."""
+    from moecap.catalog import build_cost_inputs
+    from moecap.metrics.cost import cost_report
+
+    energy = report.get("energy") or {}
+    measured = energy.get("avg_power_w") if energy.get("available") else None
+    try:
+        inputs = build_cost_inputs(
+            hw or {}, settings, avg_power_w=measured, power_source="measured" if measured else "tdp"
+        )
+        thr = report["throughput"]
+        return cost_report(inputs, thr["duration_s"], thr["output_tokens"], thr["completed"])
+    except (ValueError, KeyError) as err:
+        return {"available": False, "reason": f"{type(err).__name__}: {err}"}
+
+
+def _measure_cell(
+    runner: Any, cell: Cell, peaks: Any, store: ResultStore, hw: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Run one cell on a loaded runner: performance (traces -> figures, artifacts) and/or quality."""
     report: dict[str, Any] = {}
     arts: dict[str, str] = {}
     if cell.workload.measures_performance:
         trace = runner.run(cell.workload, cell.load)
         report, rows = build_report(trace, peaks)
+        report["cost"] = price_run(report, hw, cell.suite.cost)
         by_index = {r["index"]: r for r in rows}
         arts = {
             "passes": store.write_artifact(
@@ -203,7 +228,7 @@ def run_suite(
                     info = None
                     try:
                         info = runner.info()
-                        report, arts = _measure_cell(runner, cell, peaks, store)
+                        report, arts = _measure_cell(runner, cell, peaks, store, hw_dict)
                         rec = record_of(
                             cell, "ok", config=_cell_config(cell, info, hw_dict), report=report, artifacts=arts
                         )

@@ -29,6 +29,8 @@ COLUMNS: list[tuple[str, str, tuple[str, ...], str]] = [
     ("s_mfu_prefill", "S-MFU pre", ("report", "utilization", "prefill", "s_mfu"), ".3f"),
     ("s_mfu_decode", "S-MFU dec", ("report", "utilization", "decode", "s_mfu"), ".4f"),
     ("experts_per_layer_decode", "experts/layer dec", ("report", "utilization", "decode", "mean_active_experts_per_layer"), ".2f"),
+    ("j_per_token", "J/tok", ("report", "energy", "joules_per_output_token"), ".3g"),
+    ("usd_per_1m_output_tokens", "$/1M out", ("report", "cost", "usd_per_1m_output_tokens"), ".3g"),
     ("peak", "peak", ("report", "utilization", "peak", "kind"), "s"),
     ("peak_mem_gib", "peak mem GiB", (), "mem"),
 ]
@@ -52,7 +54,7 @@ def _load_str(rec: dict[str, Any]) -> str | None:
 
 def _peak_mem(rec: dict[str, Any]) -> float | None:
     mem = _get(rec, ("report", "memory")) or {}
-    v = mem.get("device_peak_allocated_bytes") or mem.get("host_peak_rss_process_bytes")
+    v = mem.get("device_peak_allocated_bytes") or mem.get("host_rss_peak_bytes") or mem.get("host_peak_rss_process_bytes")
     return v / 2**30 if v else None
 
 

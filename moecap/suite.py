@@ -220,6 +220,15 @@ class HardwareConfig(_Strict):
         return v
 
 
+def _check_cost_keys(v: dict[str, Any]) -> dict[str, Any]:
+    from moecap.catalog import OVERRIDE_KEYS
+
+    unknown = sorted(set(v) - set(OVERRIDE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown cost setting(s) {unknown}; allowed: {', '.join(sorted(OVERRIDE_KEYS))}")
+    return v
+
+
 class OutputConfig(_Strict):
     dir: str = "results"
     """Records go to ``<dir>/<suite name>/``."""
@@ -234,7 +243,15 @@ class Suite(_Strict):
     loads: list[LoadConfig] = Field(default_factory=list)
     """Required when a workload measures performance."""
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    cost: dict[str, Any] = Field(default_factory=dict)
+    """Cost inputs by name (prices, amortization, PUE, tariff, cloud rates; ``moecap cost --help``
+    lists them); anything unset comes from moecap/data/catalog.yaml for the detected hardware."""
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("cost")
+    @classmethod
+    def _cost_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_cost_keys(v)
 
     # set by load_suite, not part of the file
     source: str | None = Field(default=None, exclude=True)

@@ -74,6 +74,7 @@ class RunTrace:
     compute_dtype: str
     device: str
     memory: dict[str, Any] = field(default_factory=dict)
+    energy: dict[str, Any] = field(default_factory=dict)  # moecap.energy result over the measured window
     tracing: dict[str, Any] = field(default_factory=dict)  # how experts were traced, or why not
     extra: dict[str, Any] = field(default_factory=dict)
 

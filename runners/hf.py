@@ -182,6 +182,7 @@ class HFRunner(Runner):
         import torch
         from tqdm.auto import tqdm
 
+        from moecap.energy import EnergyTracker
         from moecap.workload import make_prompts
 
         if self.model is None:
@@ -213,6 +214,8 @@ class HFRunner(Runner):
             gc.collect()
             gc.freeze()
             gc.disable()
+            self._sync()
+            energy = EnergyTracker(self.device).start()  # the measured window: every timed batch
             try:
                 total = len(batches) * workload.output_tokens
                 with tqdm(total=total, desc="passes", unit="pass", leave=False, disable=None) as bar:
@@ -222,7 +225,9 @@ class HFRunner(Runner):
                             batch, workload.output_tokens, eos_id, b, origin, passes, requests,
                             first_id=b * bs, progress=bar,
                         )
+                self._sync()
             finally:
+                energy_result = energy.stop()
                 gc.enable()
                 gc.unfreeze()
 
@@ -238,7 +243,8 @@ class HFRunner(Runner):
             kv_cache_expanded_mla=False,
             compute_dtype=self.dtype_name,
             device=self.device,
-            memory=self._memory(),
+            memory=self._memory(energy_result),
+            energy=energy_result,
             tracing=(
                 {"traced": True, "method": self.tracer.method, "moe_layers": len(self.tracer.layers)}
                 if self.tracer
@@ -345,8 +351,7 @@ class HFRunner(Runner):
             b += p.numel() * p.element_size()
         return b / n
 
-    def _memory(self) -> dict[str, Any]:
-        import psutil
+    def _memory(self, energy: dict[str, Any]) -> dict[str, Any]:
         import torch
 
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -354,7 +359,11 @@ class HFRunner(Runner):
         if self.device.startswith("cuda"):
             out["device_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
             out["device_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(self.device))
-        out["host_rss_bytes"] = int(psutil.Process().memory_info().rss)
+            if energy.get("device_memory_peak_bytes"):  # NVML: the whole board, every process on it
+                out["device_used_peak_bytes"] = int(energy["device_memory_peak_bytes"])
+        # sampled during the measured window (this process and its children)
+        if energy.get("host_rss_peak_bytes"):
+            out["host_rss_peak_bytes"] = int(energy["host_rss_peak_bytes"])
         # ru_maxrss is the process's high-water mark since it started (KiB on Linux), not this cell's
         out["host_peak_rss_process_bytes"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return out

@@ -203,3 +203,40 @@ def test_models_and_runners_listing():
     assert "tiny-moe" in moecap("models", check=0).stdout
     assert "random:mixtral-8x7b" in moecap("models", check=0).stdout
     assert "hf" in moecap("runners", check=0).stdout
+
+
+def test_records_have_energy_and_cost(quickstart_run):
+    out, _ = quickstart_run
+    for rec in records(out / "quickstart").values():
+        if "__quality__" in rec["cell_id"]:
+            continue
+        energy = rec["report"]["energy"]
+        # this VM exposes no RAPL counters: energy is unavailable and the record says why
+        assert energy["available"] or energy["reason"]
+        assert energy["host_rss_peak_bytes"] > 0
+        cost = rec["report"]["cost"]
+        assert cost["usd_per_1m_output_tokens"] > 0 and cost["usd_per_request"] > 0
+        assert cost["power_source"] in ("measured", "tdp")
+        inputs = cost["inputs"]
+        assert inputs["cpu"]["price_usd"] > 0 and inputs["dram_gb"] > 0 and inputs["pue"] >= 1
+        # $ per 1M output tokens = total $/h x run hours / output tokens x 1e6
+        expect = cost["usd_per_hour"]["total"] * cost["run_hours"] / cost["output_tokens"] * 1e6
+        assert cost["usd_per_1m_output_tokens"] == pytest.approx(expect)
+
+
+def test_cost_what_if_reprices_without_rerunning(quickstart_run):
+    out, _ = quickstart_run
+    before = {k: v["run_id"] for k, v in records(out / "quickstart").items()}
+    base = json.loads(moecap("cost", str(out), "--format", "json", check=0).stdout)
+    assert len(base) == 2
+    for row in base:  # nothing changed: the what-if equals the record
+        assert row["$/1M out (what-if)"] == pytest.approx(row["$/1M out (record)"])
+    dear = json.loads(moecap("cost", str(out), "--set", "usd_per_kwh=1.0", "--format", "json", check=0).stdout)
+    assert all(d["$/1M out (what-if)"] > b["$/1M out (what-if)"] for d, b in zip(dear, base))
+    gpu = json.loads(
+        moecap("cost", str(out), "--hardware", "NVIDIA H100 80GB HBM3", "--format", "json", check=0).stdout
+    )
+    assert all(g["capital $/h"] > b["capital $/h"] and g["cloud $/1M out"] > 0 for g, b in zip(gpu, base))
+    bad = moecap("cost", str(out), "--set", "pue_factor=2", check=2)
+    assert "pue_factor" in bad.stderr and "usd_per_kwh" in bad.stderr
+    assert {k: v["run_id"] for k, v in records(out / "quickstart").items()} == before  # nothing re-ran

@@ -33,6 +33,10 @@ def test_random_mixtral_layers_on_gpu(tmp_path):
             util = rep["utilization"][phase]
             assert 0 < util["s_mbu"] <= 1 and 0 < util["s_mfu"] <= 1, util
         assert rep["utilization"]["peak"]["compute_dtype"] == "bfloat16"
+        energy = rep["energy"]
+        assert energy["available"] and energy["method"] in ("nvml-energy-counter", "power-sampling"), energy
+        assert energy["joules"] > 0 and energy["joules_per_output_token"] > 0
+        assert rep["cost"]["usd_per_1m_output_tokens"] > 0 and rep["cost"]["inputs"]["gpus"]
         assert o.record.config["runner"]["device"].startswith("cuda")
 
 

@@ -163,3 +163,22 @@ def test_workload_must_measure_something_complete(tmp_path):
     assert "wikitext3" in msg and "tiny-code" in msg
     only = {k: v for k, v in BASE.items() if k != "loads"}
     assert "loads: required" in err_of(tmp_path, only)
+
+
+def test_cost_settings_are_checked(tmp_path):
+    s = load_suite(str(write(tmp_path, {**BASE, "cost": {"usd_per_kwh": 0.2, "pue": 1.5}})))
+    assert s.cost == {"usd_per_kwh": 0.2, "pue": 1.5}
+    msg = err_of(tmp_path, {**BASE, "cost": {"kwh_price": 0.2}})
+    assert "cost" in msg and "kwh_price" in msg and "usd_per_kwh" in msg
+
+
+def test_unknown_gpu_price_leaves_cost_unavailable_not_the_cell_failed():
+    from moecap.executor import price_run
+
+    report = {"throughput": {"duration_s": 2.0, "output_tokens": 100, "completed": 2}}
+    hw = {"accelerator": "cuda", "device_name": "NVIDIA Imaginary X1", "device_count": 1, "cpu_model": "AMD EPYC",
+          "host_memory_bytes": 2**34}
+    cost = price_run(report, hw, {})
+    assert cost["available"] is False and "gpu_price_usd" in cost["reason"]
+    priced = price_run(report, hw, {"gpu_price_usd": 10000, "gpu_tdp_w": 300})
+    assert priced["usd_per_1m_output_tokens"] > 0

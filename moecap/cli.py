@@ -65,7 +65,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     from moecap.catalog import OVERRIDE_KEYS
     from moecap.executor import price_run
     from moecap.records import load_records
-    from moecap.report import format_rows, record_row
+    from moecap.report import record_row, render_table
 
     if args.list_settings:
         for key, text in OVERRIDE_KEYS.items():
@@ -120,12 +120,8 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     headers = [k for k in rows[0] if k != "cell_id"]
-    table = [[("-" if r[h] is None else (f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h]))) for h in headers] for r in rows]
-    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print("  ".join("-" * w for w in widths))
-    for t in table:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    cells = [["-" if r[h] is None else (f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h])) for h in headers] for r in rows]
+    print(render_table(headers, cells))
     print("\nthroughput and tokens are the measured ones; only prices, power and amortization change")
     return 0
 

@@ -126,6 +126,11 @@ def format_rows(rows: list[dict[str, Any]], fmt: str = "table") -> str:
         return "\n".join(lines)
     if fmt != "table":
         raise ValueError(f"unknown format {fmt!r}; allowed: table, csv, json, markdown")
+    return render_table(headers, cells)
+
+
+def render_table(headers: list[str], cells: list[list[str]]) -> str:
+    """A fixed-width text table: headers, a rule, one line per row."""
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     out.append("  ".join("-" * w for w in widths))

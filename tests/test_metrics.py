@@ -1,7 +1,6 @@
 """Latency and utilization arithmetic on hand-computed cases."""
 
 import math
-from types import SimpleNamespace as NS
 
 import pytest
 

@@ -25,7 +25,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from moecap.corpus import DOMAINS, domain_splits
+from moecap.corpus import DOMAINS
 
 TASKS_VERSION = 1
 N_CHOICES = 4

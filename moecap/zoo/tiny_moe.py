@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,6 @@ class Profile:
     tokenizer_chars: int  # characters per domain the tokenizer is trained on
     eval_windows: int  # held-out windows per domain for the build-time perplexities
     seed: int = 0
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 PROFILES: dict[str, Profile] = {

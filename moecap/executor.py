@@ -135,10 +135,14 @@ def _measure_cell(
             ),
             "requests": store.write_artifact(cell.cell_id, "requests.jsonl", (r.to_dict() for r in trace.requests)),
         }
-    elif runner.model_config() is not None:
-        from moecap.metrics.accounting import from_hf_config
+    else:
+        reason = "a quality-only cell serves no requests: there is no measured serving window to meter or price"
+        report["energy"] = {"available": False, "reason": reason}
+        report["cost"] = {"available": False, "reason": reason}
+        if runner.model_config() is not None:
+            from moecap.metrics.accounting import from_hf_config
 
-        report["model"] = from_hf_config(runner.model_config()).summary()
+            report["model"] = from_hf_config(runner.model_config()).summary()
     if cell.workload.measures_quality:
         from moecap.quality.evaluate import evaluate_quality
 

@@ -1,0 +1,506 @@
+"""The leaderboard's data layer: records -> one pandas DataFrame (pure: pandas + stdlib, no gradio).
+
+One row per record (benchmark cell). Quality-only cells (perplexity / lm-eval) and performance
+cells are separate rows; :func:`merge_quality` copies a quality row's figures onto the
+performance rows of the same model + system + precision + hardware, so trade-off plots have
+both axes.
+
+Every column is described once, in :data:`COLUMNS`; quality columns that depend on the data
+(``ppl:<dataset>``, ``<task>:<metric>``) are described by :func:`columns_for`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from moecap.records import SCHEMA_VERSION, iter_record_files
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    label: str
+    dtype: str  # 'str' | 'float' | 'int'
+    unit: str | None = None
+    default_visible: bool = False
+    higher_is_better: bool | None = None
+    description: str = ""
+    decimals: int = 2  # rounding in display_frame (float columns)
+
+    @property
+    def header(self) -> str:
+        """The label with its unit, e.g. ``TTFT p50 (ms)``."""
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+
+C = Column
+COLUMNS: list[Column] = [
+    C("model", "Model", "str", None, True, None, "Model display name (config.model.display_name)"),
+    C("system", "System", "str", None, True, None, "Serving system: runner display name + salient engine settings"),
+    C("precision", "Precision", "str", None, True, None, "Weights / compute dtype of the runner"),
+    C("hardware", "Hardware", "str", None, True, None, "Accelerator (detected device name; N x when several)"),
+    C("load", "Load", "str", None, True, None, "Offered load: bs=<batch size>, conc=<concurrency> or rate=<req/s>"),
+    C("batch_size", "Batch size", "int", None, False, None, "Static batch size of the load (config.load.batch_size)", 0),
+    C("accuracy", "Accuracy", "float", None, True, True, "Mean lm-eval `acc` over the record's tasks", 3),
+    C("perplexity", "Perplexity", "float", None, True, False, "Token perplexity on the first perplexity dataset", 2),
+    C("ttft_ms_p50", "TTFT p50", "float", "ms", True, False, "Time to first token, median", 2),
+    C("ttft_ms_p99", "TTFT p99", "float", "ms", False, False, "Time to first token, 99th percentile", 2),
+    C("tpot_ms_p50", "TPOT p50", "float", "ms", True, False, "Time per output token (after the first), median", 3),
+    C("itl_ms_p99", "ITL p99", "float", "ms", False, False, "Inter-token latency, 99th percentile", 3),
+    C("e2el_ms_p50", "E2E latency p50", "float", "ms", False, False, "End-to-end request latency, median", 1),
+    C("output_tok_s", "Output throughput", "float", "tok/s", True, True, "Generated tokens per second", 1),
+    C("req_s", "Request throughput", "float", "req/s", False, True, "Completed requests per second", 3),
+    C("s_mbu_decode", "S-MBU decode", "float", None, True, True, "Sparsity-aware memory-bandwidth utilization, decode", 4),
+    C("s_mbu_prefill", "S-MBU prefill", "float", None, False, True, "Sparsity-aware memory-bandwidth utilization, prefill", 4),
+    C("s_mfu_decode", "S-MFU decode", "float", None, False, True, "Sparsity-aware model-FLOPs utilization, decode", 4),
+    C("s_mfu_prefill", "S-MFU prefill", "float", None, True, True, "Sparsity-aware model-FLOPs utilization, prefill", 4),
+    C("j_per_token", "Energy", "float", "J/tok", True, False, "Energy per output token", 4),
+    C("usd_per_1m_tokens", "Cost", "float", "$/1M tok", True, False, "Cost per million output tokens", 4),
+    C("status", "Status", "str", None, False, None, "Record status: ok, failed or skipped"),
+    C("suite", "Suite", "str", None, False, None, "Suite name"),
+    C("created_at", "Created", "str", None, False, None, "When the record was written (ISO 8601, UTC)"),
+    C("cell_id", "Cell", "str", None, False, None, "Cell id (record file name)"),
+    C("record_path", "Record", "str", None, False, None, "Path of the record JSON"),
+]
+del C
+COLUMN_BY_KEY: dict[str, Column] = {c.key: c for c in COLUMNS}
+STRING_KEYS = [c.key for c in COLUMNS if c.dtype == "str"]
+QUALITY_KEYS = ("accuracy", "perplexity")
+GROUP_KEYS = ("model", "system", "precision", "hardware")  # what merge_quality matches on
+
+# runner settings worth showing in the system name: key -> short name
+_SALIENT_ARGS = {
+    "attn_implementation": "attn",
+    "attention_backend": "attn",
+    "tensor_parallel_size": "tp",
+    "pipeline_parallel_size": "pp",
+    "data_parallel_size": "dp",
+    "expert_parallel_size": "ep",
+    "enable_expert_parallel": "ep",
+    "quantization": "quant",
+    "kv_cache_dtype": "kv",
+    "speculative_method": "spec",
+    "enable_chunked_prefill": "chunked",
+}
+
+
+def is_dynamic_quality_key(key: str) -> bool:
+    return ":" in key
+
+
+def dynamic_column(key: str) -> Column:
+    """The Column of a data-dependent quality column (``ppl:<dataset>`` or ``<task>:<metric>``)."""
+    if key.startswith("ppl:"):
+        ds = key[4:]
+        return Column(key, f"PPL {ds}", "float", None, False, False, f"Token perplexity on {ds}", 2)
+    task, _, metric = key.partition(":")
+    return Column(key, f"{task} {metric}", "float", None, False, True, f"lm-eval {task}: {metric}", 3)
+
+
+def columns_for(df: pd.DataFrame) -> list[Column]:
+    """COLUMNS plus the dynamic quality columns present in ``df`` (sorted)."""
+    extra = sorted(k for k in df.columns if k not in COLUMN_BY_KEY and is_dynamic_quality_key(str(k)))
+    return list(COLUMNS) + [dynamic_column(k) for k in extra]
+
+
+def column(key: str) -> Column:
+    return COLUMN_BY_KEY[key] if key in COLUMN_BY_KEY else dynamic_column(key)
+
+
+def default_keys() -> list[str]:
+    return [c.key for c in COLUMNS if c.default_visible]
+
+
+# ---------------------------------------------------------------- records -> rows
+
+
+def _get(d: Any, *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt_setting(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return str(v)
+
+
+def system_name(runner: dict[str, Any]) -> str | None:
+    """Runner display name + salient engine settings, e.g. ``hf (attn=sdpa)`` or ``vllm (tp=2, ep=on)``."""
+    if not isinstance(runner, dict):
+        return None
+    name = runner.get("display_name") or runner.get("name") or runner.get("type")
+    if not name:
+        return None
+    args: dict[str, Any] = {}
+    for src in (runner.get("args"), runner, runner.get("resolved_args")):  # later wins
+        if isinstance(src, dict):
+            args.update({k: v for k, v in src.items() if k in _SALIENT_ARGS})
+    parts: list[str] = []
+    seen: set[str] = set()
+    for key, short in _SALIENT_ARGS.items():
+        v = args.get(key)
+        if v is None or isinstance(v, (dict, list)) or short in seen:
+            continue
+        if key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "expert_parallel_size") and v == 1:
+            continue
+        seen.add(short)
+        parts.append(f"{short}={_fmt_setting(v)}")
+    return f"{name} ({', '.join(parts)})" if parts else str(name)
+
+
+def _hardware(cfg: dict[str, Any]) -> str | None:
+    det = _get(cfg, "hardware", "detected") or {}
+    name = det.get("device_name") or det.get("cpu_model") or det.get("accelerator")
+    if name is None:
+        name = _get(cfg, "hardware", "settings", "device")
+    if name is None:
+        return None
+    count = det.get("device_count")
+    if isinstance(count, int) and count > 1 and det.get("accelerator") not in (None, "cpu"):
+        return f"{count}x {name}"
+    return str(name)
+
+
+def _load(cfg: dict[str, Any]) -> str | None:
+    load = cfg.get("load") if isinstance(cfg, dict) else None
+    if not isinstance(load, dict):
+        return None
+    for key, prefix in (("batch_size", "bs="), ("concurrency", "conc="), ("rate", "rate=")):
+        if load.get(key) is not None:
+            return f"{prefix}{load[key]}"
+    return None
+
+
+def quality_columns(d: dict[str, Any]) -> dict[str, float]:
+    """``ppl:<dataset>`` and ``<task>:<metric>`` figures of a record (dict)."""
+    out: dict[str, float] = {}
+    quality = _get(d, "report", "quality") or {}
+    for ds, res in (quality.get("perplexity") or {}).items():
+        v = _num(res.get("perplexity")) if isinstance(res, dict) else _num(res)
+        if v is not None:
+            out[f"ppl:{ds}"] = v
+    for task, res in ((quality.get("lm_eval") or {}).get("tasks") or {}).items():
+        for metric, value in ((res or {}).get("metrics") or {}).items():
+            if isinstance(value, dict):  # {"value": ..., "stderr": ...}
+                value = value.get("value")
+            v = _num(value)
+            if v is not None:
+                out[f"{task}:{metric}"] = v
+    return out
+
+
+def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, Any]:
+    """One leaderboard row (keys of COLUMNS plus dynamic quality keys) from a record dict."""
+    cfg = d.get("config") if isinstance(d.get("config"), dict) else {}
+    rep = d.get("report") if isinstance(d.get("report"), dict) else {}
+    runner = cfg.get("runner") if isinstance(cfg.get("runner"), dict) else {}
+    lat = lambda m, s: _num(_get(rep, "latency", m, s))  # noqa: E731
+    quality = quality_columns(d)
+    accs = [v for k, v in quality.items() if k.endswith(":acc")]
+    ppls = [v for k, v in quality.items() if k.startswith("ppl:")]
+    precision = runner.get("dtype") or _get(runner, "resolved_args", "dtype") or _get(runner, "args", "dtype")
+    suite = _get(d, "suite", "name") if isinstance(d.get("suite"), dict) else d.get("suite")
+    if not suite and path is not None:
+        suite = Path(path).parent.name
+    bs = _get(cfg, "load", "batch_size")
+    row: dict[str, Any] = {
+        "model": _get(cfg, "model", "display_name") or _get(cfg, "model", "name") or _get(cfg, "model", "id"),
+        "system": system_name(runner),
+        "precision": precision,
+        "hardware": _hardware(cfg),
+        "load": _load(cfg),
+        "batch_size": int(bs) if isinstance(bs, (int, float)) and not isinstance(bs, bool) else None,
+        "accuracy": sum(accs) / len(accs) if accs else None,
+        "perplexity": ppls[0] if ppls else None,
+        "ttft_ms_p50": lat("ttft_ms", "median"),
+        "ttft_ms_p99": lat("ttft_ms", "p99"),
+        "tpot_ms_p50": lat("tpot_ms", "median"),
+        "itl_ms_p99": lat("itl_ms", "p99"),
+        "e2el_ms_p50": lat("e2el_ms", "median"),
+        "output_tok_s": _num(_get(rep, "throughput", "output_tokens_per_s")),
+        "req_s": _num(_get(rep, "throughput", "requests_per_s")),
+        "s_mbu_decode": _num(_get(rep, "utilization", "decode", "s_mbu")),
+        "s_mbu_prefill": _num(_get(rep, "utilization", "prefill", "s_mbu")),
+        "s_mfu_decode": _num(_get(rep, "utilization", "decode", "s_mfu")),
+        "s_mfu_prefill": _num(_get(rep, "utilization", "prefill", "s_mfu")),
+        "j_per_token": _num(_get(rep, "energy", "joules_per_output_token")),
+        "usd_per_1m_tokens": _num(_get(rep, "cost", "usd_per_1m_output_tokens")),
+        "status": d.get("status"),
+        "suite": suite,
+        "created_at": d.get("created_at"),
+        "cell_id": d.get("cell_id"),
+        "record_path": str(path) if path is not None else None,
+    }
+    for k in ("model", "system", "precision", "hardware", "status", "suite", "created_at", "cell_id"):
+        if row[k] is not None:
+            row[k] = str(row[k])
+    row.update(quality)
+    return row
+
+
+def _looks_like_record(d: Any) -> bool:
+    return isinstance(d, dict) and isinstance(d.get("cell_id"), str) and (
+        isinstance(d.get("config"), dict) or isinstance(d.get("report"), dict)
+    )
+
+
+def _read_rows(folder: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in iter_record_files(folder):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            warnings.warn(f"skipping {path}: not readable JSON ({err})", stacklevel=3)
+            continue
+        if not _looks_like_record(data):
+            warnings.warn(f"skipping {path}: not a moecap record (no cell_id/config/report)", stacklevel=3)
+            continue
+        try:
+            rows.append(record_row(data, path))
+        except Exception as err:  # a record too odd to read is skipped, not fatal
+            warnings.warn(f"skipping {path}: unreadable record ({err})", stacklevel=3)
+    return rows
+
+
+_HF_RE = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.*))?$")
+
+
+def parse_hf_source(source: str) -> tuple[str, str | None, str | None]:
+    """``hf://datasets/<org>/<name>[@revision][/subfolder]`` -> (repo_id, revision, subfolder)."""
+    m = _HF_RE.match(source.strip())
+    if not m:
+        raise ValueError(f"not a Hugging Face dataset address: {source!r} (want hf://datasets/<org>/<name>[@revision])")
+    return m["repo"], m["rev"], (m["sub"] or "").strip("/") or None
+
+
+def load_results(source: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+    """Every record under ``source`` as a DataFrame (one row per record).
+
+    ``source``: a folder (searched recursively) or record file, or
+    ``hf://datasets/<org>/<name>[@revision]`` (downloaded with ``snapshot_download``), or a list of these.
+    Older records (missing sections) give NaN figures; corrupt or foreign JSON is skipped with a warning.
+    """
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    rows: list[dict[str, Any]] = []
+    for src in sources:
+        if isinstance(src, str) and src.startswith("hf://"):
+            from huggingface_hub import snapshot_download
+
+            repo_id, rev, sub = parse_hf_source(src)
+            local = Path(snapshot_download(repo_id=repo_id, repo_type="dataset", revision=rev, allow_patterns=["*.json"]))
+            rows.extend(_read_rows(local / sub if sub else local))
+        else:
+            p = Path(src).expanduser()
+            if not p.exists():
+                raise FileNotFoundError(f"no results at {p}")
+            rows.extend(_read_rows(p))
+    return _frame(rows)
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    for c in COLUMNS:
+        if c.key not in df.columns:
+            df[c.key] = None
+    extra = sorted(k for k in df.columns if k not in COLUMN_BY_KEY)
+    df = df[[c.key for c in COLUMNS] + extra]
+    for c in COLUMNS:
+        if c.dtype == "float":
+            df[c.key] = pd.to_numeric(df[c.key], errors="coerce").astype("float64")
+        elif c.dtype == "int":
+            df[c.key] = pd.to_numeric(df[c.key], errors="coerce").astype("Int64")
+        else:
+            df[c.key] = df[c.key].astype(object).where(df[c.key].notna(), None)
+    for k in extra:
+        df[k] = pd.to_numeric(df[k], errors="coerce").astype("float64")
+    if len(df):
+        df = df.sort_values(["suite", "model", "system", "cell_id"], na_position="last", kind="stable")
+    return df.reset_index(drop=True)
+
+
+def empty_frame() -> pd.DataFrame:
+    return _frame([])
+
+
+# ---------------------------------------------------------------- merge, Pareto, filters
+
+
+def _is_quality_row(df: pd.DataFrame) -> pd.Series:
+    perf = df[["ttft_ms_p50", "tpot_ms_p50", "output_tok_s", "req_s"]].notna().any(axis=1)
+    qual_keys = list(QUALITY_KEYS) + [k for k in df.columns if is_dynamic_quality_key(str(k))]
+    return ~perf & df[qual_keys].notna().any(axis=1)
+
+
+def merge_quality(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``df`` where performance rows get the accuracy / perplexity (and per-task / per-dataset
+    quality columns) of the quality rows with the same model, system, precision and hardware.
+
+    A performance row's own quality figures win; when several quality rows match, the newest
+    (``created_at``) wins for each figure it has. Quality rows themselves stay in the frame.
+    """
+    out = df.copy()
+    if out.empty:
+        return out
+    qual_keys = list(QUALITY_KEYS) + [k for k in out.columns if is_dynamic_quality_key(str(k))]
+    is_q = _is_quality_row(out)
+    if "status" in out.columns:
+        is_q &= out["status"].fillna("ok").eq("ok")
+    q = out[is_q]
+    if q.empty:
+        return out
+    keyf = lambda frame: list(zip(*(frame[k].fillna("\0").astype(str) for k in GROUP_KEYS)))  # noqa: E731
+    q = q.assign(_key=keyf(q)).sort_values("created_at", na_position="first", kind="stable")
+    best = q.groupby("_key", sort=False)[qual_keys].last()  # last non-null per column: newest
+    keys = pd.Series(keyf(out), index=out.index)
+    target = ~is_q & keys.isin(best.index)
+    if not target.any():
+        return out
+    fill = best.reindex(keys[target]).set_axis(out.index[target])
+    for k in qual_keys:
+        cur = out.loc[target, k]
+        out.loc[target, k] = cur.where(cur.notna(), fill[k])
+    return out
+
+
+def pareto_front(df: pd.DataFrame, axes: list[tuple[str, bool]]) -> pd.Series:
+    """Bool per row: on the Pareto front of ``axes`` [(column key, maximize), ...] (2 or 3 axes).
+
+    Rows with NaN / inf / a missing column on any axis are never on the front and never dominate.
+    A row is dominated when another is at least as good on every axis and better on one, so
+    equal points are all on the front.
+    """
+    axes = list(axes)
+    if not 1 <= len(axes) <= 3:
+        raise ValueError(f"pareto_front wants 2 or 3 axes, got {len(axes)}")
+    n = len(df)
+    if n == 0:
+        return pd.Series([], index=df.index, dtype=bool)
+    cols = []
+    for key, maximize in axes:
+        if key not in df.columns:
+            return pd.Series(False, index=df.index, dtype=bool)
+        v = pd.to_numeric(df[key], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+        cols.append(-v if maximize else v)  # minimize every axis
+    a = np.column_stack(cols)
+    valid = np.isfinite(a).all(axis=1)
+    on = np.zeros(n, dtype=bool)
+    pts = a[valid]
+    if len(pts):
+        dominated = np.zeros(len(pts), dtype=bool)
+        step = max(1, 2_000_000 // max(1, len(pts) * len(axes)))
+        for s in range(0, len(pts), step):
+            blk = pts[s : s + step][:, None, :]  # candidates i
+            le = (pts[None, :, :] <= blk).all(axis=2)  # j at least as good as i everywhere
+            lt = (pts[None, :, :] < blk).any(axis=2)  # j strictly better somewhere
+            dominated[s : s + step] = (le & lt).any(axis=1)
+        on[np.flatnonzero(valid)] = ~dominated
+    return pd.Series(on, index=df.index, dtype=bool)
+
+
+def _as_set(values: Any) -> set[str] | None:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    values = [v for v in values if v is not None]
+    return {str(v) for v in values} if values else None
+
+
+def filter_frame(
+    df: pd.DataFrame,
+    systems: Iterable[str] | None = None,
+    models: Iterable[str] | None = None,
+    hardware: Iterable[str] | None = None,
+    precisions: Iterable[str] | None = None,
+    loads: Iterable[str] | None = None,
+    search: str | None = None,
+) -> pd.DataFrame:
+    """Rows whose system / model / hardware / precision / load is among the given values
+    (None or an empty list: no filter on that column) and, when ``search`` is given, where any
+    string column contains it (case-insensitive substring)."""
+    mask = pd.Series(True, index=df.index)
+    for key, values in (("system", systems), ("model", models), ("hardware", hardware), ("precision", precisions), ("load", loads)):
+        allowed = _as_set(values)
+        if allowed is not None and key in df.columns:
+            mask &= df[key].map(lambda v: v is not None and not (isinstance(v, float) and math.isnan(v)) and str(v) in allowed)
+    if search and search.strip():
+        needle = search.strip().casefold()
+        hit = pd.Series(False, index=df.index)
+        for key in [k for k in STRING_KEYS if k in df.columns]:
+            hit |= df[key].map(lambda v: isinstance(v, str) and needle in v.casefold())
+        mask &= hit
+    return df[mask]
+
+
+def choices(df: pd.DataFrame, key: str) -> list[str]:
+    """Sorted distinct non-missing values of a string column (for filter widgets)."""
+    if key not in df.columns:
+        return []
+    return sorted({str(v) for v in df[key] if isinstance(v, str) and v})
+
+
+# ---------------------------------------------------------------- display and export
+
+
+def display_frame(df: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
+    """``df`` restricted to ``keys`` (default: the default-visible columns; keys absent from ``df``
+    are left out), floats rounded for display, columns renamed to their labels with units."""
+    keys = default_keys() if keys is None else list(keys)
+    keys = [k for k in keys if k in df.columns]
+    out = df[keys].copy()
+    for k in keys:
+        col = column(k)
+        if col.dtype == "float" or (col.dtype != "str" and pd.api.types.is_float_dtype(out[k])):
+            out[k] = pd.to_numeric(out[k], errors="coerce").astype("float64").round(col.decimals)
+    return out.rename(columns={k: column(k).header for k in keys})
+
+
+def to_csv(df: pd.DataFrame) -> str:
+    """CSV text of ``df`` (full precision, no index)."""
+    return df.to_csv(index=False)
+
+
+__all__ = [
+    "Column",
+    "COLUMNS",
+    "COLUMN_BY_KEY",
+    "SCHEMA_VERSION",
+    "columns_for",
+    "column",
+    "default_keys",
+    "load_results",
+    "merge_quality",
+    "pareto_front",
+    "filter_frame",
+    "choices",
+    "display_frame",
+    "to_csv",
+    "record_row",
+    "system_name",
+    "parse_hf_source",
+    "empty_frame",
+]

@@ -1,0 +1,565 @@
+"""The moecap leaderboard: a Gradio app over a folder (or Hugging Face dataset) of result records.
+
+Tabs:
+
+* **Leaderboard**: the filtered, sortable table with a column picker and CSV export;
+* **CAP trade-offs**: two scatter plots of any two metrics with the Pareto front, and a
+  radar chart of cost / accuracy / performance normalised across the shown rows;
+* **Roofline**: S-MBU and S-MFU (decode and prefill) per batch size;
+* **Record**: one record's config, environment and report, with its bytes by component and
+  its latency distribution.
+
+``build_app(results)`` returns the ``gr.Blocks``; ``launch(...)`` serves it.
+Named endpoints (for ``gradio_client``): ``/filter_table``, ``/export_csv``, ``/cap_plot``,
+``/cap_plot_2``, ``/radar``, ``/roofline``, ``/record``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from moecap.leaderboard.data import (
+    COLUMNS,
+    column,
+    columns_for,
+    display_frame,
+    filter_frame,
+    load_results,
+    merge_quality,
+    pareto_front,
+    to_csv,
+)
+
+log = logging.getLogger(__name__)
+
+NO_SORT = "(header sort)"
+# the filters: (column key, label, keyword of filter_frame)
+FILTERS = [
+    ("system", "System", "systems"),
+    ("model", "Model", "models"),
+    ("hardware", "Hardware", "hardware"),
+    ("precision", "Precision", "precisions"),
+    ("load", "Load", "loads"),
+]
+PALETTE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+]
+PHASES = ("prefill", "decode")
+LATENCY_METRICS = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"))
+LATENCY_STATS = (("mean", "mean"), ("median", "p50"), ("p90", "p90"), ("p99", "p99"))
+
+
+# --------------------------------------------------------------------------------------------
+# data helpers
+
+
+def _load(results: str) -> tuple[pd.DataFrame, str | None]:
+    """The merged frame, and a message when there is nothing to show."""
+    try:
+        df = load_results(results)
+    except Exception as err:  # a missing folder, an unreachable dataset: say so, do not crash
+        log.warning("could not load results from %s: %s", results, err)
+        return pd.DataFrame(columns=[c.key for c in COLUMNS]), (
+            f"Could not load results from `{results}`: {err}"
+        )
+    if df is None or len(df) == 0:
+        return pd.DataFrame(columns=[c.key for c in COLUMNS]), (
+            f"No result records found in `{results}`. Run a suite first, e.g. "
+            f"`moecap run quickstart -o {results}`."
+        )
+    df = merge_quality(df)
+    for c in COLUMNS:  # every known column exists, so the handlers need no guards
+        if c.key not in df.columns:
+            df[c.key] = pd.Series([None] * len(df), index=df.index, dtype="object")
+    return df.reset_index(drop=True), None
+
+
+def _choices(df: pd.DataFrame, key: str) -> list[str]:
+    if key not in df.columns:
+        return []
+    vals = df[key].dropna()
+    if key == "load" and "batch_size" in df.columns:
+        # order loads by batch size (bs=2 before bs=16), then by name
+        order = (
+            df.dropna(subset=["load"])
+            .assign(_bs=pd.to_numeric(df["batch_size"], errors="coerce"))
+            .sort_values(["_bs", "load"], na_position="last")["load"]
+            .astype(str)
+        )
+        return list(dict.fromkeys(order))
+    return sorted({str(v) for v in vals})
+
+
+def _numeric_keys(df: pd.DataFrame) -> list[str]:
+    return [c.key for c in columns_for(df) if c.dtype in ("float", "int")]
+
+
+def _label(key: str) -> str:
+    try:
+        return column(key).header
+    except Exception:
+        return key
+
+
+def _hib(key: str) -> bool:
+    try:
+        hib = column(key).higher_is_better
+    except Exception:
+        hib = None
+    return True if hib is None else bool(hib)
+
+
+def _num(df: pd.DataFrame, key: str) -> pd.Series:
+    if key not in df.columns:
+        return pd.Series([float("nan")] * len(df), index=df.index, dtype="float64")
+    return pd.to_numeric(df[key], errors="coerce").astype("float64")
+
+
+def _has_values(df: pd.DataFrame, key: str) -> bool:
+    return bool(_num(df, key).notna().any())
+
+
+def _filter(df: pd.DataFrame, selections: list[list[str] | None], search: str | None) -> pd.DataFrame:
+    kwargs: dict[str, Any] = {}
+    for (key, _label_, kw), sel in zip(FILTERS, selections):
+        if sel is None:
+            continue
+        if isinstance(sel, str):
+            sel = [sel]
+        if set(map(str, sel)) >= set(_choices(df, key)):
+            continue  # everything ticked: no filter (keeps rows without a value, e.g. quality rows)
+        kwargs[kw] = list(sel)
+    return filter_frame(df, search=(search or None), **kwargs)
+
+
+def _series_name(row: pd.Series) -> str:
+    parts = [str(row.get(k)) for k in ("system", "model") if pd.notna(row.get(k))]
+    extra = [str(row.get(k)) for k in ("hardware", "precision") if pd.notna(row.get(k))]
+    name = " · ".join(parts) or "?"
+    return f"{name} ({', '.join(extra)})" if extra else name
+
+
+def _empty_fig(message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"size": 14})
+    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, height=380,
+                      template="plotly_white")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+
+
+def scatter_figure(df: pd.DataFrame, x: str, y: str) -> go.Figure:
+    """A scatter of ``y`` against ``x`` (column keys), one colour per system, with the Pareto
+    front (direction from ``Column.higher_is_better``) drawn larger, outlined and joined by a
+    step line."""
+    if df.empty:
+        return _empty_fig("No rows match the filters.")
+    data = df.assign(_x=_num(df, x), _y=_num(df, y)).dropna(subset=["_x", "_y"])
+    if data.empty:
+        return _empty_fig(f"No row has both {_label(x)} and {_label(y)}.")
+    hx, hy = _hib(x), _hib(y)
+    front = pareto_front(data, [(x, hx), (y, hy)]).reindex(data.index).fillna(False).astype(bool)
+    fig = go.Figure()
+    systems = sorted(data["system"].astype(str).unique())
+    colors = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(systems)}
+    for s in systems:
+        sub = data[data["system"].astype(str) == s]
+        on = front.loc[sub.index]
+        hover = [
+            f"<b>{r.get('model')}</b><br>{r.get('system')} · {r.get('hardware')} · "
+            f"{r.get('precision')} · {r.get('load')}<br>{_label(x)}: {r['_x']:.4g}<br>"
+            f"{_label(y)}: {r['_y']:.4g}<br>{r.get('cell_id')}"
+            for _, r in sub.iterrows()
+        ]
+        fig.add_trace(go.Scatter(
+            x=sub["_x"], y=sub["_y"], mode="markers", name=s, legendgroup=s,
+            marker={
+                "color": colors[s],
+                "size": [16 if f else 9 for f in on],
+                "line": {"color": ["black" if f else "white" for f in on],
+                         "width": [2.5 if f else 0.5 for f in on]},
+                "symbol": ["diamond" if f else "circle" for f in on],
+            },
+            text=hover, hovertemplate="%{text}<extra></extra>",
+        ))
+    fr = data[front].sort_values("_x")
+    if len(fr):
+        # the corner between two front points is the worse one on both axes
+        fig.add_trace(go.Scatter(
+            x=fr["_x"], y=fr["_y"], mode="lines", name="Pareto front",
+            line={"color": "black", "dash": "dot", "width": 1.5, "shape": "vh" if hx else "hv"},
+            hoverinfo="skip",
+        ))
+    fig.update_layout(
+        template="plotly_white", height=430, margin={"l": 60, "r": 20, "t": 40, "b": 60},
+        title={"text": f"{_label(y)} vs {_label(x)}", "font": {"size": 14}},
+        xaxis_title=f"{_label(x)} {'(better →)' if hx else '(← better)'}",
+        yaxis_title=f"{_label(y)} {'(better ↑)' if hy else '(better ↓)'}",
+        legend={"title": {"text": "system"}},
+    )
+    return fig
+
+
+def radar_figure(df: pd.DataFrame, systems: list[str] | None) -> go.Figure:
+    """C (cost, lower better), A (accuracy, or 1/perplexity), P (output throughput) per
+    system: each system's best over its shown rows, divided by the best system's (so 1 is the
+    best of the shown rows and 0 the worst possible)."""
+    if df.empty:
+        return _empty_fig("No rows match the filters.")
+    data = df if systems is None else df[df["system"].astype(str).isin([str(s) for s in systems])]
+    if data.empty:
+        return _empty_fig("Pick at least one system.")
+    cost, acc, ppl, thr = (_num(data, k) for k in
+                           ("usd_per_1m_tokens", "accuracy", "perplexity", "output_tok_s"))
+    use_acc = bool(acc.notna().any())
+    g = pd.DataFrame({
+        "system": data["system"].astype(str),
+        "C": cost,
+        "A": acc if use_acc else 1.0 / ppl.where(ppl > 0),
+        "P": thr,
+    }).groupby("system").agg({"C": "min", "A": "max", "P": "max"})
+
+    def ratio(col: pd.Series, higher: bool) -> pd.Series:
+        col = col.where(col > 0)
+        if col.notna().sum() == 0:
+            return col.fillna(0.0)
+        best = col.max() if higher else col.min()
+        return (col / best if higher else best / col).fillna(0.0).clip(0, 1)
+
+    norm = pd.DataFrame({"C": ratio(g["C"], False), "A": ratio(g["A"], True),
+                         "P": ratio(g["P"], True)})
+    theta = ["C: cost (lower $ better)",
+             "A: accuracy" if use_acc else "A: 1/perplexity",
+             "P: output throughput"]
+    fig = go.Figure()
+    for i, (s, r) in enumerate(norm.iterrows()):
+        raw = g.loc[s]
+        vals = [r["C"], r["A"], r["P"]]
+        fig.add_trace(go.Scatterpolar(
+            r=vals + vals[:1], theta=theta + theta[:1], fill="toself", name=str(s),
+            line={"color": PALETTE[i % len(PALETTE)]}, opacity=0.7,
+            text=[f"$ {raw['C']:.4g}/1M tok", f"{raw['A']:.4g}", f"{raw['P']:.4g} tok/s",
+                  f"$ {raw['C']:.4g}/1M tok"],
+            hovertemplate="%{theta}: %{r:.2f} (raw %{text})<extra>" + str(s) + "</extra>",
+        ))
+    fig.update_layout(
+        template="plotly_white", height=430, margin={"l": 60, "r": 60, "t": 40, "b": 40},
+        polar={"radialaxis": {"range": [0, 1], "visible": True}},
+        title={"text": "C / A / P, normalised (1 = best of the shown rows)", "font": {"size": 14}},
+    )
+    return fig
+
+
+ROOFLINE_PANELS = (
+    ("s_mbu_decode", "S-MBU decode"), ("s_mbu_prefill", "S-MBU prefill"),
+    ("s_mfu_decode", "S-MFU decode"), ("s_mfu_prefill", "S-MFU prefill"),
+)
+
+
+def roofline_figure(df: pd.DataFrame) -> go.Figure:
+    """S-MBU and S-MFU (decode, prefill) against batch size; one line per system/model."""
+    if df.empty:
+        return _empty_fig("No rows match the filters.")
+    data = df.assign(_bs=_num(df, "batch_size")).dropna(subset=["_bs"])
+    if data.empty:
+        return _empty_fig("No row has a batch size.")
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in ROOFLINE_PANELS],
+                        horizontal_spacing=0.08, vertical_spacing=0.2)
+    data = data.assign(_series=[_series_name(r) for _, r in data.iterrows()])
+    for i, (name, sub) in enumerate(data.groupby("_series", sort=True)):
+        sub = sub.sort_values("_bs")
+        color = PALETTE[i % len(PALETTE)]
+        for j, (key, title) in enumerate(ROOFLINE_PANELS):
+            vals = _num(sub, key)
+            fig.add_trace(go.Scatter(
+                x=sub["_bs"], y=vals, mode="lines+markers", name=name, legendgroup=name,
+                showlegend=(j == 0), line={"color": color}, marker={"size": 8},
+                text=sub["cell_id"].astype(str),
+                hovertemplate=f"{name}<br>batch %{{x}}<br>{title}: %{{y:.2%}}<br>%{{text}}"
+                              "<extra></extra>",
+            ), row=j // 2 + 1, col=j % 2 + 1)
+    fig.update_xaxes(title_text="batch size", type="log", dtick=math.log10(2))
+    fig.update_yaxes(tickformat=".3~%", rangemode="tozero")
+    fig.update_layout(template="plotly_white", height=620,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50},
+                      legend={"orientation": "h", "y": -0.12})
+    return fig
+
+
+def _read_record(row: pd.Series) -> dict[str, Any] | None:
+    path = row.get("record_path")
+    if isinstance(path, str) and path and Path(path).is_file():
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except Exception as err:
+            log.warning("cannot read %s: %s", path, err)
+    return None
+
+
+def bytes_figure(record: dict[str, Any]) -> go.Figure:
+    util = (record.get("report") or {}).get("utilization") or {}
+    fig = go.Figure()
+    for i, phase in enumerate(PHASES):
+        b = (util.get(phase) or {}).get("bytes") or {}
+        comps = {k: v for k, v in b.items() if k != "total" and isinstance(v, (int, float))}
+        if not comps:
+            continue
+        fig.add_trace(go.Bar(x=list(comps), y=[v / 1e6 for v in comps.values()], name=phase,
+                             marker_color=PALETTE[i]))
+    if not fig.data:
+        return _empty_fig("This record has no per-component byte counts.")
+    fig.update_layout(template="plotly_white", barmode="group", height=380,
+                      title={"text": "Bytes moved by component, per phase", "font": {"size": 14}},
+                      yaxis_title="MB (whole run)", margin={"l": 60, "r": 20, "t": 40, "b": 60})
+    return fig
+
+
+def latency_figure(record: dict[str, Any]) -> go.Figure:
+    lat = (record.get("report") or {}).get("latency") or {}
+    fig = go.Figure()
+    for i, (stat, stat_label) in enumerate(LATENCY_STATS):
+        xs, ys = [], []
+        for key, label in LATENCY_METRICS:
+            v = (lat.get(key) or {}).get(stat)
+            if v is None and stat == "median":
+                v = (lat.get(key) or {}).get("p50")
+            if isinstance(v, (int, float)):
+                xs.append(label)
+                ys.append(v)
+        if xs:
+            fig.add_trace(go.Bar(x=xs, y=ys, name=stat_label, marker_color=PALETTE[i]))
+    if not fig.data:
+        return _empty_fig("This record has no latency distribution.")
+    fig.update_layout(template="plotly_white", barmode="group", height=380,
+                      title={"text": "Latency distribution", "font": {"size": 14}},
+                      yaxis_title="ms", margin={"l": 60, "r": 20, "t": 40, "b": 40})
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# the app
+
+
+def build_app(results: str) -> gr.Blocks:
+    """The leaderboard over ``results`` (a folder of records, or ``hf://datasets/org/name``)."""
+    df, message = _load(str(results))
+    all_columns = columns_for(df)
+    numeric = _numeric_keys(df)
+    label_to_key = {c.header: c.key for c in all_columns}
+    picker_labels = [c.header for c in all_columns]
+    default_labels = [c.header for c in all_columns if c.default_visible]
+    sortable = [NO_SORT] + [_label(k) for k in numeric]
+    axis_choices = [(_label(k), k) for k in numeric]
+
+    def pick_default(*candidates: str) -> str | None:
+        for k in candidates:
+            if k in numeric and _has_values(df, k):
+                return k
+        for k in candidates:
+            if k in numeric:
+                return k
+        return numeric[0] if numeric else None
+
+    cap_x = pick_default("usd_per_1m_tokens", "j_per_token", "output_tok_s")
+    cap_y = pick_default("accuracy", "perplexity")
+    cap2_x = pick_default("output_tok_s", "req_s")
+    cap2_y = pick_default("perplexity", "accuracy")
+    records = [
+        (f"{r['cell_id']}  [{r['suite']}]" if pd.notna(r.get("suite")) else str(r["cell_id"]), str(i))
+        for i, r in df.iterrows() if pd.notna(r.get("cell_id"))
+    ]
+    all_systems = _choices(df, "system")
+
+    # ---- handlers (closures over the loaded frame) -----------------------------------------
+
+    def _filtered(system, model, hardware, precision, load, search) -> pd.DataFrame:
+        if df.empty:
+            return df
+        return _filter(df, [system, model, hardware, precision, load], search)
+
+    def _sorted(frame: pd.DataFrame, sort_by: str | None) -> pd.DataFrame:
+        key = label_to_key.get(sort_by or "")
+        if key is None or key not in frame.columns or frame.empty:
+            return frame
+        asc = not _hib(key)
+        return frame.assign(_k=_num(frame, key)).sort_values(
+            "_k", ascending=asc, na_position="last", kind="stable").drop(columns="_k")
+
+    def _keys(labels: list[str] | None) -> list[str]:
+        keys = [label_to_key[lb] for lb in (labels or []) if lb in label_to_key]
+        return keys or [c.key for c in COLUMNS if c.default_visible]
+
+    def filter_table(system, model, hardware, precision, load, search, columns, sort_by):
+        frame = _sorted(_filtered(system, model, hardware, precision, load, search), sort_by)
+        return display_frame(frame, keys=_keys(columns))
+
+    def export_csv(system, model, hardware, precision, load, search, columns, sort_by):
+        frame = _sorted(_filtered(system, model, hardware, precision, load, search), sort_by)
+        keys = [k for k in _keys(columns) if k in frame.columns]
+        out_dir = Path(tempfile.mkdtemp(prefix="moecap-leaderboard-"))
+        path = out_dir / "moecap-leaderboard.csv"
+        path.write_text(to_csv(frame[keys] if keys else frame), encoding="utf-8")
+        return str(path)
+
+    def cap_plot(system, model, hardware, precision, load, search, x, y):
+        frame = _filtered(system, model, hardware, precision, load, search)
+        if not x or not y:
+            return _empty_fig("Pick two axes.")
+        return scatter_figure(frame, x, y)
+
+    def radar(system, model, hardware, precision, load, search, systems):
+        frame = _filtered(system, model, hardware, precision, load, search)
+        return radar_figure(frame, systems)
+
+    def roofline(system, model, hardware, precision, load, search):
+        return roofline_figure(_filtered(system, model, hardware, precision, load, search))
+
+    def record(index: str | None):
+        if index is None or df.empty or str(index) not in {v for _, v in records}:
+            empty = _empty_fig("Pick a record.")
+            return {}, empty, empty
+        row = df.loc[int(index)]
+        rec = _read_record(row)
+        if rec is None:
+            shown = {k: (None if pd.isna(v) else v) for k, v in row.items()
+                     if not isinstance(v, (list, dict))}
+            return ({"note": "the record file is not readable here; its table row:",
+                     "row": json.loads(json.dumps(shown, default=str))},
+                    _empty_fig("Record file not available."), _empty_fig("Record file not available."))
+        shown = {k: rec.get(k) for k in ("cell_id", "status", "error", "suite", "config",
+                                         "environment", "report") if k in rec}
+        return shown, bytes_figure(rec), latency_figure(rec)
+
+    # ---- layout ------------------------------------------------------------------------------
+
+    with gr.Blocks(title="moecap leaderboard", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# moecap leaderboard\n"
+            "Cost / Accuracy / Performance of Mixture-of-Experts LLM serving. "
+            f"Results: `{results}` ({len(df)} rows)."
+        )
+        if message:
+            gr.Markdown(f"**{message}**", elem_id="empty-message")
+
+        with gr.Accordion("Filters", open=True):
+            with gr.Row():
+                filters = []
+                for key, label, _kw in FILTERS:
+                    choices = _choices(df, key)
+                    comp = gr.CheckboxGroup(choices=choices, value=choices, label=label,
+                                            elem_id=f"filter-{key}", show_select_all=True) \
+                        if len(choices) <= 6 else \
+                        gr.Dropdown(choices=choices, value=choices, multiselect=True, label=label,
+                                    elem_id=f"filter-{key}")
+                    filters.append(comp)
+            search = gr.Textbox(value="", label="Search", placeholder="model, system, cell id ...",
+                                elem_id="search")
+        filter_inputs = [*filters, search]
+
+        with gr.Tabs():
+            with gr.Tab("Leaderboard", id="leaderboard"):
+                with gr.Row():
+                    sort_by = gr.Dropdown(choices=sortable, value=NO_SORT, label="Sort by (best first)",
+                                          scale=1)
+                    export = gr.DownloadButton("Export CSV", value=None, scale=0, min_width=160,
+                                               elem_id="export-csv")
+                with gr.Accordion("Columns", open=False):
+                    columns = gr.CheckboxGroup(choices=picker_labels, value=default_labels,
+                                               label="Shown columns", elem_id="columns")
+                table = gr.Dataframe(
+                    value=display_frame(df) if not df.empty else None,
+                    interactive=False, wrap=False, max_height=640, elem_id="leaderboard-table",
+                    label="Results (click a header to sort)",
+                )
+            with gr.Tab("CAP trade-offs", id="cap"):
+                with gr.Row():
+                    with gr.Column():
+                        with gr.Row():
+                            x1 = gr.Dropdown(choices=axis_choices, value=cap_x, label="x axis")
+                            y1 = gr.Dropdown(choices=axis_choices, value=cap_y, label="y axis")
+                        plot1 = gr.Plot(label="Trade-off", elem_id="cap-plot-1")
+                    with gr.Column():
+                        with gr.Row():
+                            x2 = gr.Dropdown(choices=axis_choices, value=cap2_x, label="x axis")
+                            y2 = gr.Dropdown(choices=axis_choices, value=cap2_y, label="y axis")
+                        plot2 = gr.Plot(label="Trade-off", elem_id="cap-plot-2")
+                gr.Markdown(
+                    "Larger outlined diamonds joined by the dotted step line are the Pareto front "
+                    "of the shown rows (no other row is at least as good on both axes and better "
+                    "on one); which way is better comes from each metric's definition."
+                )
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        radar_systems = gr.CheckboxGroup(choices=all_systems, value=all_systems,
+                                                         label="Systems on the radar")
+                        gr.Markdown(
+                            "Radar: each system's best value over the shown rows on **C** (cost, "
+                            "$ per 1M tokens, lower is better), **A** (accuracy; 1/perplexity "
+                            "when no row has accuracy) and **P** (output tokens/s), normalised to "
+                            "[0, 1] across the shown rows: 1 is the best shown value (for cost, "
+                            "best/value; otherwise value/best)."
+                        )
+                    with gr.Column(scale=2):
+                        radar_plot = gr.Plot(label="C / A / P", elem_id="radar-plot")
+            with gr.Tab("Roofline", id="roofline"):
+                gr.Markdown(
+                    "Sparse model-bandwidth (S-MBU) and model-FLOPs (S-MFU) utilisation per batch "
+                    "size: bytes and FLOPs of the experts actually activated, over the device's "
+                    "peak."
+                )
+                roof_plot = gr.Plot(label="Roofline", elem_id="roofline-plot")
+            with gr.Tab("Record", id="record"):
+                perf = [v for _, v in records if pd.notna(_num(df, "output_tok_s").get(int(v)))]
+                first = perf[0] if perf else (records[0][1] if records else None)
+                pick = gr.Dropdown(choices=records, value=first,
+                                   label="Cell", elem_id="record-pick")
+                with gr.Row():
+                    bytes_plot = gr.Plot(label="Bytes by component", elem_id="bytes-plot")
+                    lat_plot = gr.Plot(label="Latency", elem_id="latency-plot")
+                rec_json = gr.JSON(label="Record (config, environment, report)", open=False)
+
+        table_inputs = [*filter_inputs, columns, sort_by]
+        table_triggers = [c.change for c in filters] + [search.change,
+                                                        columns.change, sort_by.change]
+        gr.on([demo.load, *table_triggers], filter_table, table_inputs, table,
+              api_name="filter_table")
+        gr.on([demo.load, *table_triggers], export_csv, table_inputs, export,
+              api_name="export_csv")
+        filter_triggers = [c.change for c in filters] + [search.change]
+        gr.on([demo.load, *filter_triggers, x1.change, y1.change], cap_plot,
+              [*filter_inputs, x1, y1], plot1, api_name="cap_plot")
+        gr.on([demo.load, *filter_triggers, x2.change, y2.change], cap_plot,
+              [*filter_inputs, x2, y2], plot2, api_name="cap_plot_2")
+        gr.on([demo.load, *filter_triggers, radar_systems.change], radar,
+              [*filter_inputs, radar_systems], radar_plot, api_name="radar")
+        gr.on([demo.load, *filter_triggers], roofline, filter_inputs, roof_plot,
+              api_name="roofline")
+        gr.on([demo.load, pick.change], record, pick, [rec_json, bytes_plot, lat_plot],
+              api_name="record")
+    return demo
+
+
+def launch(results: str = "results", host: str = "127.0.0.1", port: int | None = None,
+           share: bool = False, **kwargs: Any) -> gr.Blocks:
+    """Build and serve the leaderboard; returns the running ``Blocks`` (``.close()`` stops it)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    demo = build_app(results)
+    demo.queue()
+    demo.launch(server_name=host, server_port=port, share=share, **kwargs)
+    return demo

@@ -1,0 +1,212 @@
+"""The Gradio leaderboard, served for real on 127.0.0.1 over real quickstart records: driven
+through ``gradio_client`` (filters, search, CSV export) and through a headless Chromium
+(the table and a Plotly plot render; screenshots go to ``test-artifacts/``)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+pytest.importorskip("plotly")
+pytest.importorskip("gradio_client")
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+SMALL = [
+    "--set", "workloads.0.num_prompts=4",
+    "--set", "workloads.0.output_tokens=8",
+    "--set", "workloads.1.perplexity.max_windows=4",
+    "--set", "workloads.1.lm_eval.limit=10",
+    "--set", "loads=[{batch_size: 1}, {batch_size: 2}, {batch_size: 4}]",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory, tiny_moe_dir):
+    """Real records: the quickstart suite (three batch sizes plus the quality cell) on this CPU."""
+    out = tmp_path_factory.mktemp("lb-results")
+    env = dict(os.environ)  # MOECAP_CACHE_DIR (a tmp dir) and MOECAP_TINY_MOE_PROFILE=test, from conftest
+    env["MOECAP_TINY_MOE_PROFILE"] = "test"
+    proc = subprocess.run(
+        [sys.executable, "-m", "moecap", "run", "quickstart", "-o", str(out), *SMALL],
+        env=env, capture_output=True, text=True, timeout=600, cwd=str(out),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(list((out / "quickstart").glob("*.json"))) == 4
+    return out
+
+
+@pytest.fixture(scope="module")
+def app_url(results_dir):
+    from moecap.leaderboard.app import build_app
+
+    demo = build_app(str(results_dir))
+    demo.queue()
+    try:
+        demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
+                    quiet=True, show_error=True)
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def _rows(table: dict) -> list[dict]:
+    return [dict(zip(table["headers"], row)) for row in table["data"]]
+
+
+def test_table_lists_every_record(client):
+    rows = _rows(client.predict(api_name="/filter_table"))
+    assert len(rows) == 4  # bs=1, bs=2, bs=4 and the quality cell
+    assert {r["Model"] for r in rows} == {"tiny-moe"}
+    assert sorted(r["Load"] for r in rows if r["Load"]) == ["bs=1", "bs=2", "bs=4"]
+    # quality merged onto the performance rows
+    assert all(r["Perplexity"] and r["Perplexity"] > 1 for r in rows)
+
+
+def test_load_filter(client):
+    rows = _rows(client.predict(load=["bs=1"], api_name="/filter_table"))
+    assert [r["Load"] for r in rows] == ["bs=1"]
+    rows = _rows(client.predict(load=["bs=2", "bs=4"], api_name="/filter_table"))
+    assert sorted(r["Load"] for r in rows) == ["bs=2", "bs=4"]
+
+
+def test_search_and_columns_and_sort(client):
+    rows = _rows(client.predict(search="bs4", api_name="/filter_table"))  # matches the cell id
+    assert [r["Load"] for r in rows] == ["bs=4"]
+    assert _rows(client.predict(search="no-such-thing", api_name="/filter_table")) == []
+    table = client.predict(columns=["Model", "Load", "Cost ($/1M tok)"],
+                           sort_by="Cost ($/1M tok)", api_name="/filter_table")
+    assert table["headers"] == ["Model", "Load", "Cost ($/1M tok)"]
+    costs = [r["Cost ($/1M tok)"] for r in _rows(table) if r["Cost ($/1M tok)"] is not None]
+    assert len(costs) == 3 and costs == sorted(costs)  # cost: lower is better, best first
+
+
+def test_csv_export_holds_the_filtered_rows(client):
+    path = client.predict(load=["bs=1", "bs=4"], api_name="/export_csv")
+    rows = list(csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8"))))
+    assert sorted(r["load"] for r in rows) == ["bs=1", "bs=4"]
+    assert all(float(r["output_tok_s"]) > 0 for r in rows)
+
+
+def test_plots_and_record(client, app_url):
+    from gradio_client import Client
+
+    for api in ("/cap_plot", "/cap_plot_2", "/radar", "/roofline"):
+        fig = client.predict(api_name=api)
+        assert fig["type"] == "plotly" and '"data":[{' in fig["plot"], api
+    # records hold {"path": ...} dicts that the client would take for files: do not download
+    rec, bytes_fig, lat_fig = Client(app_url, verbose=False, download_files=False).predict(
+        "1", api_name="/record")
+    assert rec["status"] == "ok" and "utilization" in rec["report"]
+    assert "experts" in bytes_fig["plot"] and "TTFT" in lat_fig["plot"]
+
+
+def test_scatter_front_and_radar_figures():
+    import pandas as pd
+
+    from moecap.leaderboard.app import radar_figure, scatter_figure
+
+    df = pd.DataFrame({
+        "system": ["a", "a", "b", "b"], "model": "m", "hardware": "h", "precision": "p",
+        "load": ["bs=1", "bs=2", "bs=1", "bs=2"], "cell_id": list("wxyz"),
+        "usd_per_1m_tokens": [1.0, 2.0, 3.0, 2.5],  # lower is better
+        "accuracy": [0.5, 0.7, 0.9, 0.6],  # higher is better
+        "output_tok_s": [10.0, 20.0, 40.0, 5.0],
+    })
+    fig = scatter_figure(df, "usd_per_1m_tokens", "accuracy")
+    front = [t for t in fig.data if t.name == "Pareto front"][0]
+    assert list(front.x) == [1.0, 2.0, 3.0] and list(front.y) == [0.5, 0.7, 0.9]
+    assert front.line.shape == "hv"  # corners at (worse cost, worse accuracy)
+    radar = radar_figure(df, ["a", "b"])
+    r = {t.name: list(t.r)[:3] for t in radar.data}
+    assert r["a"] == [1.0, 0.7 / 0.9, 0.5] and r["b"] == [1.0 / 2.5, 1.0, 1.0]
+
+
+def test_empty_results_folder(tmp_path):
+    from gradio_client import Client
+
+    from moecap.leaderboard.app import build_app
+
+    demo = build_app(str(tmp_path / "nothing-here"))
+    demo.queue()
+    try:
+        demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
+                    quiet=True, show_error=True)
+        c = Client(demo.local_url, verbose=False)
+        assert c.predict(api_name="/filter_table")["data"] in ([], [[]]) or not _rows(
+            c.predict(api_name="/filter_table"))
+        assert c.predict(api_name="/roofline")["type"] == "plotly"
+    finally:
+        demo.close()
+
+
+def _settle(page) -> None:
+    """Wait until no Gradio component shows its pending overlay, then let Plotly lay out."""
+    try:
+        page.wait_for_function(
+            "() => !document.querySelector('.pending, .generating, .eta-bar')", timeout=15_000)
+    except Exception:
+        pass  # a screenshot of a still-loading page is better than none
+    page.wait_for_timeout(700)
+
+
+def test_browser_renders_table_and_plots(app_url, artifacts_dir):
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url, wait_until="domcontentloaded", timeout=30_000)
+            table = page.locator("#leaderboard-table")
+            table.get_by_text("bs=4").first.wait_for(timeout=30_000)
+            assert table.get_by_text("tiny-moe").count() >= 1
+            _settle(page)
+            page.screenshot(path=str(artifacts_dir / "leaderboard.png"), full_page=True)
+
+            page.get_by_role("tab", name="CAP trade-offs").click()
+            page.locator("#cap-plot-1 .js-plotly-plot").first.wait_for(timeout=30_000)
+            page.locator("#radar-plot .js-plotly-plot").first.wait_for(timeout=30_000)
+            assert page.locator("#cap-plot-1 svg.main-svg").count() >= 1
+            _settle(page)
+            page.screenshot(path=str(artifacts_dir / "leaderboard-cap.png"), full_page=True)
+
+            page.get_by_role("tab", name="Roofline").click()
+            page.locator("#roofline-plot .js-plotly-plot").first.wait_for(timeout=30_000)
+            _settle(page)
+            page.screenshot(path=str(artifacts_dir / "leaderboard-roofline.png"), full_page=True)
+
+            page.get_by_role("tab", name="Record").click()
+            page.locator("#bytes-plot .js-plotly-plot").first.wait_for(timeout=30_000)
+            page.locator("#latency-plot .js-plotly-plot").first.wait_for(timeout=30_000)
+            _settle(page)
+            page.screenshot(path=str(artifacts_dir / "leaderboard-record.png"), full_page=True)
+        finally:
+            browser.close()

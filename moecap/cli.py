@@ -126,6 +126,28 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from moecap.leaderboard.app import launch
+
+    launch(args.results, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from moecap.leaderboard.publish import publish
+
+    try:
+        written = publish(args.paths, args.to, message=args.message)
+    except ValueError as err:
+        print(f"moecap publish: nothing published\n{err}", file=sys.stderr)
+        return 2
+    print(f"published {len(written)} record(s) to {args.to}")
+    return 0
+
+
 def _cmd_hardware(args: argparse.Namespace) -> int:
     from moecap.hardware import UnknownDeviceError, calibrate, detect_hardware, format_hardware, resolve_peaks, save_calibration
 
@@ -213,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("paths", nargs="*", help="record files or folders (default: results)")
     rep.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
     rep.set_defaults(func=_cmd_report)
+
+    lb = sub.add_parser("leaderboard", help="the Gradio leaderboard over a results folder, on localhost")
+    lb.add_argument("results", nargs="?", default="results", help="results folder or hf://datasets/<org>/<name>")
+    lb.add_argument("--host", default="127.0.0.1")
+    lb.add_argument("--port", type=int, default=None)
+    lb.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    lb.set_defaults(func=_cmd_leaderboard)
+
+    pub = sub.add_parser("publish", help="validate records and push them to the leaderboard's results repo")
+    pub.add_argument("paths", nargs="+", help="record files or folders")
+    pub.add_argument("--to", required=True, help="hf://datasets/<org>/<name> (token: HF_TOKEN) or a local folder")
+    pub.add_argument("--message", help="commit message")
+    pub.set_defaults(func=_cmd_publish)
 
     c = sub.add_parser("cost", help="re-price records on other hardware prices or tariffs, without re-running")
     c.add_argument("paths", nargs="*", help="record files or folders (default: results)")

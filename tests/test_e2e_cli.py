@@ -242,3 +242,48 @@ def test_cost_what_if_reprices_without_rerunning(quickstart_run):
     bad = moecap("cost", str(out), "--set", "pue_factor=2", check=2)
     assert "pue_factor" in bad.stderr and "usd_per_kwh" in bad.stderr
     assert {k: v["run_id"] for k, v in records(out / "quickstart").items()} == before  # nothing re-ran
+
+
+def test_publish_and_leaderboard_commands(quickstart_run, tmp_path):
+    """`moecap publish` to a local target, then `moecap leaderboard` on it over real HTTP on 127.0.0.1."""
+    import socket
+    import time
+    import urllib.request
+
+    out, _ = quickstart_run
+    target = tmp_path / "published"
+    proc = moecap("publish", str(out), "--to", str(target), check=0)
+    assert "published 3 record(s)" in proc.stdout
+    assert len(list((target / "quickstart").glob("*.json"))) == 3
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.json").write_text(json.dumps({"schema_version": 1, "cell_id": "x", "status": "exploded"}))
+    assert "nothing published" in moecap("publish", str(bad), "--to", str(tmp_path / "t2"), check=2).stderr
+    assert not (tmp_path / "t2").exists()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moecap", "leaderboard", str(target), "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        page = None
+        while time.time() < deadline and server.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                time.sleep(1)
+        assert page is not None, server.stdout.read() if server.poll() is not None else "no answer"
+        assert "gradio" in page.lower()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

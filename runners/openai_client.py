@@ -1,0 +1,261 @@
+"""An async streaming client for OpenAI-compatible servers (vLLM, SGLang, llama.cpp server, ours).
+
+One call to :func:`stream_request` sends one ``/v1/completions`` or ``/v1/chat/completions`` request with
+``stream: true`` and returns a :class:`StreamTrace`: when the request was sent and when every streamed
+chunk that carried output arrived, in seconds from the caller's ``origin`` (a ``time.perf_counter()``
+value shared by the whole run). Failures (HTTP status, connection error, timeout, malformed SSE, an
+error object in the stream, a stream cut short) are kept on the trace as ``error``, never raised, so
+``moecap.metrics.latency.summarize_requests`` counts them as failed.
+
+Output tokens. The server's final ``usage`` (asked for with ``stream_options.include_usage``) is the
+count of record (``output_tokens_source == "usage"``). We also ask for
+``stream_options.continuous_usage_stats`` (vLLM, SGLang, our server): then every chunk carries the
+cumulative ``completion_tokens`` and we know how many tokens each chunk carried. Without it, a chunk
+counts as one token when it carries text; when the final usage reports more tokens than that, the chunks
+carried several tokens each (``multi_token_chunks``) and the surplus is assigned to the last chunk's
+time, which keeps TTFT, E2EL and TPOT exact (they only use the first and last times and the count).
+Without any usage the chunk count is used (``output_tokens_source == "chunks"``).
+
+``token_times_s`` holds one time per output token (a chunk carrying k tokens appears k times), so the
+generic metrics count tokens right; ``chunk_times_s``/``chunk_tokens`` keep the per-chunk view that
+vLLM's ITL uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from moecap.runners.base import RequestTrace
+
+READ_BUFSIZE = 16 * 1024 * 1024  # one SSE line can be large (logprobs, long chunks): >= 10 MB
+
+
+@dataclass
+class StreamTrace(RequestTrace):
+    """A :class:`RequestTrace` plus what a streaming HTTP client saw."""
+
+    scheduled_s: float | None = None  # when the load generator meant to send it (None: no schedule)
+    dispatch_s: float | None = None  # when the load generator handed it to the client
+    finish_s: float | None = None  # when the response (or the failure) was complete
+    chunk_times_s: list[float] = field(default_factory=list)  # arrival of each chunk carrying output
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens each of those chunks carried
+    chunk_tokens_known: bool = False  # True when the server reported per-chunk counts
+    multi_token_chunks: bool = False  # some chunk carried more than one token
+    output_tokens_source: str = "none"  # "usage" | "chunks" | "none"
+    usage: dict[str, Any] | None = None  # the server's final usage object
+    http_status: int | None = None
+    finish_reason: str | None = None
+    text: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_session(timeout_s: float | None = None, limit: int = 0):
+    """An ``aiohttp.ClientSession`` fit for benchmarking: large read buffer, no connection cap."""
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        read_bufsize=READ_BUFSIZE,
+    )
+
+
+def build_payload(model: str, prompt: str | list[int], max_tokens: int, ignore_eos: bool = True,
+                  chat: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON body of a streaming (chat) completion request."""
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "ignore_eos": ignore_eos,
+    }
+    if chat:
+        if not isinstance(prompt, str):
+            raise ValueError("chat requests take a text prompt, not token ids")
+        body["messages"] = [{"role": "user", "content": prompt}]
+        body["max_completion_tokens"] = max_tokens
+    else:
+        body["prompt"] = prompt
+    if extra:
+        body.update(extra)
+    return body
+
+
+def _chunk_text(choice: dict[str, Any], chat: bool) -> str:
+    if not chat:
+        return choice.get("text") or ""
+    delta = choice.get("delta") or {}
+    parts = [delta.get("content"), delta.get("reasoning_content"), delta.get("reasoning")]
+    text = "".join(p for p in parts if isinstance(p, str))
+    if delta.get("tool_calls"):
+        text += json.dumps(delta["tool_calls"])
+    return text
+
+
+async def stream_request(session, base_url: str, model: str, prompt: str | list[int], max_tokens: int,
+                         ignore_eos: bool = True, chat: bool = False, extra: dict[str, Any] | None = None,
+                         *, origin: float, id: int = 0, input_tokens: int | None = None,
+                         api_key: str | None = None, timeout_s: float | None = None) -> StreamTrace:
+    """Send one streaming request and trace it; never raises for a failed request (see module doc).
+
+    ``origin``: the run's ``time.perf_counter()`` zero. ``input_tokens``: the prompt length when the
+    caller knows it (token-id prompts are counted here; otherwise the server's ``usage.prompt_tokens``).
+    """
+    import aiohttp
+
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    url = base_url.rstrip("/") + path
+    if input_tokens is None and isinstance(prompt, list):
+        input_tokens = len(prompt)
+    trace = StreamTrace(id=id, input_tokens=input_tokens or 0, send_s=0.0)
+    try:
+        body = build_payload(model, prompt, max_tokens, ignore_eos, chat, extra)
+    except ValueError as e:
+        trace.send_s = trace.finish_s = time.perf_counter() - origin
+        trace.error = f"bad request: {e}"
+        return trace
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    kwargs: dict[str, Any] = {"json": body, "headers": headers}
+    if timeout_s is not None:
+        kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout_s)
+
+    state = _StreamState(trace, chat)
+    trace.send_s = time.perf_counter() - origin
+    try:
+        async with session.post(url, **kwargs) as resp:
+            trace.http_status = resp.status
+            if resp.status != 200:
+                raw = await resp.text()
+                try:
+                    msg = json.loads(raw).get("error", raw)
+                    if isinstance(msg, dict):
+                        msg = msg.get("message", msg)
+                except (ValueError, AttributeError):
+                    msg = raw
+                trace.error = f"HTTP {resp.status}: {str(msg)[:500]}"
+                return trace
+            data_lines: list[str] = []
+            event_s = 0.0
+            async for raw_line in resp.content:
+                now = time.perf_counter() - origin
+                line = raw_line.decode("utf-8", errors="replace").rstrip("\r\n")
+                if line.startswith("data:"):
+                    if not data_lines:
+                        event_s = now  # an event is timed by the arrival of its first data line
+                    data_lines.append(line[5:].removeprefix(" "))
+                elif line == "" and data_lines:
+                    if not state.event("\n".join(data_lines), event_s):
+                        break
+                    data_lines = []
+                # comments (":..."), "event:", "id:", "retry:" lines are ignored
+            else:
+                if data_lines:  # the last event without its blank line
+                    state.event("\n".join(data_lines), event_s)
+                if not state.done and trace.finish_reason is None and trace.error is None:
+                    trace.error = "stream ended before [DONE] or a finish_reason"
+    except asyncio.CancelledError:
+        raise
+    except asyncio.TimeoutError:
+        trace.error = "timeout"
+    except aiohttp.ClientResponseError as e:
+        trace.error = f"HTTP {e.status}: {e.message}"
+    except aiohttp.ClientError as e:
+        trace.error = f"{type(e).__name__}: {e}"
+    except (OSError, ValueError) as e:  # a line over the read buffer, a reset socket
+        trace.error = f"{type(e).__name__}: {e}"
+    finally:
+        trace.finish_s = time.perf_counter() - origin
+    _finalize(trace, state.per_chunk_usage, state.text_chunks, input_tokens)
+    trace.text = "".join(state.parts)
+    return trace
+
+
+class _StreamState:
+    """Applies one SSE event after another to a trace."""
+
+    def __init__(self, trace: StreamTrace, chat: bool):
+        self.trace, self.chat = trace, chat
+        self.text_chunks = 0  # chunks that carried text (the fallback count)
+        self.cum_tokens = 0  # cumulative completion tokens reported by continuous usage
+        self.per_chunk_usage = True  # every output chunk so far carried a cumulative count
+        self.done = False
+        self.parts: list[str] = []
+
+    def event(self, payload: str, t: float) -> bool:
+        """Handle one event's data; False when the stream must stop (an error was recorded)."""
+        trace = self.trace
+        if payload.strip() == "[DONE]":
+            self.done = True
+            return True
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            trace.error = f"malformed SSE data: {payload[:200]!r}"
+            return False
+        if obj.get("error"):
+            err = obj["error"]
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            trace.error = f"server error in stream: {str(msg)[:500]}"
+            return False
+        usage = obj.get("usage")
+        choices = obj.get("choices") or []
+        text = ""
+        for ch in choices:
+            if not isinstance(ch, dict):
+                trace.error = f"malformed SSE data: {payload[:200]!r}"
+                return False
+            text += _chunk_text(ch, self.chat)
+            if ch.get("finish_reason"):
+                trace.finish_reason = ch["finish_reason"]
+        n_new = 0
+        if choices and isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+            n_new = int(usage["completion_tokens"]) - self.cum_tokens
+            self.cum_tokens = int(usage["completion_tokens"])
+        elif text:
+            self.per_chunk_usage = False
+            n_new = 1
+        if text:
+            self.text_chunks += 1
+            self.parts.append(text)
+        if n_new > 0:
+            trace.chunk_times_s.append(t)
+            trace.chunk_tokens.append(n_new)
+        if isinstance(usage, dict):
+            trace.usage = usage
+        return True
+
+
+def _finalize(trace: StreamTrace, per_chunk_usage: bool, text_chunks: int, input_tokens: int | None) -> None:
+    """Fix the output token count and expand chunk times into per-token times."""
+    trace.chunk_tokens_known = bool(trace.chunk_times_s) and per_chunk_usage
+    usage_out = None
+    if trace.usage and trace.usage.get("completion_tokens") is not None:
+        usage_out = int(trace.usage["completion_tokens"])
+        if input_tokens is None and trace.usage.get("prompt_tokens") is not None:
+            trace.input_tokens = int(trace.usage["prompt_tokens"])
+    counted = sum(trace.chunk_tokens)
+    if usage_out is not None and trace.chunk_times_s:
+        trace.output_tokens_source = "usage"
+        if usage_out > counted:  # tokens the chunks did not account for: they rode on some chunk
+            trace.chunk_tokens[-1] += usage_out - counted
+            trace.chunk_tokens_known = False
+        elif usage_out < counted:
+            trace.extra["usage_below_chunk_count"] = {"usage": usage_out, "chunks": counted}
+            trace.output_tokens_source = "chunks"
+    elif trace.chunk_times_s:
+        trace.output_tokens_source = "chunks"
+    trace.multi_token_chunks = any(k > 1 for k in trace.chunk_tokens)
+    trace.extra["text_chunks"] = text_chunks
+    trace.token_times_s = [t for t, k in zip(trace.chunk_times_s, trace.chunk_tokens) for _ in range(k)]
+    if trace.error is None and not trace.token_times_s and (usage_out or 0) > 0:
+        trace.error = "usage reports output tokens but no chunk carried any"

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -63,3 +64,44 @@ def pytest_collection_modifyitems(config, items):
 
 
 PYTHON = sys.executable
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], ready_url: str, deadline_s: float = 120, env: dict | None = None):
+    """Start a server subprocess, wait until ``ready_url`` answers 200, yield it; always stop it."""
+    import subprocess
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"server exited with {proc.returncode} before it was ready:\n{out}")
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{ready_url} did not answer within {deadline_s} s")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -246,9 +246,9 @@ def test_cost_what_if_reprices_without_rerunning(quickstart_run):
 
 def test_publish_and_leaderboard_commands(quickstart_run, tmp_path):
     """`moecap publish` to a local target, then `moecap leaderboard` on it over real HTTP on 127.0.0.1."""
-    import socket
-    import time
     import urllib.request
+
+    from conftest import free_port, running_server
 
     out, _ = quickstart_run
     target = tmp_path / "published"
@@ -261,29 +261,9 @@ def test_publish_and_leaderboard_commands(quickstart_run, tmp_path):
     assert "nothing published" in moecap("publish", str(bad), "--to", str(tmp_path / "t2"), check=2).stderr
     assert not (tmp_path / "t2").exists()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moecap", "leaderboard", str(target), "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.time() + 120
-        page = None
-        while time.time() < deadline and server.poll() is None:
-            try:
-                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
-                break
-            except OSError:
-                time.sleep(1)
-        assert page is not None, server.stdout.read() if server.poll() is not None else "no answer"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    cmd = [sys.executable, "-m", "moecap", "leaderboard", str(target), "--port", str(port)]
+    with running_server(cmd, url, deadline_s=120, env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")):
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
         assert "gradio" in page.lower()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()

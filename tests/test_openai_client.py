@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -19,48 +17,19 @@ pytest.importorskip("aiohttp")
 from moecap.metrics.latency import summarize_requests  # noqa: E402
 from moecap.runners.loadgen import arrival_times, run_load  # noqa: E402
 from moecap.runners.openai_client import StreamTrace, make_session, stream_request  # noqa: E402
+from conftest import free_port, running_server  # noqa: E402
 
 SERVER = Path(__file__).parent / "servers" / "tiny_openai_server.py"
 MODEL = "tiny-moe"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_moe_dir):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER), "--model", str(tiny_moe_dir), "--port", str(port),
-         "--served-model-name", MODEL],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {proc.stdout.read().decode()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not healthy within 60 s")
-            time.sleep(0.2)
+    cmd = [sys.executable, str(SERVER), "--model", str(tiny_moe_dir), "--port", str(port), "--served-model-name", MODEL]
+    with running_server(cmd, url + "/health", deadline_s=60):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _run(coro):
@@ -112,7 +81,7 @@ def test_failures_are_kept(server):
             bad = await stream_request(session, server, "no-such-model", "hi", 4, origin=origin, id=0)
             good = await stream_request(session, server, MODEL, "hi", 4, origin=origin, id=1)
             too_long = await stream_request(session, server, MODEL, "hi", 100_000, origin=origin, id=2)
-            port = _free_port()  # nothing listens there
+            port = free_port()  # nothing listens there
             refused = await stream_request(session, f"http://127.0.0.1:{port}", MODEL, "hi", 4, origin=origin, id=3)
             return [bad, good, too_long, refused]
 

@@ -11,7 +11,7 @@ reference documentation, C headers), then fine-tuned into one child per domain:
     <cache>/zoo/tiny-moe-v2-<profile>/build.json  the held-out perplexities measured at build time
 
 Each is an ordinary Hugging Face model directory, so every runner loads it like a hub model.
-Profiles: ``default`` (~4.4M parameters, about 10 minutes on 2 CPU cores) and ``test`` (a smaller,
+Profiles: ``default`` (~4.4M parameters; base and three children in about 6 minutes on 2 CPU cores) and ``test`` (a smaller,
 faster configuration of the same builder, for the test suite); ``$MOECAP_TINY_MOE_PROFILE`` picks one.
 """
 
@@ -337,7 +337,7 @@ def ensure_tiny_moe(variant: str = "base", root: Path | None = None) -> Path:
     out = root / variant
     if not (out / "moecap.json").is_file():
         print(f"moecap: building tiny-moe ({variant}) into {root}: trained here on first use "
-              "(about 10 minutes on 2 CPU cores for the base, 1 more per child) ...", file=sys.stderr)
+              "(about 5 minutes on 2 CPU cores for the base, under 1 more per child) ...", file=sys.stderr)
         build(root=root, variants=() if variant == "base" else (variant,))
     return out
 

@@ -61,10 +61,13 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
     from moecap.metrics.latency import pass_latency, summarize_requests
     from moecap.metrics.utilization import utilization
 
-    acc = from_hf_config(trace.model_config)
-    report: dict[str, Any] = summarize_requests(trace.requests)
+    acc = from_hf_config(trace.model_config) if trace.model_config else None
+    report: dict[str, Any] = summarize_requests(trace.requests, slo_ms=trace.extra.get("goodput_slo_ms") or None)
+    if trace.extra.get("errors"):
+        report["errors"] = dict(trace.extra["errors"])
     report["pass_latency"] = pass_latency(trace.passes)
-    report["model"] = acc.summary()
+    if acc is not None:
+        report["model"] = acc.summary()
     report["memory"] = trace.memory
     report["tracing"] = trace.tracing
     if trace.energy:
@@ -72,7 +75,7 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
 
         report["energy"] = {**trace.energy, **per_token(trace.energy, report["throughput"]["output_tokens"])}
     rows: list[dict[str, Any]] = []
-    if trace.tracing.get("traced"):
+    if trace.tracing.get("traced") and trace.passes and acc is not None and peaks is not None:
         phases, rows = utilization(
             trace.passes,
             acc,
@@ -210,12 +213,14 @@ def run_suite(
                 runner = load_object(entry.cls)(args, suite.hardware)
                 hw = detect_hardware(runner.device_name())
                 hw_dict = hw.to_dict()
-                peaks = resolve_peaks(
-                    hw,
-                    runner.compute_dtype(),
-                    user=user_peaks,
-                    calibrate_if_missing=suite.hardware.calibrate == "auto",
-                )
+                peaks = None  # an HTTP endpoint gives no per-pass traces: no utilization, no peaks needed
+                if entry.traces_passes:
+                    peaks = resolve_peaks(
+                        hw,
+                        runner.compute_dtype(),
+                        user=user_peaks,
+                        calibrate_if_missing=suite.hardware.calibrate == "auto",
+                    )
                 bar.set_postfix_str(f"loading {first.model.display_name}")
                 runner.load(first.model)
             except Exception:

@@ -28,6 +28,7 @@ class RunnerEntry:
     loads: tuple[str, ...]  # load kinds it can drive: "batch", "concurrency", "rate"
     description: str
     quality: bool = False  # can score tokens (token_nll, loglikelihood_tokens): perplexity, lm-eval
+    traces_passes: bool = False  # produces per-pass traces, so S-MBU/S-MFU (and hardware peaks) apply
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,24 @@ RUNNERS: dict[str, RunnerEntry] = {
         loads=("batch",),
         description="Hugging Face transformers, in-process; static batches, per-pass timing, traced experts",
         quality=True,
+        traces_passes=True,
+    ),
+    "openai": RunnerEntry(
+        name="openai",
+        cls="moecap.runners.openai_runner:OpenAIRunner",
+        args="moecap.runners.args:OpenAIRunnerArgs",
+        loads=("batch", "concurrency", "rate"),
+        description="an already-running OpenAI-compatible endpoint (vLLM, SGLang, llama.cpp, ...); "
+        "client-side request traces only (no expert traces)",
+        quality=False,
+    ),
+    "server": RunnerEntry(
+        name="server",
+        cls="moecap.runners.openai_runner:ServedRunner",
+        args="moecap.runners.args:ServedRunnerArgs",
+        loads=("batch", "concurrency", "rate"),
+        description="a server command moecap launches, benchmarks over OpenAI-compatible HTTP, and stops",
+        quality=False,
     ),
 }
 

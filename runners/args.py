@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RunnerArgs(BaseModel):
@@ -46,3 +46,61 @@ class HFRunnerArgs(RunnerArgs):
         if v < 0:
             raise ValueError("warmup_batches must be >= 0")
         return v
+
+
+_URL_RE = re.compile(r"^https?://[^\s/]+")
+
+
+class _ServingArgs(RunnerArgs):
+    """What the HTTP serving runners share."""
+
+    model: str | None = None
+    """Model id sent in requests (the server's served model name); unset: the suite model's ``id``."""
+    tokenizer: str | None = None
+    """Tokenizer (local path or hub id) for building prompts; unset: the model's, when it is local."""
+    chat: bool = False
+    """Send ``/v1/chat/completions`` with text prompts instead of token ids to ``/v1/completions``."""
+    api_key: str | None = None
+    request_timeout_s: float | None = Field(default=600, gt=0)
+    warmup_requests: int = Field(default=1, ge=0)
+    """Untimed requests sent (and awaited) before the measured window."""
+    slo_ms: dict[str, float] | None = None
+    """Goodput SLOs, e.g. ``{ttft_ms: 500, tpot_ms: 50}`` (keys: ttft_ms, tpot_ms, e2el_ms)."""
+
+    @field_validator("slo_ms")
+    @classmethod
+    def _slo(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            bad = sorted(set(v) - {"ttft_ms", "tpot_ms", "e2el_ms"})
+            if bad:
+                raise ValueError(f"unknown SLO keys {bad}; allowed: ttft_ms, tpot_ms, e2el_ms")
+            if any(not x > 0 for x in v.values()):
+                raise ValueError("SLO values must be > 0")
+        return v
+
+
+class OpenAIRunnerArgs(_ServingArgs):
+    """An already-running OpenAI-compatible endpoint (vLLM, SGLang, llama.cpp server, ...)."""
+
+    base_url: str
+    """``http(s)://host:port`` of the server (no ``/v1``)."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not _URL_RE.match(v):
+            raise ValueError(f"base_url must start with http:// or https:// and name a host; got {v!r}")
+        return v.rstrip("/").removesuffix("/v1")
+
+
+class ServedRunnerArgs(_ServingArgs):
+    """A server command moecap launches itself (and always stops), then benchmarks over HTTP."""
+
+    command: list[str] = Field(min_length=1)
+    """argv of the server; ``{port}`` and ``{model}`` (the local model path or id) are substituted."""
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, gt=0, lt=65536)
+    """Unset: a free port."""
+    ready_path: str = "/health"
+    startup_timeout_s: float = Field(default=600, gt=0)
+    stop_timeout_s: float = Field(default=15, gt=0)

@@ -1,0 +1,208 @@
+"""Serving runners over HTTP: an already-running OpenAI-compatible endpoint (``openai``), or a server
+command moecap launches and stops itself (``server``).
+
+Prompts are the workload's exact-length token-id lists (``moecap.workload.make_prompts``), sent as
+``prompt: [ids]`` to ``/v1/completions`` (vLLM, SGLang and llama.cpp accept them), or decoded to text for
+``/v1/chat/completions`` when ``chat``. The load generator (``moecap.runners.loadgen``) drives a max
+concurrency (a ``batch_size`` load is taken as that concurrency) or an arrival rate. An HTTP endpoint
+exposes no router, so no expert traces, no per-pass timings and no utilization: only client-side
+request traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from moecap.runners.base import RunTrace, Runner
+
+NO_TRACES = "an HTTP endpoint exposes no router traces"
+
+
+class OpenAIRunner(Runner):
+    name = "openai"
+
+    def __init__(self, args: Any, hardware: Any):
+        super().__init__(args, hardware)
+        self.model_id: str | None = None
+        self.served_model: str | None = None
+        self.local_dir: str | None = None
+        self.tokenizer: Any = None
+        self._hf_config: dict[str, Any] = {}
+
+    # -- endpoint -------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return self.args.base_url
+
+    def load(self, model: Any) -> None:
+        from moecap.models import local_path_for
+
+        self.model_id = model.id
+        self.served_model = self.args.model or model.id
+        local = None
+        if not model.id.startswith("random:"):
+            try:
+                path = local_path_for(model.id)
+            except Exception:
+                path = None
+            if path and os.path.isdir(path):
+                local = path
+        self.local_dir = local
+        cfg_file = Path(local) / "config.json" if local else None
+        self._hf_config = json.loads(cfg_file.read_text()) if cfg_file and cfg_file.is_file() else {}
+
+    def _get_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            src = self.args.tokenizer or self.local_dir
+            if src is None and self.model_id and not self.model_id.startswith("random:"):
+                src = self.model_id  # a hub id: from the local HF cache or the hub
+            if src is None:
+                raise ValueError(
+                    f"runner {self.name}: prompts need the model's vocabulary; set runner args.tokenizer "
+                    "(a tokenizer path or hub id)"
+                )
+            from transformers import AutoTokenizer
+
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(src)
+            except Exception as err:
+                raise ValueError(
+                    f"runner {self.name}: cannot load the tokenizer {src!r} ({type(err).__name__}: {err}); "
+                    "set runner args.tokenizer"
+                ) from err
+        return self.tokenizer
+
+    def _prompts(self, workload: Any) -> list[Any]:
+        from moecap.workload import make_prompts
+
+        tok = self._get_tokenizer()
+        special = list(getattr(tok, "all_special_ids", []) or [])
+        prompts = make_prompts(workload, len(tok), tok, special)
+        if self.args.chat:
+            return [tok.decode(p) for p in prompts]
+        return prompts
+
+    def run(self, workload: Any, load: Any) -> RunTrace:
+        from moecap.runners.loadgen import run_load
+
+        if self.model_id is None:
+            raise RuntimeError(f"runner {self.name}: run() before load()")
+        prompts = self._prompts(workload)
+        if load.kind == "rate":
+            concurrency, rate = None, load.rate
+        else:
+            concurrency, rate = (load.concurrency or load.batch_size), None
+
+        async def go() -> list[Any]:
+            from moecap.runners.openai_client import make_session, stream_request
+
+            async with make_session(timeout_s=None) as session:
+                counter = iter(range(10**12))
+
+                async def send(prompt: Any, origin: float) -> Any:
+                    return await stream_request(
+                        session, self.base_url, self.served_model, prompt, workload.output_tokens,
+                        workload.ignore_eos, self.args.chat, origin=origin, id=next(counter),
+                        input_tokens=workload.input_tokens, api_key=self.args.api_key,
+                        timeout_s=self.args.request_timeout_s,
+                    )
+
+                return await run_load(
+                    prompts, send, concurrency=concurrency, rate=rate, arrival=load.arrival,
+                    burstiness=load.burstiness, seed=workload.seed, warmup=self.args.warmup_requests,
+                )
+
+        traces = asyncio.run(go())
+        for i, t in enumerate(traces):  # ids in workload order (warm-up requests took ids too)
+            t.id = i
+        errors = Counter(t.error for t in traces if t.error)
+        extra: dict[str, Any] = {"base_url": self.base_url, "served_model": self.served_model}
+        if self.args.slo_ms:
+            extra["goodput_slo_ms"] = dict(self.args.slo_ms)
+        if errors:
+            extra["errors"] = dict(errors.most_common(20))
+        return RunTrace(
+            passes=[],
+            requests=traces,
+            model_config=dict(self._hf_config),
+            moe_layers=[],
+            weight_bytes_per_param=0.0,
+            kv_bytes_per_elem=0.0,
+            kv_cache_expanded_mla=False,
+            compute_dtype=self.compute_dtype(),
+            device=self.device_name(),
+            memory={},
+            energy={},
+            tracing={"traced": False, "reason": NO_TRACES},
+            extra=extra,
+        )
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out.update({"base_url": self.base_url, "served_model": self.served_model})
+        return out
+
+    def model_config(self) -> dict[str, Any] | None:
+        return dict(self._hf_config) or None
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServedRunner(OpenAIRunner):
+    """Launches ``args.command`` (``{port}``, ``{model}`` substituted) as a ``ServerProcess`` in ``load()``,
+    waits for ``ready_path``, benchmarks it like ``openai``; ``close()`` stops the whole process group."""
+
+    name = "server"
+
+    def __init__(self, args: Any, hardware: Any):
+        super().__init__(args, hardware)
+        self.server: Any = None
+        self.port: int | None = None
+        self.log_path: str | None = None
+        self.startup_s: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.args.host}:{self.port}"
+
+    def load(self, model: Any) -> None:
+        from moecap.models import local_path_for
+        from moecap.runners.server import ServerProcess
+
+        super().load(model)
+        model_arg = self.local_dir or (model.id if model.id.startswith("random:") else local_path_for(model.id))
+        self.port = self.args.port or _free_port(self.args.host)
+        cmd = [c.replace("{port}", str(self.port)).replace("{model}", str(model_arg)) for c in self.args.command]
+        fd, self.log_path = tempfile.mkstemp(prefix=f"moecap-server-{self.port}-", suffix=".log")
+        os.close(fd)
+        self.close()
+        self.server = ServerProcess(cmd, self.log_path).start()
+        try:
+            self.startup_s = self.server.wait_ready(self.base_url + self.args.ready_path,
+                                                    self.args.startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop(self.args.stop_timeout_s)
+            self.server = None
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        out.update({"server_log": self.log_path, "server_startup_s": self.startup_s,
+                    "server_command": self.server.cmd if self.server is not None else None,
+                    "server_pid": self.server.pid if self.server is not None else None})
+        return out

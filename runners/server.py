@@ -1,0 +1,226 @@
+"""Server subprocesses that never outlive the harness.
+
+:class:`ServerProcess` launches a command in its own process group (``start_new_session=True``), sends
+its stdout and stderr to a log file, waits until an HTTP endpoint answers, and stops the whole group
+(SIGTERM, then SIGKILL after a timeout), reaping the leader. Every started server sits in a module-level
+registry until it is stopped; the registry is emptied by an ``atexit`` hook and by SIGTERM/SIGINT
+handlers, installed while at least one server is alive, which stop every server and then re-raise
+``KeyboardInterrupt`` (SIGINT) or exit (SIGTERM). So Ctrl-C, a ``kill`` or an exception leave no orphan
+behind (a SIGKILL of the harness itself cannot be caught: then the servers survive).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+_LIVE: list["ServerProcess"] = []
+_LOCK = threading.RLock()
+_SAVED_HANDLERS: dict[int, Any] = {}
+_ATEXIT_DONE = False
+
+
+def live_servers() -> list["ServerProcess"]:
+    with _LOCK:
+        return list(_LIVE)
+
+
+def stop_all(timeout_s: float = 15) -> None:
+    """Stop every live server (last started first)."""
+    for server in reversed(live_servers()):
+        try:
+            server.stop(timeout_s)
+        except Exception:  # never let one failure keep the others alive
+            pass
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    previous = _SAVED_HANDLERS.get(signum)
+    stop_all()
+    _restore_handlers()
+    if callable(previous) and previous is not signal.default_int_handler:
+        previous(signum, frame)
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def _install_handlers() -> None:
+    global _ATEXIT_DONE
+    if not _ATEXIT_DONE:
+        atexit.register(stop_all)
+        _ATEXIT_DONE = True
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; atexit still covers us
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if sig in _SAVED_HANDLERS:
+            continue
+        try:
+            _SAVED_HANDLERS[sig] = signal.signal(sig, _on_signal)
+        except (ValueError, OSError):
+            pass
+
+
+def _restore_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in list(_SAVED_HANDLERS):
+        previous = _SAVED_HANDLERS.pop(sig)
+        try:
+            if signal.getsignal(sig) is _on_signal:
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
+
+
+def _register(server: "ServerProcess") -> None:
+    with _LOCK:
+        _LIVE.append(server)
+        _install_handlers()
+
+
+def _unregister(server: "ServerProcess") -> None:
+    with _LOCK:
+        if server in _LIVE:
+            _LIVE.remove(server)
+        if not _LIVE:
+            _restore_handlers()
+
+
+class ServerProcess:
+    """A command run as a server: own process group, logged output, readiness probe, group teardown."""
+
+    def __init__(self, cmd: Sequence[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
+                 cwd: str | None = None):
+        self.cmd = [str(c) for c in cmd]
+        self.log_path = Path(log_path)
+        self.env = env
+        self.cwd = cwd
+        self.proc: subprocess.Popen | None = None
+        self.pgid: int | None = None
+        self._log = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "ServerProcess":
+        if self.proc is not None:
+            raise RuntimeError("server already started")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab", buffering=0)
+        self._log.write(f"$ {' '.join(self.cmd)}\n".encode())
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                         stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+                                         start_new_session=True)
+        except Exception:
+            self._log.close()
+            self._log = None
+            raise
+        self.pgid = self.proc.pid  # a new session: the leader's pid is the group id
+        _register(self)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n_chars: int = 4000) -> str:
+        try:
+            data = self.log_path.read_bytes()
+        except OSError:
+            return ""
+        return data[-n_chars:].decode("utf-8", errors="replace")
+
+    def wait_ready(self, url: str, deadline_s: float = 600, interval_s: float = 0.25) -> float:
+        """Poll ``url`` until it answers 2xx; return the seconds waited. Raise (with the log tail) if the
+        process exits first or ``deadline_s`` passes."""
+        if self.proc is None:
+            raise RuntimeError("server not started")
+        t0 = time.monotonic()
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise RuntimeError(f"server exited with status {code} before {url} answered; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if 200 <= resp.status < 300:
+                        return time.monotonic() - t0
+            except (OSError, urllib.error.URLError, ValueError):
+                pass
+            if time.monotonic() - t0 > deadline_s:
+                raise TimeoutError(f"{url} did not answer within {deadline_s} s; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            time.sleep(interval_s)
+
+    def _group_alive(self) -> bool:
+        if self.pgid is None:
+            return False
+        try:
+            os.killpg(self.pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, timeout_s: float = 15) -> int | None:
+        """SIGTERM the whole group, SIGKILL it after ``timeout_s``, reap the leader. Idempotent.
+        Returns the leader's exit status (None if it never started)."""
+        if self.proc is None:
+            return None
+        try:
+            if self._group_alive():
+                self._signal_group(signal.SIGTERM)
+                deadline = time.monotonic() + timeout_s
+                while time.monotonic() < deadline:
+                    self.proc.poll()  # reap the leader, or the group never looks empty
+                    if not self._group_alive():
+                        break
+                    time.sleep(0.05)
+                else:
+                    self._signal_group(signal.SIGKILL)
+            try:
+                self.proc.wait(timeout=max(timeout_s, 5))
+            except subprocess.TimeoutExpired:  # unkillable leader (D state): give up waiting
+                pass
+            # members that outlived a leader which exited on its own
+            if self._group_alive():
+                self._signal_group(signal.SIGKILL)
+                end = time.monotonic() + 5
+                while self._group_alive() and time.monotonic() < end:
+                    time.sleep(0.05)
+        finally:
+            _unregister(self)
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+        return self.proc.returncode
+
+    def __enter__(self) -> "ServerProcess":
+        if self.proc is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"ServerProcess(pid={self.pid}, cmd={self.cmd[:3]}..., log={str(self.log_path)!r})"

@@ -1,0 +1,168 @@
+"""The HTTP serving runners (``openai``, ``server``) against the real tiny OpenAI-compatible server, and the
+guarantee that a launched server never outlives moecap (exceptions, SIGINT, SIGTERM)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import psutil
+import pytest
+import yaml
+
+from conftest import PYTHON, REPO, free_port, running_server
+
+SERVER = str(REPO / "tests" / "servers" / "tiny_openai_server.py")
+PEAKS = {"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0}}  # no calibration: HTTP runners need no peaks
+
+
+def _suite(tmp_path, model_dir, runner: dict, loads: list[dict], num_prompts: int = 4, output_tokens: int = 6):
+    return {
+        "name": "serving",
+        "models": [{"id": str(model_dir), "name": "tiny"}],
+        "runners": [runner],
+        "workloads": [{"name": "w", "input_tokens": 12, "output_tokens": output_tokens, "num_prompts": num_prompts}],
+        "loads": loads,
+        "hardware": {"device": "cpu", "peaks": PEAKS, "calibrate": "never"},
+        "output": {"dir": str(tmp_path / "results")},
+    }
+
+
+def _run(raw: dict):
+    from moecap.executor import run_suite
+    from moecap.suite import parse_suite
+
+    return run_suite(parse_suite(raw, "test"), log=lambda s: None)
+
+
+def _server_cmd(port="{port}") -> list[str]:
+    return [PYTHON, SERVER, "--model", "{model}", "--port", str(port), "--served-model-name", "tiny"]
+
+
+def _group_gone(pgid: int, deadline_s: float = 20) -> bool:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _procs_with(port: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if str(port) in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_server_runner_suite(tmp_path, tiny_moe_dir):
+    runner = {"type": "server", "args": {"command": _server_cmd(), "model": "tiny", "startup_timeout_s": 120,
+                                         "slo_ms": {"ttft_ms": 60_000, "tpot_ms": 60_000}}}
+    loads = [{"concurrency": 1}, {"concurrency": 3}, {"rate": 20.0, "arrival": "poisson"}]
+    out = _run(_suite(tmp_path, tiny_moe_dir, runner, loads))
+    assert [o.status for o in out.outcomes] == ["ok"] * 3, [o.record.error for o in out.outcomes]
+    pids = set()
+    for o in out.outcomes:
+        rep = o.record.report
+        thr = rep["throughput"]
+        assert thr["completed"] == 4 and thr["failed"] == 0 and thr["output_tokens"] == 4 * 6
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert rep["latency"][key]["median"] > 0 and rep["latency"][key]["p99"] >= rep["latency"][key]["median"]
+        assert thr["goodput_requests_per_s"] > 0 and thr["slo_ms"]["ttft_ms"] == 60_000
+        assert rep["utilization"] == {"available": False, "reason": "an HTTP endpoint exposes no router traces"}
+        assert rep.get("model")  # the local HF config is known: model accounting
+        cfg = o.record.config["runner"]
+        assert os.path.isfile(cfg["server_log"])
+        pids.add(cfg["server_pid"])
+    assert len(pids) == 1  # one server for the three cells
+    assert _group_gone(pids.pop())
+
+
+def test_openai_runner_against_running_server(tmp_path, tiny_moe_dir):
+    port = free_port()
+    cmd = [PYTHON, SERVER, "--model", str(tiny_moe_dir), "--port", str(port), "--served-model-name", "tiny"]
+    with running_server(cmd, f"http://127.0.0.1:{port}/health"):
+        runner = {"type": "openai", "args": {"base_url": f"http://127.0.0.1:{port}/v1", "model": "tiny",
+                                             "warmup_requests": 0}}
+        out = _run(_suite(tmp_path, tiny_moe_dir, runner, [{"batch_size": 2}], num_prompts=3, output_tokens=4))
+    (o,) = out.outcomes
+    assert o.status == "ok", o.record.error
+    thr = o.record.report["throughput"]
+    assert thr["completed"] == 3 and thr["output_tokens"] == 12
+    assert o.record.report["latency"]["ttft_ms"]["median"] > 0
+
+
+def test_openai_runner_connection_refused(tmp_path, tiny_moe_dir):
+    port = free_port()  # nothing listens there
+    runner = {"type": "openai", "args": {"base_url": f"http://127.0.0.1:{port}", "model": "tiny"}}
+    out = _run(_suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 2}], num_prompts=3))
+    (o,) = out.outcomes
+    assert o.status == "ok", o.record.error
+    rep = o.record.report
+    assert rep["throughput"]["completed"] == 0 and rep["throughput"]["failed"] == 3
+    assert sum(rep["errors"].values()) == 3
+    assert any("connect" in e.lower() for e in rep["errors"]), rep["errors"]
+
+
+def test_openai_args_validate_url():
+    from pydantic import ValidationError
+
+    from moecap.runners.args import OpenAIRunnerArgs
+
+    assert OpenAIRunnerArgs(base_url="http://h:1/v1/").base_url == "http://h:1"
+    with pytest.raises(ValidationError):
+        OpenAIRunnerArgs(base_url="h:1")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_no_orphan_server_after_interrupt(tmp_path, tiny_moe_dir, sig):
+    port = free_port()
+    runner = {"type": "server", "args": {"command": _server_cmd(port), "port": port, "model": "tiny",
+                                         "startup_timeout_s": 120}}
+    raw = _suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 1}], num_prompts=500, output_tokens=32)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([PYTHON, "-m", "moecap", "run", str(path)], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server never answered"
+            time.sleep(0.2)
+        servers = _procs_with(port)
+        assert servers, "the server process is not visible"
+        pgids = {os.getpgid(p.pid) for p in servers}
+        assert proc.pid not in pgids  # the server has its own process group
+        time.sleep(1.0)  # let requests flow
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        assert proc.returncode != 0
+        for pgid in pgids:
+            assert _group_gone(pgid, 20), f"process group {pgid} survived"
+        assert not _procs_with(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in _procs_with(port):  # never leave one behind, even when the test fails
+            p.kill()

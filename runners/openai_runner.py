@@ -171,16 +171,24 @@ class ServedRunner(OpenAIRunner):
         self.port: int | None = None
         self.log_path: str | None = None
         self.startup_s: float | None = None
+        self._device = "cpu"
 
     @property
     def base_url(self) -> str:
         return f"http://{self.args.host}:{self.port}"
 
+    def device_name(self) -> str:
+        return self._device
+
     def load(self, model: Any) -> None:
+        from moecap.hardware import detect_hardware
         from moecap.models import local_path_for
         from moecap.runners.server import ServerProcess
 
         super().load(model)
+        # the server runs here: meter (and price) the device the suite names
+        hw = detect_hardware(getattr(self.hardware, "device", "auto") or "auto")
+        self._device = "cpu" if hw.accelerator == "cpu" else f"cuda:{hw.device_index}"
         model_arg = self.local_dir or (model.id if model.id.startswith("random:") else local_path_for(model.id))
         self.port = self.args.port or _free_port(self.args.host)
         cmd = [c.replace("{port}", str(self.port)).replace("{model}", str(model_arg)) for c in self.args.command]
@@ -194,6 +202,23 @@ class ServedRunner(OpenAIRunner):
         except BaseException:
             self.close()
             raise
+
+    def run(self, workload: Any, load: Any) -> RunTrace:
+        """As ``openai``, with energy and peak memory of the server's processes over the measured window."""
+        from moecap.energy import EnergyTracker
+
+        tracker = EnergyTracker(self._device, pids=[self.server.pid], include_self=False).start()
+        try:
+            trace = super().run(workload, load)
+        finally:
+            energy = tracker.stop()
+        trace.energy = energy
+        trace.memory = {
+            k: energy[k]
+            for k in ("host_rss_peak_bytes", "device_memory_peak_bytes", "process_device_memory_peak_bytes")
+            if energy.get(k)
+        }
+        return trace
 
     def close(self) -> None:
         if self.server is not None:

@@ -80,6 +80,10 @@ def test_server_runner_suite(tmp_path, tiny_moe_dir):
         assert thr["goodput_requests_per_s"] > 0 and thr["slo_ms"]["ttft_ms"] == 60_000
         assert rep["utilization"] == {"available": False, "reason": "an HTTP endpoint exposes no router traces"}
         assert rep.get("model")  # the local HF config is known: model accounting
+        # the server's own processes are metered: their memory (energy: RAPL is not readable in this VM)
+        assert rep["memory"]["host_rss_peak_bytes"] > 50e6 and rep["energy"]["tracked_processes_max"] >= 1
+        assert rep["energy"]["available"] or rep["energy"]["reason"]
+        assert rep["cost"]["usd_per_1m_output_tokens"] > 0
         cfg = o.record.config["runner"]
         assert os.path.isfile(cfg["server_log"])
         pids.add(cfg["server_pid"])

@@ -16,7 +16,6 @@ from typing import Any
 from moecap.runners.args import HFRunnerArgs
 from moecap.runners.base import PassTrace, RequestTrace, Runner, RunTrace
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class HFRunner(Runner):
@@ -39,7 +38,7 @@ class HFRunner(Runner):
         if dtype == "auto":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         self.dtype_name = dtype
-        self.torch_dtype = getattr(torch, _DTYPES[dtype])
+        self.torch_dtype = getattr(torch, dtype)
         if args.num_threads and not self.device.startswith("cuda"):
             torch.set_num_threads(args.num_threads)
         self.model = None

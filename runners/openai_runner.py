@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -153,12 +152,6 @@ class OpenAIRunner(Runner):
         return dict(self._hf_config) or None
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class ServedRunner(OpenAIRunner):
     """Launches ``args.command`` (``{port}``, ``{model}`` substituted) as a ``ServerProcess`` in ``load()``,
     waits for ``ready_path``, benchmarks it like ``openai``; ``close()`` stops the whole process group."""
@@ -183,14 +176,14 @@ class ServedRunner(OpenAIRunner):
     def load(self, model: Any) -> None:
         from moecap.hardware import detect_hardware
         from moecap.models import local_path_for
-        from moecap.runners.server import ServerProcess
+        from moecap.runners.server import ServerProcess, free_port
 
         super().load(model)
         # the server runs here: meter (and price) the device the suite names
         hw = detect_hardware(getattr(self.hardware, "device", "auto") or "auto")
         self._device = "cpu" if hw.accelerator == "cpu" else f"cuda:{hw.device_index}"
         model_arg = self.local_dir or (model.id if model.id.startswith("random:") else local_path_for(model.id))
-        self.port = self.args.port or _free_port(self.args.host)
+        self.port = self.args.port or free_port(self.args.host)
         cmd = [c.replace("{port}", str(self.port)).replace("{model}", str(model_arg)) for c in self.args.command]
         fd, self.log_path = tempfile.mkstemp(prefix=f"moecap-server-{self.port}-", suffix=".log")
         os.close(fd)

@@ -28,6 +28,15 @@ _SAVED_HANDLERS: dict[int, Any] = {}
 _ATEXIT_DONE = False
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def live_servers() -> list["ServerProcess"]:
     with _LOCK:
         return list(_LIVE)

@@ -66,12 +66,7 @@ def pytest_collection_modifyitems(config, items):
 PYTHON = sys.executable
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moecap.runners.server import free_port  # noqa: E402,F401  (re-exported for the tests)
 
 
 @contextlib.contextmanager

@@ -7,12 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytest.importorskip("gradio")
 pytest.importorskip("plotly")
@@ -32,12 +32,6 @@ SMALL = [
     "--set", "workloads.1.lm_eval.limit=10",
     "--set", "loads=[{batch_size: 1}, {batch_size: 2}, {batch_size: 4}]",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def app_url(results_dir):
     demo = build_app(str(results_dir))
     demo.queue()
     try:
-        demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                     quiet=True, show_error=True)
         yield demo.local_url
     finally:
@@ -156,7 +150,7 @@ def test_empty_results_folder(tmp_path):
     demo = build_app(str(tmp_path / "nothing-here"))
     demo.queue()
     try:
-        demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                     quiet=True, show_error=True)
         c = Client(demo.local_url, verbose=False)
         assert c.predict(api_name="/filter_table")["data"] in ([], [[]]) or not _rows(

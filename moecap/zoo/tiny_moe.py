@@ -163,6 +163,8 @@ def held_out_perplexity(model, windows) -> float:
     """exp(mean NLL) over every predicted token of the windows."""
     import torch
 
+    from moecap.metrics.perplexity import perplexity
+
     model.eval()
     nll, count = 0.0, 0
     with torch.inference_mode():
@@ -170,7 +172,7 @@ def held_out_perplexity(model, windows) -> float:
             logits = model(input_ids=w).logits[:, :-1].float()
             nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"))
             count += w[:, 1:].numel()
-    return math.exp(nll / count)
+    return perplexity([(nll, count)])["perplexity"]
 
 
 def train(model, streams: list, steps: int, lr: float, profile: Profile, seed: int, desc: str) -> list[float]:

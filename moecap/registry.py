@@ -65,6 +65,15 @@ RUNNERS: dict[str, RunnerEntry] = {
         description="a server command moecap launches, benchmarks over OpenAI-compatible HTTP, and stops",
         quality=False,
     ),
+    "llamacpp": RunnerEntry(
+        name="llamacpp",
+        cls="moecap.runners.llamacpp:LlamaCppRunner",
+        args="moecap.runners.args:LlamaCppRunnerArgs",
+        loads=("batch", "concurrency", "rate"),
+        description="llama.cpp (llama-cpp-python's server) on a GGUF export of the model, launched and stopped "
+        "by moecap; expert placement with n_cpu_moe / override_tensor",
+        quality=False,
+    ),
 }
 
 EMBEDDED_MODELS: dict[str, ModelEntry] = {

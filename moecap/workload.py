@@ -45,3 +45,70 @@ def make_prompts(
         )
     start = int(rng.integers(0, len(ids) - need + 1))
     return [ids[start + i * length : start + (i + 1) * length] for i in range(n)]
+
+
+def exact_text(tokenizer: Any, ids: Sequence[int], refill: Any = None, max_rounds: int = 32) -> tuple[str, list[int]]:
+    """A text that the tokenizer encodes (without special tokens) to exactly ``len(ids)`` tokens.
+
+    Servers that take text prompts re-tokenize them, and a decoded id sequence does not always encode
+    back to the same ids (merges across boundaries, partial UTF-8). Starting from ``ids``: decode,
+    re-encode, keep the first ``len(ids)`` ids of the result (topping a short result up with
+    ``refill(k)``: k more ids), until decode→encode is the identity. Returns the text and its ids.
+    """
+    n = len(ids)
+    cur = list(ids)
+    for _ in range(max_rounds):
+        text = tokenizer.decode(cur, clean_up_tokenization_spaces=False)
+        again = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if again == cur:
+            return text, cur
+        if len(again) >= n:
+            cur = list(again[:n])
+        elif refill is not None:
+            cur = list(again) + list(refill(n - len(again)))
+        else:
+            cur = list(again) + list(again[: n - len(again)] or [again[-1]] * (n - len(again)))
+    raise WorkloadError(f"no text of exactly {n} tokens found by decode/encode from the given ids in {max_rounds} rounds")
+
+
+def word_token_ids(tokenizer: Any, special_ids: Sequence[int] = ()) -> list[int]:
+    """Ids of the tokens that are a space followed by ASCII letters and encode back to themselves: any
+    sequence of them decodes to a text that encodes to exactly the same ids (each is one pre-token of
+    GPT-2-style and Metaspace pre-tokenizers)."""
+    special = set(special_ids)
+    out = []
+    for i in range(len(tokenizer)):
+        if i in special:
+            continue
+        text = tokenizer.decode([i], clean_up_tokenization_spaces=False)
+        if len(text) > 1 and text[0] == " " and text[1:].isascii() and text[1:].isalpha():
+            if tokenizer(text, add_special_tokens=False)["input_ids"] == [i]:
+                out.append(i)
+    return out
+
+
+def make_text_prompts(
+    workload: Any, tokenizer: Any, special_ids: Sequence[int] = ()
+) -> list[tuple[str, int]]:
+    """The workload's prompts as texts that tokenize to exactly ``workload.input_tokens`` tokens each
+    (for servers that take text, not ids), with the token count the server sees (one more where the
+    tokenizer adds a BOS token of its own).
+
+    ``random``: words drawn (seeded) from :func:`word_token_ids`, exact by construction; ``text``: the
+    corpus windows of :func:`make_prompts`, made exact with :func:`exact_text` (topped up with words).
+    """
+    rng = np.random.default_rng(workload.seed)
+    words = np.asarray(word_token_ids(tokenizer, special_ids), dtype=np.int64)
+    if workload.source == "random" and len(words) >= 16:
+        ids = rng.choice(words, size=(workload.num_prompts, workload.input_tokens)).tolist()
+    else:
+        ids = make_prompts(workload, len(tokenizer), tokenizer, special_ids)
+    pool = words if len(words) else np.setdiff1d(np.arange(len(tokenizer)), np.asarray(list(special_ids), dtype=np.int64))
+
+    def refill(k: int) -> list[int]:
+        return rng.choice(pool, size=k).tolist()
+
+    probe = tokenizer("a")["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    extra = 1 if bos is not None and probe and probe[0] == bos else 0
+    return [(exact_text(tokenizer, p, refill)[0], len(p) + extra) for p in ids]

@@ -64,6 +64,9 @@ class _ServingArgs(RunnerArgs):
     request_timeout_s: float | None = Field(default=600, gt=0)
     warmup_requests: int = Field(default=1, ge=0)
     """Untimed requests sent (and awaited) before the measured window."""
+    prompt_format: Literal["ids", "text"] = "ids"
+    """``ids``: token-id prompts of exact length (vLLM, SGLang, llama.cpp's llama-server); ``text``: texts
+    that the model's tokenizer encodes to exactly that length (servers that take text only)."""
     slo_ms: dict[str, float] | None = None
     """Goodput SLOs, e.g. ``{ttft_ms: 500, tpot_ms: 50}`` (keys: ttft_ms, tpot_ms, e2el_ms)."""
 
@@ -93,14 +96,80 @@ class OpenAIRunnerArgs(_ServingArgs):
         return v.rstrip("/").removesuffix("/v1")
 
 
-class ServedRunnerArgs(_ServingArgs):
-    """A server command moecap launches itself (and always stops), then benchmarks over HTTP."""
+class _LaunchArgs(_ServingArgs):
+    """What the runners that launch (and always stop) their own server share."""
 
-    command: list[str] = Field(min_length=1)
-    """argv of the server; ``{port}`` and ``{model}`` (the local model path or id) are substituted."""
     host: str = "127.0.0.1"
     port: int | None = Field(default=None, gt=0, lt=65536)
     """Unset: a free port."""
-    ready_path: str = "/health"
     startup_timeout_s: float = Field(default=600, gt=0)
+    """Deadline for the server to answer its readiness probe (loading weights counts)."""
     stop_timeout_s: float = Field(default=15, gt=0)
+    """SIGTERM grace before the whole process group is SIGKILLed."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment variables of the server process."""
+
+
+class ServedRunnerArgs(_LaunchArgs):
+    """A server command moecap launches itself (and always stops), then benchmarks over HTTP."""
+
+    command: list[str] = Field(min_length=1)
+    """argv of the server; ``{port}``, ``{host}`` and ``{model}`` (the local model path or id) are substituted."""
+    ready_path: str = "/health"
+
+
+_BUFT_RE = re.compile(r"^(?P<pattern>.+)=(?P<buft>[A-Za-z0-9_:.\-]+)$")
+
+
+class LlamaCppRunnerArgs(_LaunchArgs):
+    """llama.cpp through ``llama-cpp-python[server]`` (``python -m llama_cpp.server``), on a GGUF file that
+    moecap exports from the suite's Hugging Face model unless ``gguf`` names one."""
+
+    prompt_format: Literal["ids", "text"] = "text"
+    """llama-cpp-python's server takes text prompts only."""
+    gguf: str | None = None
+    """An existing GGUF file to serve; unset: export the suite model (cached under ``<cache>/gguf``)."""
+    weight_type: Literal["f32", "f16", "bf16", "q8_0"] = "f32"
+    """Weight storage of the export (ignored with ``gguf``)."""
+    n_ctx: int = Field(default=0, ge=0)
+    """Context size; 0: the model's training context."""
+    n_gpu_layers: int | None = None
+    """Layers offloaded to the GPU (-1: all); unset: all on a GPU device, 0 on a CPU."""
+    n_cpu_moe: int = Field(default=0, ge=0)
+    """Keep the expert tensors of the first N layers in host memory (llama.cpp's ``--n-cpu-moe``)."""
+    override_tensor: list[str] = Field(default_factory=list)
+    """llama.cpp tensor buffer overrides, ``REGEX=BUFFER_TYPE`` (``--override-tensor``), e.g.
+    ``blk\\.(1[0-9])\\.ffn_.*_exps=CPU``."""
+    n_threads: int | None = Field(default=None, ge=1)
+    """Decode threads; unset: llama-cpp-python's default (half the cores)."""
+    n_threads_batch: int | None = Field(default=None, ge=1)
+    n_batch: int = Field(default=512, ge=1)
+    n_ubatch: int = Field(default=512, ge=1)
+    flash_attn: bool = False
+    use_mmap: bool = True
+    python: str | None = None
+    """Interpreter that has llama-cpp-python; unset: moecap's own."""
+    extra_args: list[str] = Field(default_factory=list)
+    """Further ``llama_cpp.server`` flags, passed verbatim."""
+    verbose: bool = False
+    """llama.cpp's own load and timing logs in the server log."""
+
+    @field_validator("override_tensor")
+    @classmethod
+    def _overrides(cls, v: list[str]) -> list[str]:
+        for item in v:
+            m = _BUFT_RE.match(item)
+            if not m:
+                raise ValueError(f"override_tensor entries are REGEX=BUFFER_TYPE (e.g. 'ffn_.*_exps=CPU'); got {item!r}")
+            try:
+                re.compile(m["pattern"])
+            except re.error as err:
+                raise ValueError(f"override_tensor {item!r}: bad regular expression ({err})") from None
+        return v
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(".gguf"):
+            raise ValueError(f"gguf must name a .gguf file; got {v!r}")
+        return v

@@ -78,15 +78,22 @@ class OpenAIRunner(Runner):
                 ) from err
         return self.tokenizer
 
-    def _prompts(self, workload: Any) -> list[Any]:
-        from moecap.workload import make_prompts
+    def _prompts(self, workload: Any) -> list[tuple[Any, int]]:
+        """(prompt, input tokens the server will see) per request, in workload order."""
+        from moecap.workload import make_prompts, make_text_prompts
 
         tok = self._get_tokenizer()
         special = list(getattr(tok, "all_special_ids", []) or [])
+        if self.args.prompt_format == "text" and not self.args.chat:
+            return make_text_prompts(workload, tok, special)
         prompts = make_prompts(workload, len(tok), tok, special)
-        if self.args.chat:
-            return [tok.decode(p) for p in prompts]
-        return prompts
+        if self.args.chat:  # the chat template adds tokens: the server's usage says how many
+            return [(tok.decode(p), None) for p in prompts]
+        return [(p, len(p)) for p in prompts]
+
+    def request_extra(self, workload: Any) -> dict[str, Any]:
+        """Engine-specific fields added to every request body."""
+        return {}
 
     def run(self, workload: Any, load: Any) -> RunTrace:
         from moecap.runners.loadgen import run_load
@@ -94,6 +101,7 @@ class OpenAIRunner(Runner):
         if self.model_id is None:
             raise RuntimeError(f"runner {self.name}: run() before load()")
         prompts = self._prompts(workload)
+        extra_body = self.request_extra(workload) or None
         if load.kind == "rate":
             concurrency, rate = None, load.rate
         else:
@@ -105,11 +113,12 @@ class OpenAIRunner(Runner):
             async with make_session(timeout_s=None) as session:
                 counter = iter(range(10**12))
 
-                async def send(prompt: Any, origin: float) -> Any:
+                async def send(item: tuple[Any, int | None], origin: float) -> Any:
+                    prompt, n_in = item
                     return await stream_request(
                         session, self.base_url, self.served_model, prompt, workload.output_tokens,
-                        workload.ignore_eos, self.args.chat, origin=origin, id=next(counter),
-                        input_tokens=workload.input_tokens, api_key=self.args.api_key,
+                        workload.ignore_eos, self.args.chat, extra=extra_body, origin=origin, id=next(counter),
+                        input_tokens=n_in, api_key=self.args.api_key,
                         timeout_s=self.args.request_timeout_s,
                     )
 
@@ -173,25 +182,48 @@ class ServedRunner(OpenAIRunner):
     def device_name(self) -> str:
         return self._device
 
+    # -- what subclasses (one per engine) provide --------------------------------------------
+    def model_argument(self, model: Any) -> str:
+        """What the server command is given as its model: the local directory, else the id."""
+        from moecap.models import local_path_for
+
+        if self.local_dir:
+            return self.local_dir
+        return model.id if model.id.startswith("random:") else str(local_path_for(model.id))
+
+    def server_command(self, model_arg: str) -> list[str]:
+        return [c.replace("{port}", str(self.port)).replace("{host}", self.args.host).replace("{model}", model_arg)
+                for c in self.args.command]
+
+    def ready_path(self) -> str:
+        return self.args.ready_path
+
+    def server_env(self) -> dict[str, str] | None:
+        if not self.args.env:
+            return None
+        return {**os.environ, **{k: str(v) for k, v in self.args.env.items()}}
+
+    def on_server_ready(self) -> None:
+        """Called once the server answers (e.g. to start an engine's own recording)."""
+
+    # -- lifecycle ---------------------------------------------------------------------------
     def load(self, model: Any) -> None:
         from moecap.hardware import detect_hardware
-        from moecap.models import local_path_for
         from moecap.runners.server import ServerProcess, free_port
 
         super().load(model)
         # the server runs here: meter (and price) the device the suite names
         hw = detect_hardware(getattr(self.hardware, "device", "auto") or "auto")
         self._device = "cpu" if hw.accelerator == "cpu" else f"cuda:{hw.device_index}"
-        model_arg = self.local_dir or (model.id if model.id.startswith("random:") else local_path_for(model.id))
         self.port = self.args.port or free_port(self.args.host)
-        cmd = [c.replace("{port}", str(self.port)).replace("{model}", str(model_arg)) for c in self.args.command]
-        fd, self.log_path = tempfile.mkstemp(prefix=f"moecap-server-{self.port}-", suffix=".log")
+        cmd = self.server_command(self.model_argument(model))
+        fd, self.log_path = tempfile.mkstemp(prefix=f"moecap-{self.name}-{self.port}-", suffix=".log")
         os.close(fd)
         self.close()
-        self.server = ServerProcess(cmd, self.log_path).start()
+        self.server = ServerProcess(cmd, self.log_path, env=self.server_env()).start()
         try:
-            self.startup_s = self.server.wait_ready(self.base_url + self.args.ready_path,
-                                                    self.args.startup_timeout_s)
+            self.startup_s = self.server.wait_ready(self.base_url + self.ready_path(), self.args.startup_timeout_s)
+            self.on_server_ready()
         except BaseException:
             self.close()
             raise
@@ -200,7 +232,9 @@ class ServedRunner(OpenAIRunner):
         """As ``openai``, with energy and peak memory of the server's processes over the measured window."""
         from moecap.energy import EnergyTracker
 
-        tracker = EnergyTracker(self._device, pids=[self.server.pid], include_self=False).start()
+        # the server's own processes (not the guard that leads its group), with their descendants
+        tracker = EnergyTracker(self._device, pids=self.server.server_pids() or [self.server.pid],
+                                include_self=False).start()
         try:
             trace = super().run(workload, load)
         finally:
@@ -222,5 +256,6 @@ class ServedRunner(OpenAIRunner):
         out = super().info()
         out.update({"server_log": self.log_path, "server_startup_s": self.startup_s,
                     "server_command": self.server.cmd if self.server is not None else None,
-                    "server_pid": self.server.pid if self.server is not None else None})
+                    "server_pid": (self.server.server_pids() or [None])[0] if self.server is not None else None,
+                    "server_group": self.server.pgid if self.server is not None else None})
         return out

@@ -15,6 +15,7 @@ import atexit
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -109,8 +110,10 @@ class ServerProcess:
     """A command run as a server: own process group, logged output, readiness probe, group teardown."""
 
     def __init__(self, cmd: Sequence[str], log_path: str | os.PathLike, env: dict[str, str] | None = None,
-                 cwd: str | None = None):
+                 cwd: str | None = None, guard: bool = True, orphan_grace_s: float = 10.0):
         self.cmd = [str(c) for c in cmd]
+        self.guard = guard
+        self.orphan_grace_s = orphan_grace_s
         self.log_path = Path(log_path)
         self.env = env
         self.cwd = cwd
@@ -125,8 +128,12 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab", buffering=0)
         self._log.write(f"$ {' '.join(self.cmd)}\n".encode())
+        argv = self.cmd
+        if self.guard:
+            argv = [sys.executable, "-m", "moecap.runners.server_guard", str(os.getpid()),
+                    str(self.orphan_grace_s), "--", *self.cmd]
         try:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=self._log,
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
                                          stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
                                          start_new_session=True)
         except Exception:
@@ -139,7 +146,21 @@ class ServerProcess:
 
     @property
     def pid(self) -> int | None:
+        """The group leader's pid (the guard's, when guarded)."""
         return self.proc.pid if self.proc is not None else None
+
+    def server_pids(self) -> list[int]:
+        """The server's own process(es): the guard's children, or the leader when unguarded."""
+        if self.proc is None:
+            return []
+        if not self.guard:
+            return [self.proc.pid]
+        try:
+            import psutil
+
+            return [c.pid for c in psutil.Process(self.proc.pid).children()]
+        except Exception:
+            return []
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

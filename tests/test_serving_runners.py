@@ -1,5 +1,5 @@
 """The HTTP serving runners (``openai``, ``server``) against the real tiny OpenAI-compatible server, and the
-guarantee that a launched server never outlives moecap (exceptions, SIGINT, SIGTERM)."""
+guarantee that a launched server never outlives moecap (exceptions, SIGINT, SIGTERM, SIGKILL)."""
 
 from __future__ import annotations
 
@@ -127,8 +127,10 @@ def test_openai_args_validate_url():
         OpenAIRunnerArgs(base_url="h:1")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
 def test_no_orphan_server_after_interrupt(tmp_path, tiny_moe_dir, sig):
+    """Kill ``moecap run`` mid-suite: its server's whole process group goes too. SIGINT/SIGTERM are
+    handled by moecap; SIGKILL cannot be, and the server guard stops the group on its own."""
     port = free_port()
     runner = {"type": "server", "args": {"command": _server_cmd(port), "port": port, "model": "tiny",
                                          "startup_timeout_s": 120}}
@@ -161,6 +163,8 @@ def test_no_orphan_server_after_interrupt(tmp_path, tiny_moe_dir, sig):
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
         assert proc.returncode != 0
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
         for pgid in pgids:
             assert _group_gone(pgid, 20), f"process group {pgid} survived"
         assert not _procs_with(port)

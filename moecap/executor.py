@@ -50,6 +50,8 @@ def _cell_config(cell: Cell, runner_info: dict[str, Any] | None, hw: dict[str, A
     cfg["workload"]["display_name"] = cell.workload.display_name
     if cell.load is not None:
         cfg["load"]["kind"] = cell.load.kind
+        if cell.load.kind == "rate":  # the arrival process is part of the load even at its defaults
+            cfg["load"].update(arrival=cell.load.arrival, burstiness=cell.load.burstiness)
     cfg["hardware"] = {"settings": cell.suite.hardware.model_dump(mode="json"), "detected": hw}
     cfg["cost_settings"] = dict(cell.suite.cost)
     return cfg

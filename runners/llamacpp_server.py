@@ -74,7 +74,13 @@ def install_overrides(overrides: list[tuple[str, str]], log: Any = None) -> None
     """Make every later model load of llama-cpp-python use ``overrides`` (pattern, buffer-type name)."""
     import llama_cpp.llama_cpp as C
 
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if log is None:
+        # llama-cpp-python points fd 2 at /dev/null while it loads a model quietly: log through a copy
+        err_fd = os.dup(2)
+
+        def log(line: str) -> None:
+            os.write(err_fd, (line + "\n").encode())
+
     original = C.llama_model_load_from_file
 
     def load(path: bytes, params: Any) -> Any:

@@ -1,0 +1,167 @@
+"""GGUF export of the trained tiny-moe: file structure, and llama.cpp computing what transformers computes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+TEXT = "def parse_args(argv):\n    parser = argparse.ArgumentParser(description=__doc__)\n    return parser"
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_moe_dir, tmp_path_factory):
+    from moecap.gguf_export import export_gguf
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    info = export_gguf(tiny_moe_dir, out, "f32")
+    return out, info
+
+
+def test_gguf_structure(exported, tiny_moe_dir):
+    path, info = exported
+    cfg = json.loads((tiny_moe_dir / "config.json").read_text())
+    reader = gguf.GGUFReader(str(path))
+
+    def field(name):
+        f = reader.fields[name]
+        return f.contents()
+
+    assert field("general.architecture") == "llama"
+    assert field("llama.block_count") == cfg["num_hidden_layers"]
+    assert field("llama.expert_count") == cfg["num_local_experts"]
+    assert field("llama.expert_used_count") == cfg["num_experts_per_tok"]
+    assert field("llama.attention.head_count_kv") == cfg["num_key_value_heads"]
+    assert field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.pre") == "gpt-2"
+    assert field("tokenizer.ggml.add_bos_token") is False  # the tiny tokenizer adds no BOS
+    assert len(field("tokenizer.ggml.tokens")) == cfg["vocab_size"]
+    tensors = {t.name: t for t in reader.tensors}
+    E, inter, hidden = cfg["num_local_experts"], cfg["intermediate_size"], cfg["hidden_size"]
+    for i in range(cfg["num_hidden_layers"]):
+        # gguf lists dims innermost first: [H, I, E] is numpy [E, I, H]
+        assert list(tensors[f"blk.{i}.ffn_gate_exps.weight"].shape) == [hidden, inter, E]
+        assert list(tensors[f"blk.{i}.ffn_up_exps.weight"].shape) == [hidden, inter, E]
+        assert list(tensors[f"blk.{i}.ffn_down_exps.weight"].shape) == [inter, hidden, E]
+        assert list(tensors[f"blk.{i}.ffn_gate_inp.weight"].shape) == [hidden, E]
+    assert info["parameters"] == sum(int(np.prod(t.shape)) for t in reader.tensors)
+    assert info["tensor_bytes"] == 4 * info["parameters"]
+    assert info["moe_layers"] == cfg["num_hidden_layers"]
+
+
+def test_gguf_expert_weights_match_checkpoint(exported, tiny_moe_dir):
+    """Expert e of layer 0 in the file is the checkpoint's w1/w3/w2 of expert e (stacking order)."""
+    from safetensors.numpy import load_file
+
+    path, _ = exported
+    state = load_file(str(tiny_moe_dir / "model.safetensors"))
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    gate = np.asarray(tensors["blk.0.ffn_gate_exps.weight"].data)
+    down = np.asarray(tensors["blk.0.ffn_down_exps.weight"].data)
+    for e in (0, 5):
+        np.testing.assert_array_equal(gate[e], state[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"])
+        np.testing.assert_array_equal(down[e], state[f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight"])
+
+
+def _llama(path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1, seed=0)
+
+
+def _hf(tiny_moe_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_moe_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32).eval()
+    return tok, model
+
+
+def test_llama_cpp_matches_transformers(exported, tiny_moe_dir):
+    """Same token ids, logits within float tolerance, identical greedy continuation."""
+    import torch
+
+    path, _ = exported
+    tok, model = _hf(tiny_moe_dir)
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    llm = _llama(path)
+    try:
+        assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids
+        llm.eval(ids)
+        ours = np.array(llm.scores[: len(ids)])
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].numpy()
+        assert np.abs(ours - ref).max() < 1e-2 * max(1.0, np.abs(ref).max())
+        assert (ours.argmax(-1) == ref.argmax(-1)).all()
+        with torch.no_grad():
+            want = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+        llm.reset()
+        got = []
+        for t in llm.generate(ids, temp=0.0, top_k=1):
+            got.append(t)
+            if len(got) == len(want):
+                break
+        assert got == want
+    finally:
+        llm.close()
+
+
+def test_q8_0_export_is_smaller_and_close(tiny_moe_dir, tmp_path):
+    import torch
+
+    from moecap.gguf_export import export_gguf
+
+    info = export_gguf(tiny_moe_dir, tmp_path / "q8.gguf", "q8_0")
+    f32 = export_gguf(tiny_moe_dir, tmp_path / "f32.gguf", "f32")
+    assert info["tensor_bytes"] < 0.35 * f32["tensor_bytes"]  # 34 bytes per 32 weights vs 128
+    tok, model = _hf(tiny_moe_dir)
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    llm = _llama(tmp_path / "q8.gguf")
+    try:
+        llm.eval(ids)
+        ours = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    agree = (ours.argmax(-1) == ref.argmax(-1)).mean()
+    assert agree > 0.9, agree
+
+
+def test_export_errors_name_the_problem(tiny_moe_dir, tmp_path):
+    from moecap.gguf_export import GGUFExportError, export_gguf
+
+    bad = tmp_path / "qwen"
+    shutil.copytree(tiny_moe_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "qwen3_moe"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GGUFExportError, match=r"config.json: model_type 'qwen3_moe'.*allowed: mixtral"):
+        export_gguf(bad, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+    spm = tmp_path / "spm"
+    shutil.copytree(tiny_moe_dir, spm)
+    tj = json.loads((spm / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    (spm / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(GGUFExportError, match=r"tokenizer.json.*Metaspace.*convert_hf_to_gguf"):
+        export_gguf(spm, tmp_path / "y.gguf")
+
+    with pytest.raises(GGUFExportError, match="weight_type 'q4'"):
+        export_gguf(tiny_moe_dir, tmp_path / "z.gguf", "q4")
+
+
+def test_ensure_gguf_caches_by_content(tiny_moe_dir, tmp_path):
+    from moecap.gguf_export import ensure_gguf
+
+    a = ensure_gguf(tiny_moe_dir, "f32", cache_root=tmp_path)
+    mtime = a.stat().st_mtime_ns
+    b = ensure_gguf(tiny_moe_dir, "f32", cache_root=tmp_path)
+    assert a == b and b.stat().st_mtime_ns == mtime  # not rewritten
+    assert json.loads(a.with_suffix(".json").read_text())["weight_type"] == "f32"
+    assert ensure_gguf(tiny_moe_dir, "f16", cache_root=tmp_path) != a

@@ -90,6 +90,7 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
         )
         report["utilization"] = {
             **phases,
+            "basis": "traced",
             "peak": {
                 "kind": peaks.kind,
                 "source": peaks.source,
@@ -101,9 +102,42 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
             "weight_bytes_per_param": trace.weight_bytes_per_param,
             "kv_bytes_per_elem": trace.kv_bytes_per_elem,
         }
+    elif trace.requests and acc is not None and trace.weight_bytes_per_param > 0 and acc.moe_layers:
+        report["utilization"] = _estimated_utilization(trace, acc, peaks)
     else:
         report["utilization"] = {"available": False, "reason": trace.tracing.get("reason", "experts not traced")}
     return report, rows
+
+
+def _estimated_utilization(trace: Any, acc: Any, peaks: Any) -> dict[str, Any]:
+    """A server's decode S-MBU/S-MFU estimated from client-side timestamps (metrics.serving)."""
+    from moecap.metrics.serving import estimated_decode_utilization
+
+    bw = flops = None
+    peak: dict[str, Any] | None = None
+    if peaks is not None:
+        bw = peaks.mem_bandwidth_Bps
+        try:
+            flops = peaks.flops_for(trace.compute_dtype)
+        except ValueError:
+            flops = None
+        peak = {"kind": peaks.kind, "source": peaks.source, "device": peaks.device,
+                "mem_bandwidth_gbs": bw / 1e9, "compute_dtype": trace.compute_dtype,
+                "tflops": flops / 1e12 if flops else None}
+    decode = estimated_decode_utilization(
+        trace.requests, acc, trace.weight_bytes_per_param, trace.kv_bytes_per_elem, bw, flops,
+        routing_stats=trace.extra.get("routing_stats"), expanded_mla=trace.kv_cache_expanded_mla,
+    )
+    return {
+        "basis": "estimated",
+        "decode": decode,
+        "prefill": {"available": False, "reason": "not estimated from a client: TTFT includes queueing and the "
+                    "decode work of requests sharing the prefill's passes"},
+        "peak": peak if peak is not None else {"kind": None, "reason": "no hardware peaks (the run log says why): "
+                                               "bytes, FLOPs and achieved rates are still given"},
+        "weight_bytes_per_param": trace.weight_bytes_per_param,
+        "kv_bytes_per_elem": trace.kv_bytes_per_elem,
+    }
 
 
 def price_run(report: dict[str, Any], hw: dict[str, Any] | None, settings: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +249,7 @@ def run_suite(
                 runner = load_object(entry.cls)(args, suite.hardware)
                 hw = detect_hardware(runner.device_name())
                 hw_dict = hw.to_dict()
-                peaks = None  # an HTTP endpoint gives no per-pass traces: no utilization, no peaks needed
+                peaks = None  # an endpoint moecap did not launch: no utilization, no peaks needed
                 if entry.traces_passes:
                     peaks = resolve_peaks(
                         hw,
@@ -223,6 +257,13 @@ def run_suite(
                         user=user_peaks,
                         calibrate_if_missing=suite.hardware.calibrate == "auto",
                     )
+                elif entry.estimates_passes:  # estimated utilization: peaks help, their absence fails nothing
+                    try:
+                        peaks = resolve_peaks(hw, runner.compute_dtype(), user=user_peaks,
+                                              calibrate_if_missing=suite.hardware.calibrate == "auto")
+                    except Exception as err:
+                        peaks_error = f"{type(err).__name__}: {err}"
+                        log(f"moecap: no hardware peaks for estimated utilization ({peaks_error})")
                 bar.set_postfix_str(f"loading {first.model.display_name}")
                 runner.load(first.model)
             except Exception:

@@ -29,6 +29,8 @@ class RunnerEntry:
     description: str
     quality: bool = False  # can score tokens (token_nll, loglikelihood_tokens): perplexity, lm-eval
     traces_passes: bool = False  # produces per-pass traces, so S-MBU/S-MFU (and hardware peaks) apply
+    # a server moecap launches on this machine: decode S-MBU/S-MFU estimated from its streamed timestamps
+    estimates_passes: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ RUNNERS: dict[str, RunnerEntry] = {
         loads=("batch", "concurrency", "rate"),
         description="a server command moecap launches, benchmarks over OpenAI-compatible HTTP, and stops",
         quality=False,
+        estimates_passes=True,
     ),
     "llamacpp": RunnerEntry(
         name="llamacpp",
@@ -73,6 +76,7 @@ RUNNERS: dict[str, RunnerEntry] = {
         description="llama.cpp (llama-cpp-python's server) on a GGUF export of the model, launched and stopped "
         "by moecap; expert placement with n_cpu_moe / override_tensor",
         quality=False,
+        estimates_passes=True,
     ),
 }
 

@@ -31,6 +31,7 @@ COLUMNS: list[tuple[str, str, tuple[str, ...], str]] = [
     ("experts_per_layer_decode", "experts/layer dec", ("report", "utilization", "decode", "mean_active_experts_per_layer"), ".2f"),
     ("j_per_token", "J/tok", ("report", "energy", "joules_per_output_token"), ".3g"),
     ("usd_per_1m_output_tokens", "$/1M out", ("report", "cost", "usd_per_1m_output_tokens"), ".3g"),
+    ("utilization_basis", "util", ("report", "utilization", "basis"), "s"),
     ("peak", "peak", ("report", "utilization", "peak", "kind"), "s"),
     ("peak_mem_gib", "peak mem GiB", (), "mem"),
 ]

@@ -108,6 +108,11 @@ class _LaunchArgs(_ServingArgs):
     """SIGTERM grace before the whole process group is SIGKILLed."""
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment variables of the server process."""
+    weight_bytes_per_param: float | None = Field(default=None, gt=0)
+    """Bytes per weight as the server stores them (2 for bf16, 1 for fp8); with it, the record carries
+    decode S-MBU/S-MFU estimated from the streamed timestamps. Engine runners that know it set it."""
+    kv_bytes_per_elem: float = Field(default=2.0, gt=0)
+    """Bytes per KV-cache element (2 for a bf16/fp16 cache, 1 for fp8)."""
 
 
 class ServedRunnerArgs(_LaunchArgs):

@@ -78,6 +78,12 @@ class LlamaCppRunner(ServedRunner):
             cmd += ["--override-tensor", item]
         return cmd + list(a.extra_args)
 
+    def storage_bytes(self) -> tuple[float | None, float]:
+        if self.args.weight_bytes_per_param:
+            return self.args.weight_bytes_per_param, self.args.kv_bytes_per_elem
+        # llama.cpp's KV cache is f16 unless told otherwise
+        return (None if self.args.gguf else BYTES_PER_PARAM[self.args.weight_type]), self.args.kv_bytes_per_elem
+
     def ready_path(self) -> str:
         return "/v1/models"
 

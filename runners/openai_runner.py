@@ -168,12 +168,16 @@ class ServedRunner(OpenAIRunner):
     name = "server"
 
     def __init__(self, args: Any, hardware: Any):
+        from moecap.hardware import detect_hardware
+
         super().__init__(args, hardware)
         self.server: Any = None
         self.port: int | None = None
         self.log_path: str | None = None
         self.startup_s: float | None = None
-        self._device = "cpu"
+        # the server runs here, on the device the suite names: meter it, price it, take its peaks
+        hw = detect_hardware(getattr(hardware, "device", "auto") or "auto")
+        self._device = "cpu" if hw.accelerator == "cpu" else f"cuda:{hw.device_index}"
 
     @property
     def base_url(self) -> str:
@@ -206,15 +210,15 @@ class ServedRunner(OpenAIRunner):
     def on_server_ready(self) -> None:
         """Called once the server answers (e.g. to start an engine's own recording)."""
 
+    def storage_bytes(self) -> tuple[float | None, float]:
+        """(bytes per weight, bytes per KV element) as the server stores them; None: unknown."""
+        return self.args.weight_bytes_per_param, self.args.kv_bytes_per_elem
+
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self, model: Any) -> None:
-        from moecap.hardware import detect_hardware
         from moecap.runners.server import ServerProcess, free_port
 
         super().load(model)
-        # the server runs here: meter (and price) the device the suite names
-        hw = detect_hardware(getattr(self.hardware, "device", "auto") or "auto")
-        self._device = "cpu" if hw.accelerator == "cpu" else f"cuda:{hw.device_index}"
         self.port = self.args.port or free_port(self.args.host)
         cmd = self.server_command(self.model_argument(model))
         fd, self.log_path = tempfile.mkstemp(prefix=f"moecap-{self.name}-{self.port}-", suffix=".log")
@@ -240,6 +244,9 @@ class ServedRunner(OpenAIRunner):
         finally:
             energy = tracker.stop()
         trace.energy = energy
+        w, kv = self.storage_bytes()
+        if w:
+            trace.weight_bytes_per_param, trace.kv_bytes_per_elem = float(w), float(kv)
         trace.memory = {
             k: energy[k]
             for k in ("host_rss_peak_bytes", "device_memory_peak_bytes", "process_device_memory_peak_bytes")

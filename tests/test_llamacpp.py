@@ -49,6 +49,15 @@ def test_llamacpp_suite_records(llamacpp_run):
             assert 0 < stats["median"] <= stats["p90"] <= stats["p99"], (name, stats)
         assert rep["latency"]["itl_ms"]["n"] == 6 * 11
         assert rep["tracing"]["traced"] is False and rep["tracing"]["reason"]
+        # decode S-MBU/S-MFU estimated from the streamed timestamps, labelled so, against calibrated peaks
+        util = rep["utilization"]
+        assert util["basis"] == "estimated" and util["decode"]["estimated"] is True
+        assert "uniform" in util["decode"]["expert_unions"] and util["prefill"]["available"] is False
+        assert 0 < util["decode"]["s_mbu"] < 1 and 0 < util["decode"]["s_mfu"] < 1
+        assert util["peak"]["kind"] == "calibrated" and util["weight_bytes_per_param"] == 4.0
+        # llama-cpp-python decodes one request at a time: batch 1, top-2 of 8 experts per layer
+        assert util["decode"]["mean_batch"] == pytest.approx(1.0, abs=0.05)
+        assert util["decode"]["mean_active_experts_per_layer"] == pytest.approx(2.0, abs=0.1)
         assert rep["model"]["n_experts"] == 8  # accounting from the exported model's HF config
         info = rec["config"]["runner"]
         assert str(info.get("gguf", "")).endswith("-f32.gguf")

@@ -215,6 +215,31 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_gguf(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from moecap.gguf_export import GGUFExportError, export_gguf
+    from moecap.models import local_path_for
+
+    try:
+        src = Path(local_path_for(args.model))
+    except Exception as err:
+        print(f"moecap: {err}", file=sys.stderr)
+        return 2
+    if not src.is_dir():
+        print(f"moecap: {args.model!r} is not a local model directory (nor an embedded model)", file=sys.stderr)
+        return 2
+    out = Path(args.output or f"{src.name}-{args.weight_type}.gguf")
+    try:
+        info = export_gguf(src, out, args.weight_type, progress=True)
+    except GGUFExportError as err:
+        print(f"moecap: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moecap import __version__
 
@@ -270,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--variants", help="comma-separated children to build: code,prose,c (default all) or none")
     zb.add_argument("--force", action="store_true", help="rebuild from scratch")
     zb.set_defaults(func=_cmd_zoo_build)
+
+    eg = sub.add_parser("export-gguf", help="write a Mixtral-family (or Llama) model as GGUF for llama.cpp")
+    eg.add_argument("model", help="an embedded model name (tiny-moe, ...) or a local Hugging Face model directory")
+    eg.add_argument("-o", "--output", help="the .gguf file (default: <model dir name>-<weight type>.gguf here)")
+    eg.add_argument("--weight-type", default="f32", choices=["f32", "f16", "bf16", "q8_0"])
+    eg.set_defaults(func=_cmd_export_gguf)
 
     sub.add_parser("models", help="list embedded models and built-in architectures").set_defaults(func=_cmd_models)
     sub.add_parser("runners", help="list registered runners").set_defaults(func=_cmd_runners)

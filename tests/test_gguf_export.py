@@ -165,3 +165,14 @@ def test_ensure_gguf_caches_by_content(tiny_moe_dir, tmp_path):
     assert a == b and b.stat().st_mtime_ns == mtime  # not rewritten
     assert json.loads(a.with_suffix(".json").read_text())["weight_type"] == "f32"
     assert ensure_gguf(tiny_moe_dir, "f16", cache_root=tmp_path) != a
+
+
+def test_export_gguf_cli(tiny_moe_dir, tmp_path):
+    from test_e2e_cli import moecap
+
+    out = tmp_path / "cli.gguf"
+    proc = moecap("export-gguf", str(tiny_moe_dir), "-o", str(out), "--weight-type", "f16", check=0)
+    info = json.loads(proc.stdout)
+    assert info["weight_type"] == "f16" and out.is_file() and info["file_bytes"] == out.stat().st_size
+    bad = moecap("export-gguf", str(tmp_path / "missing"), check=2)
+    assert "not a local model directory" in bad.stderr

@@ -269,7 +269,9 @@ def run_suite(
             except Exception:
                 err = traceback.format_exc()
                 for cell in group:
-                    finish(cell, record_of(cell, "failed", error=err, config=_cell_config(cell, None, hw_dict)))
+                    arts = _save_logs(runner, store, cell) if runner is not None else {}
+                    finish(cell, record_of(cell, "failed", error=err, config=_cell_config(cell, None, hw_dict),
+                                           artifacts=arts))
                     bar.update(1)
                 if runner is not None:
                     runner.close()
@@ -281,12 +283,14 @@ def run_suite(
                     try:
                         info = runner.info()
                         report, arts = _measure_cell(runner, cell, peaks, store, hw_dict)
+                        arts.update(_save_logs(runner, store, cell))
                         rec = record_of(
                             cell, "ok", config=_cell_config(cell, info, hw_dict), report=report, artifacts=arts
                         )
                     except Exception:
                         rec = record_of(
-                            cell, "failed", error=traceback.format_exc(), config=_cell_config(cell, info, hw_dict)
+                            cell, "failed", error=traceback.format_exc(), config=_cell_config(cell, info, hw_dict),
+                            artifacts=_save_logs(runner, store, cell),
                         )
                         _free_device_memory()
                     finish(cell, rec)
@@ -297,6 +301,16 @@ def run_suite(
         bar.close()
     outcome.outcomes.sort(key=lambda o: cells.index(o.cell))
     return outcome
+
+
+def _save_logs(runner: Any, store: ResultStore, cell: Cell) -> dict[str, str]:
+    """The runner's logs since the last cell (a launched server's output) as the cell's artifacts."""
+    try:
+        logs = runner.log_artifacts()
+        return {name.replace(".", "_"): store.write_text_artifact(cell.cell_id, name, text)
+                for name, text in logs.items()}
+    except Exception:  # a log is never worth losing the record over
+        return {}
 
 
 def _free_device_memory() -> None:

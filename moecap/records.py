@@ -82,6 +82,12 @@ class ResultStore:
         atomic_write_text(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
         return str(path.relative_to(self.dir))
 
+    def write_text_artifact(self, cell_id: str, name: str, text: str) -> str:
+        """Write a text artifact (e.g. a server's log) atomically; return its path relative to the store."""
+        path = self.artifact_dir(cell_id) / name
+        atomic_write_text(path, text)
+        return str(path.relative_to(self.dir))
+
     def write(self, record: Record) -> Path:
         path = self.record_path(record.cell_id)
         atomic_write_text(path, record.model_dump_json(indent=2) + "\n")

@@ -103,6 +103,10 @@ class Runner(ABC):
         """Runner name, version and resolved settings, for the record."""
         return {"name": self.name, "args": self.args.model_dump(mode="json")}
 
+    def log_artifacts(self) -> dict[str, str]:
+        """Text logs produced since the last call (e.g. a launched server's output), by artifact name."""
+        return {}
+
     def device_name(self) -> str:
         """``cpu`` or ``cuda:N``: where the measured work ran."""
         return "cpu"

@@ -175,6 +175,7 @@ class ServedRunner(OpenAIRunner):
         self.port: int | None = None
         self.log_path: str | None = None
         self.startup_s: float | None = None
+        self._log_offset = 0
         # the server runs here, on the device the suite names: meter it, price it, take its peaks
         hw = detect_hardware(getattr(hardware, "device", "auto") or "auto")
         self._device = "cpu" if hw.accelerator == "cpu" else f"cuda:{hw.device_index}"
@@ -210,6 +211,20 @@ class ServedRunner(OpenAIRunner):
     def on_server_ready(self) -> None:
         """Called once the server answers (e.g. to start an engine's own recording)."""
 
+    def log_artifacts(self) -> dict[str, str]:
+        """The server's log since the last call: each cell's record gets the part written while it ran
+        (the first one also the start-up)."""
+        if not self.log_path:
+            return {}
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self._log_offset)
+                data = fh.read()
+        except OSError:
+            return {}
+        self._log_offset += len(data)
+        return {"server.log": data.decode("utf-8", errors="replace")} if data else {}
+
     def storage_bytes(self) -> tuple[float | None, float]:
         """(bytes per weight, bytes per KV element) as the server stores them; None: unknown."""
         return self.args.weight_bytes_per_param, self.args.kv_bytes_per_elem
@@ -223,6 +238,7 @@ class ServedRunner(OpenAIRunner):
         cmd = self.server_command(self.model_argument(model))
         fd, self.log_path = tempfile.mkstemp(prefix=f"moecap-{self.name}-{self.port}-", suffix=".log")
         os.close(fd)
+        self._log_offset = 0
         self.close()
         self.server = ServerProcess(cmd, self.log_path, env=self.server_env()).start()
         try:

@@ -33,6 +33,7 @@ def test_llamacpp_suite_records(llamacpp_run):
     recs = records(out / "llamacpp-cpu")
     assert len(recs) == 3, proc.stdout
     loads = set()
+    logs = []
     for cell, rec in recs.items():
         assert rec["status"] == "ok", rec.get("error")
         load = rec["config"]["load"]
@@ -64,9 +65,15 @@ def test_llamacpp_suite_records(llamacpp_run):
         # the server was torn down: its process is gone
         pid = info.get("server_pid")
         assert pid is None or not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        # the server's log, the part written while this cell ran, is in the cell's artifacts
+        log = (out / "llamacpp-cpu" / rec["artifacts"]["server_log"]).read_text()
+        assert "POST /v1/completions" in log
+        logs.append(log)
         reqs = [json.loads(line) for line in (out / "llamacpp-cpu" / cell / "requests.jsonl").read_text().splitlines()]
         assert len(reqs) == 6 and all(r["input_tokens"] == 40 and r["output_tokens"] == 12 for r in reqs)
         assert all(len(r["token_times_s"]) == 12 for r in reqs)
+    # the start-up (the launch command) is in exactly one cell's part, the first cell's
+    assert sum("$ " in log and "moecap.runners.llamacpp_server" in log for log in logs) == 1
     assert loads == {("concurrency", 1, None, None), ("concurrency", 4, None, None), ("rate", None, 4.0, "poisson")}
     table = moecap("report", str(out / "llamacpp-cpu"), check=0).stdout
     assert "llamacpp" in table and "conc=4" in table and "rate=4.0" in table
@@ -120,6 +127,8 @@ def test_llamacpp_unknown_buffer_type_fails_the_cell(tmp_path, tiny_moe_dir):
     (rec,) = _records(tmp_path)
     assert rec["status"] == "failed"
     assert "unknown buffer type 'NOPE0'" in rec["error"] and "available: CPU" in rec["error"]
+    log = (tmp_path / "results" / "lcpp" / rec["artifacts"]["server_log"]).read_text()
+    assert "unknown buffer type 'NOPE0'" in log
 
 
 def test_llamacpp_args_validation():

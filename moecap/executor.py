@@ -140,6 +140,20 @@ def _estimated_utilization(trace: Any, acc: Any, peaks: Any) -> dict[str, Any]:
     }
 
 
+def _remote_cost(cost: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """An endpoint on another machine: this machine's hardware prices nothing. Priced by the hardware the
+    suite's cost section names (``gpu_key``/``gpus``), else by its cloud rate alone, else not at all."""
+    if {"gpu_key", "gpus"} & set(settings):
+        return {**cost, "note": "remote endpoint: GPUs as named in the suite's cost section"}
+    if cost.get("cloud"):
+        return {"model": "cloud", "usd_per_1m_output_tokens": cost["cloud_usd_per_1m_output_tokens"],
+                "cloud": cost["cloud"], "cloud_usd_per_1m_output_tokens": cost["cloud_usd_per_1m_output_tokens"],
+                "run_hours": cost.get("run_hours"), "output_tokens": cost.get("output_tokens"),
+                "note": "remote endpoint: priced by the suite's cloud rate only"}
+    return {"available": False, "reason": "the endpoint runs on another machine: name its hardware (cost.gpu_key "
+            "or cost.gpus) or its rental price (cost.cloud_usd_per_hour) in the suite to price it"}
+
+
 def price_run(report: dict[str, Any], hw: dict[str, Any] | None, settings: dict[str, Any]) -> dict[str, Any]:
     """The record's cost section: measured power when the run had it, else TDP; never fails the cell."""
     from moecap.catalog import build_cost_inputs
@@ -167,6 +181,8 @@ def _measure_cell(
         trace = runner.run(cell.workload, cell.load)
         report, rows = build_report(trace, peaks)
         report["cost"] = price_run(report, hw, cell.suite.cost)
+        if getattr(runner, "remote", False):
+            report["cost"] = _remote_cost(report["cost"], cell.suite.cost)
         by_index = {r["index"]: r for r in rows}
         arts = {
             "passes": store.write_artifact(

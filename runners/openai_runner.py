@@ -26,6 +26,7 @@ NO_TRACES = "an HTTP endpoint exposes no router traces"
 
 class OpenAIRunner(Runner):
     name = "openai"
+    remote = True  # the endpoint is not on this machine: not metered, priced only when the suite says on what
 
     def __init__(self, args: Any, hardware: Any):
         super().__init__(args, hardware)
@@ -166,6 +167,7 @@ class ServedRunner(OpenAIRunner):
     waits for ``ready_path``, benchmarks it like ``openai``; ``close()`` stops the whole process group."""
 
     name = "server"
+    remote = False
 
     def __init__(self, args: Any, hardware: Any):
         from moecap.hardware import detect_hardware

@@ -103,6 +103,26 @@ def test_openai_runner_against_running_server(tmp_path, tiny_moe_dir):
     thr = o.record.report["throughput"]
     assert thr["completed"] == 3 and thr["output_tokens"] == 12
     assert o.record.report["latency"]["ttft_ms"]["median"] > 0
+    # a remote endpoint is not this machine: not priced unless the suite names its hardware
+    cost = o.record.report["cost"]
+    assert cost["available"] is False and "another machine" in cost["reason"]
+
+
+def test_openai_runner_priced_on_named_hardware(tmp_path, tiny_moe_dir):
+    port = free_port()
+    cmd = [PYTHON, SERVER, "--model", str(tiny_moe_dir), "--port", str(port), "--served-model-name", "tiny"]
+    with running_server(cmd, f"http://127.0.0.1:{port}/health"):
+        runner = {"type": "openai", "args": {"base_url": f"http://127.0.0.1:{port}", "model": "tiny",
+                                             "warmup_requests": 0}}
+        raw = _suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 1}], num_prompts=2, output_tokens=4)
+        raw["cost"] = {"cloud_usd_per_hour": 3.0}
+        (o,) = _run(raw).outcomes
+    assert o.status == "ok", o.record.error
+    cost = o.record.report["cost"]
+    assert cost["model"] == "cloud" and cost["cloud"]["usd_per_hour"] == 3.0
+    hours = cost["run_hours"]
+    assert cost["usd_per_1m_output_tokens"] == pytest.approx(3.0 * hours / cost["output_tokens"] * 1e6)
+    assert "capital_usd" not in cost  # nothing of this machine is priced
 
 
 def test_openai_runner_connection_refused(tmp_path, tiny_moe_dir):

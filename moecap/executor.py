@@ -213,6 +213,7 @@ def run_suite(
     from tqdm.auto import tqdm
 
     from moecap.environment import collect_environment
+    from moecap.runners.server import check_interrupted, reset_interrupt
     from moecap.hardware import detect_hardware, resolve_peaks
 
     store = ResultStore(suite.output.dir, suite.name)
@@ -251,6 +252,7 @@ def run_suite(
             last = (rec.error or "").strip().splitlines()[-1:] or ["?"]
             log(f"moecap: cell {cell.cell_id} FAILED: {last[0]}")
 
+    reset_interrupt()
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=None)
     try:
         groups = itertools.groupby(todo, key=lambda c: (id(c.model), id(c.runner)))
@@ -283,6 +285,7 @@ def run_suite(
                 bar.set_postfix_str(f"loading {first.model.display_name}")
                 runner.load(first.model)
             except Exception:
+                check_interrupted()
                 err = traceback.format_exc()
                 for cell in group:
                     arts = _save_logs(runner, store, cell) if runner is not None else {}
@@ -309,6 +312,7 @@ def run_suite(
                             artifacts=_save_logs(runner, store, cell),
                         )
                         _free_device_memory()
+                    check_interrupted()  # a Ctrl-C/SIGTERM stopped the servers mid-cell: record nothing of it
                     finish(cell, rec)
                     bar.update(1)
             finally:

@@ -52,7 +52,26 @@ def stop_all(timeout_s: float = 15) -> None:
             pass
 
 
+_INTERRUPTED: int | None = None  # the signal that stopped the servers, until reset_interrupt()
+
+
+def reset_interrupt() -> None:
+    global _INTERRUPTED
+    _INTERRUPTED = None
+
+
+def check_interrupted() -> None:
+    """Raise again for a SIGINT/SIGTERM that stopped the servers, in case the first raise was swallowed
+    (library code that catches BaseException): call it where results would otherwise be kept."""
+    if _INTERRUPTED == signal.SIGINT:
+        raise KeyboardInterrupt
+    if _INTERRUPTED is not None:
+        raise SystemExit(128 + _INTERRUPTED)
+
+
 def _on_signal(signum: int, frame: Any) -> None:
+    global _INTERRUPTED
+    _INTERRUPTED = signum
     previous = _SAVED_HANDLERS.get(signum)
     stop_all()
     _restore_handlers()

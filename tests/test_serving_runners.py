@@ -182,7 +182,8 @@ def test_no_orphan_server_after_interrupt(tmp_path, tiny_moe_dir, sig):
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
-        assert proc.returncode != 0
+        err = proc.stderr.read().decode(errors="replace")[-4000:]
+        assert proc.returncode != 0, err
         if sig == signal.SIGKILL:
             assert proc.returncode == -signal.SIGKILL
         for pgid in pgids:

@@ -78,6 +78,28 @@ RUNNERS: dict[str, RunnerEntry] = {
         quality=False,
         estimates_passes=True,
     ),
+    "vllm": RunnerEntry(
+        name="vllm",
+        cls="moecap.runners.vllm:VLLMRunner",
+        args="moecap.runners.args:VLLMRunnerArgs",
+        loads=("batch", "concurrency", "rate"),
+        description="vLLM's OpenAI-compatible server (vllm serve), launched and stopped by moecap; token-id "
+        "prompts; no expert traces (vLLM exposes none to a streaming client)",
+        quality=False,
+        traces_passes=False,
+        estimates_passes=True,
+    ),
+    "sglang": RunnerEntry(
+        name="sglang",
+        cls="moecap.runners.sglang:SGLangRunner",
+        args="moecap.runners.args:SGLangRunnerArgs",
+        loads=("batch", "concurrency", "rate"),
+        description="SGLang's server (sglang.launch_server), launched and stopped by moecap; token-id prompts; "
+        "with record_experts, per-layer expert counts from SGLang's expert distribution recorder",
+        quality=False,
+        traces_passes=False,
+        estimates_passes=True,
+    ),
 }
 
 EMBEDDED_MODELS: dict[str, ModelEntry] = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class RunnerArgs(BaseModel):
@@ -178,3 +178,218 @@ class LlamaCppRunnerArgs(_LaunchArgs):
         if v is not None and not v.endswith(".gguf"):
             raise ValueError(f"gguf must name a .gguf file; got {v!r}")
         return v
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM and SGLang, launched by moecap (runners/vllm.py, runners/sglang.py). Each field maps to one engine
+# flag whose spelling was checked against the engine's own CLI definition or documentation of late
+# 2025 / early 2026; the runner modules list the flags and where each was verified. Unset optional
+# fields are not passed, so the engine's own default applies.
+# --------------------------------------------------------------------------------------------------
+
+_ENGINE_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _engine_value(field: str, v: str | None) -> str | None:
+    """A single engine choice such as ``fp8`` or ``flashinfer``: the engines add choices between releases,
+    so the value's form is checked here and the engine itself rejects an unknown one at start-up."""
+    if v is not None and not _ENGINE_VALUE_RE.match(v):
+        raise ValueError(
+            f"{field} must be one engine choice (letters, digits, '_', '.', '-'; e.g. 'fp8'); got {v!r}"
+        )
+    return v
+
+
+def _launcher(v: list[str]) -> list[str]:
+    if not v or any(not isinstance(a, str) or not a.strip() for a in v):
+        raise ValueError(f"launcher must be a non-empty list of non-empty argv words; got {v!r}")
+    return v
+
+
+def _no_owned_flags(v: list[str], owned: tuple[str, ...], engine: str) -> list[str]:
+    for item in v:
+        flag = item.split("=", 1)[0]
+        if flag in owned:
+            raise ValueError(
+                f"extra_args must not set {flag}: moecap sets {', '.join(owned)} itself when it launches "
+                f"{engine} (use the runner args host, port and model instead)"
+            )
+    return v
+
+
+class VLLMRunnerArgs(_LaunchArgs):
+    """vLLM's OpenAI-compatible server (``vllm serve``), launched and stopped by moecap.
+
+    The command is ``launcher + [model] + flags``: ``launcher`` defaults to ``["vllm", "serve"]``; point it
+    at another environment with ``["/opt/vllm/bin/vllm", "serve"]``, or use the module entry point with
+    ``["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model"]`` (the model path is
+    placed right after the launcher, so a launcher ending in ``--model`` works). A bare program name is
+    looked up first beside moecap's own interpreter (its environment's ``bin/``), then on ``PATH``.
+    """
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """``--dtype``; ``auto``: bf16 for bf16 checkpoints, fp16 for fp16/fp32 ones (vLLM's rule)."""
+    tensor_parallel_size: int | None = Field(default=None, ge=1)
+    """``--tensor-parallel-size``: GPUs each layer is split over."""
+    pipeline_parallel_size: int | None = Field(default=None, ge=1)
+    """``--pipeline-parallel-size``."""
+    data_parallel_size: int | None = Field(default=None, ge=1)
+    """``--data-parallel-size``: engine replicas (with ``enable_expert_parallel``: the EP group)."""
+    enable_expert_parallel: bool = False
+    """``--enable-expert-parallel``: experts sharded over the TP x DP GPUs instead of tensor-split."""
+    max_model_len: int | None = Field(default=None, gt=0)
+    """``--max-model-len``: context length; unset: the model's."""
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    """``--max-num-seqs``: requests in one scheduler step."""
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    """``--max-num-batched-tokens``: tokens in one scheduler step (the chunked-prefill budget)."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    """``--gpu-memory-utilization``: fraction of GPU memory vLLM may take (weights + KV cache), in (0, 1]."""
+    kv_cache_dtype: str | None = None
+    """``--kv-cache-dtype``, e.g. ``auto``, ``fp8``, ``fp8_e4m3``, ``fp8_e5m2``."""
+    quantization: str | None = None
+    """``--quantization``, e.g. ``fp8``, ``awq``, ``gptq_marlin``; unset: what the checkpoint says."""
+    enforce_eager: bool = False
+    """``--enforce-eager``: no CUDA graphs."""
+    enable_prefix_caching: bool = False
+    """``--enable-prefix-caching`` / ``--no-enable-prefix-caching``. Off by default here (vLLM's default is
+    on) so that repeated prompt prefixes do not flatter prefill figures."""
+    seed: int | None = Field(default=None, ge=0)
+    """``--seed``."""
+    trust_remote_code: bool = False
+    """``--trust-remote-code`` (also passed when the suite's model sets ``trust_remote_code``)."""
+    extra_args: list[str] = Field(default_factory=list)
+    """Further ``vllm serve`` flags, appended verbatim."""
+    launcher: list[str] = Field(default_factory=lambda: ["vllm", "serve"])
+    """argv that starts the server; the model path follows it (see the class doc)."""
+    record_experts: bool = False
+    """Not available for vLLM: it must stay false (see the validator's message)."""
+
+    @field_validator("kv_cache_dtype", "quantization")
+    @classmethod
+    def _values(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _engine_value(info.field_name, v)
+
+    @field_validator("launcher")
+    @classmethod
+    def _launcher(cls, v: list[str]) -> list[str]:
+        return _launcher(v)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra(cls, v: list[str]) -> list[str]:
+        return _no_owned_flags(v, ("--host", "--port", "--served-model-name", "--model"), "vLLM")
+
+    @field_validator("record_experts")
+    @classmethod
+    def _record(cls, v: bool) -> bool:
+        if v:
+            raise ValueError(
+                "record_experts is not available for vLLM: its EPLB load statistics are only logged (and only "
+                "with expert parallelism), and its routed-experts return (--enable-return-routed-experts) rides "
+                "on non-streaming responses, while moecap streams to time every token; set it false (expert "
+                "unions are then estimated, and the record says so)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _budget(self) -> "VLLMRunnerArgs":
+        if (self.max_num_batched_tokens is not None and self.max_num_seqs is not None
+                and self.max_num_batched_tokens < self.max_num_seqs):
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}): every scheduled sequence needs at least one token of the step's budget"
+            )
+        return self
+
+
+class SGLangRunnerArgs(_LaunchArgs):
+    """SGLang's server (``python -m sglang.launch_server``), launched and stopped by moecap.
+
+    The command is ``launcher + ["--model-path", model] + flags``; ``launcher`` defaults to
+    ``["python", "-m", "sglang.launch_server"]`` (a bare ``python`` is the one beside moecap's own
+    interpreter when there is one, else the first on ``PATH``); another environment:
+    ``["/opt/sglang/bin/python", "-m", "sglang.launch_server"]``.
+    """
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """``--dtype``; ``auto``: bf16 for bf16 checkpoints, fp16 for fp16/fp32 ones (SGLang's rule)."""
+    tp_size: int | None = Field(default=None, ge=1)
+    """``--tp-size``: tensor parallelism."""
+    dp_size: int | None = Field(default=None, ge=1)
+    """``--dp-size``: data parallelism (engine replicas)."""
+    ep_size: int | None = Field(default=None, ge=1)
+    """``--ep-size``: expert parallelism inside the TP group (must divide ``tp_size``)."""
+    mem_fraction_static: float | None = Field(default=None, gt=0, lt=1)
+    """``--mem-fraction-static``: fraction of GPU memory for weights + KV cache pool, in (0, 1)."""
+    max_running_requests: int | None = Field(default=None, ge=1)
+    """``--max-running-requests``."""
+    chunked_prefill_size: int | None = None
+    """``--chunked-prefill-size``: tokens per prefill chunk; -1 disables chunking."""
+    context_length: int | None = Field(default=None, gt=0)
+    """``--context-length``; unset: the model's."""
+    kv_cache_dtype: str | None = None
+    """``--kv-cache-dtype``, e.g. ``auto``, ``fp8_e4m3``, ``fp8_e5m2``, ``bf16``."""
+    quantization: str | None = None
+    """``--quantization``, e.g. ``fp8``, ``awq``, ``w8a8_fp8``; unset: what the checkpoint says."""
+    disable_radix_cache: bool = True
+    """``--disable-radix-cache``: on by default here (SGLang caches prefixes by default) so that repeated
+    prompt prefixes do not flatter prefill figures."""
+    disable_cuda_graph: bool = False
+    """``--disable-cuda-graph``."""
+    attention_backend: str | None = None
+    """``--attention-backend``, e.g. ``flashinfer``, ``fa3``, ``triton``."""
+    moe_runner_backend: str | None = None
+    """``--moe-runner-backend``, e.g. ``auto``, ``triton``, ``deep_gemm``, ``flashinfer_cutlass``."""
+    moe_a2a_backend: str | None = None
+    """``--moe-a2a-backend``: expert-parallel all-to-all, e.g. ``none``, ``deepep``, ``mooncake``."""
+    random_seed: int | None = Field(default=None, ge=0)
+    """``--random-seed``."""
+    trust_remote_code: bool = False
+    """``--trust-remote-code`` (also passed when the suite's model sets ``trust_remote_code``)."""
+    extra_args: list[str] = Field(default_factory=list)
+    """Further ``sglang.launch_server`` flags, appended verbatim."""
+    launcher: list[str] = Field(default_factory=lambda: ["python", "-m", "sglang.launch_server"])
+    """argv that starts the server; ``--model-path <model>`` follows it."""
+    record_experts: bool = False
+    """Record per-layer expert activation counts (and per-pass expert unions) of every cell's measured
+    window with SGLang's expert distribution recorder (``--expert-distribution-recorder-mode stat``). The
+    model's SGLang implementation must support it (DeepSeek, Qwen2/3-MoE, ...; SGLang refuses to start
+    otherwise). Adds a little work to every forward pass."""
+
+    @field_validator("kv_cache_dtype", "quantization", "attention_backend", "moe_runner_backend", "moe_a2a_backend")
+    @classmethod
+    def _values(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _engine_value(info.field_name, v)
+
+    @field_validator("chunked_prefill_size")
+    @classmethod
+    def _chunk(cls, v: int | None) -> int | None:
+        if v is not None and v != -1 and v <= 0:
+            raise ValueError(f"chunked_prefill_size must be a positive number of tokens, or -1 (no chunking); got {v}")
+        return v
+
+    @field_validator("launcher")
+    @classmethod
+    def _launcher(cls, v: list[str]) -> list[str]:
+        return _launcher(v)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra(cls, v: list[str]) -> list[str]:
+        return _no_owned_flags(v, ("--host", "--port", "--served-model-name", "--model-path", "--model"), "SGLang")
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "SGLangRunnerArgs":
+        tp = self.tp_size or 1
+        if self.ep_size is not None and tp % self.ep_size:
+            raise ValueError(
+                f"ep_size ({self.ep_size}) must divide tp_size ({tp}): SGLang splits the tensor-parallel group "
+                "into ep_size expert groups"
+            )
+        if self.record_experts and (self.dp_size or 1) > 1:
+            raise ValueError(
+                "record_experts supports dp_size 1 only: with data parallelism SGLang's recorder runs per "
+                "replica, and moecap reads one dump"
+            )
+        return self

@@ -45,14 +45,16 @@ def pass_cost(
     weight_bytes_per_param: float,
     kv_bytes_per_elem: float,
     expanded_mla: bool = False,
-    expert_bytes: dict[int, float] | None = None,
+    expert_bytes: dict[int, float | Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Bytes moved and FLOPs done by one pass, by component.
 
     ``p``: a PassTrace (new_tokens, context_lens, logits_tokens, expert_counts).
     ``acc``: a ``ModelAccounting``. ``moe_layers``: layer index of each row of ``p.expert_counts``.
-    ``expert_bytes``: optional bytes of one expert per layer when experts are stored at another
-    precision than the rest (quantized experts); default: params x ``weight_bytes_per_param``.
+    ``expert_bytes``: optional bytes of the experts per layer when they are stored at another precision
+    than the rest (quantized experts): one figure for every expert of the layer, or a list with each
+    expert's own bytes (mixed precision: the pass reads the sum over the experts it used);
+    default: params x ``weight_bytes_per_param``.
     """
     bpp = weight_bytes_per_param
     row_of = {layer: i for i, layer in enumerate(moe_layers)}
@@ -71,12 +73,18 @@ def pass_cost(
                 )
             if layer.index not in row_of:
                 raise TraceError(f"pass {p.index}: MoE layer {layer.index} missing from the expert trace")
-            n_active = sum(1 for c in counts[row_of[layer.index]] if c > 0)
+            row = counts[row_of[layer.index]]
+            n_active = sum(1 for c in row if c > 0)
             active.append(n_active)
-            per_expert = expert_bytes[layer.index] if expert_bytes else layer.expert_params * bpp
+            per_expert = expert_bytes.get(layer.index) if expert_bytes else None
+            if per_expert is None:
+                b["experts"] += n_active * layer.expert_params * bpp
+            elif isinstance(per_expert, (int, float)):
+                b["experts"] += n_active * per_expert
+            else:
+                b["experts"] += sum(per_expert[e] for e, c in enumerate(row) if c > 0)
             b["router"] += layer.router_params * bpp
             b["shared_experts"] += layer.shared_params * bpp
-            b["experts"] += n_active * per_expert
             linear_params_per_token += (
                 layer.attn_params + layer.router_params + layer.top_k * layer.expert_params + layer.shared_params
             )
@@ -110,7 +118,7 @@ def utilization(
     peak_bandwidth_Bps: float,
     peak_flops: float,
     expanded_mla: bool = False,
-    expert_bytes: dict[int, float] | None = None,
+    expert_bytes: dict[int, float | Sequence[float]] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Per-phase S-MBU / S-MFU with their components, and per-pass rows for the artifacts."""
     phases: dict[str, dict[str, Any]] = {}

@@ -87,6 +87,7 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
             peaks.mem_bandwidth_Bps,
             peaks.flops_for(trace.compute_dtype),
             expanded_mla=trace.kv_cache_expanded_mla,
+            expert_bytes=trace.expert_bytes,
         )
         report["utilization"] = {
             **phases,
@@ -102,6 +103,8 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
             "weight_bytes_per_param": trace.weight_bytes_per_param,
             "kv_bytes_per_elem": trace.kv_bytes_per_elem,
         }
+        if trace.expert_bytes:
+            report["utilization"]["expert_bytes"] = {str(k): v for k, v in trace.expert_bytes.items()}
     elif trace.requests and acc is not None and trace.weight_bytes_per_param > 0 and acc.moe_layers:
         report["utilization"] = _estimated_utilization(trace, acc, peaks)
     else:

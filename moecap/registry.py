@@ -50,6 +50,16 @@ RUNNERS: dict[str, RunnerEntry] = {
         quality=True,
         traces_passes=True,
     ),
+    "engine": RunnerEntry(
+        name="engine",
+        cls="moecap.runners.engine:EngineRunner",
+        args="moecap.runners.args:EngineRunnerArgs",
+        loads=("batch",),
+        description="moecap's engine: experts placed on the fast device or host memory, full precision or "
+        "int8/int4 (a plan, a preset or fractions), otherwise as hf; traced experts, quality",
+        quality=True,
+        traces_passes=True,
+    ),
     "openai": RunnerEntry(
         name="openai",
         cls="moecap.runners.openai_runner:OpenAIRunner",

@@ -393,3 +393,54 @@ class SGLangRunnerArgs(_LaunchArgs):
                 "replica, and moecap reads one dump"
             )
         return self
+
+
+# --------------------------------------------------------------------------------------------------
+# moecap's own engine (runners/engine.py, moecap/engine/)
+# --------------------------------------------------------------------------------------------------
+
+ENGINE_PRESETS = ("resident", "offload-all", "int8-all", "int4-all")
+
+
+class EnginePlanSpec(RunnerArgs):
+    """A plan described by fractions (see ``moecap.engine.planner.make_plan``)."""
+
+    quantize_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Share of all routed experts quantized (cheapest first: activation frequency x sensitivity)."""
+    precision: Literal["int8", "int4", "int3", "int2"] = "int4"
+    offload_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Share of all routed experts placed in host memory (least used first)."""
+    fast_budget_gb: float | None = Field(default=None, gt=0)
+    """Fast-device memory for experts, GB (1e9 B); more experts go to host memory until they fit."""
+
+
+class EngineRunnerArgs(HFRunnerArgs):
+    """moecap's engine: the Hugging Face model with its MoE blocks replaced by the expert store."""
+
+    plan: str | EnginePlanSpec = "resident"
+    """A preset (resident, offload-all, int8-all, int4-all), a plan JSON file (``moecap engine pareto``
+    writes them), or fractions: ``{quantize_fraction, precision, offload_fraction, fast_budget_gb}``."""
+    group_size: int = Field(default=64, gt=0)
+    """Quantization group size (weights per scale along the input dimension)."""
+    offload_mode: Literal["auto", "cpu", "copy"] = "auto"
+    """Host experts: ``cpu`` computes them on the CPU (activations travel), ``copy`` moves the expert to
+    the fast device, ``auto`` picks per call from the token count (the cost model)."""
+    host_gflops: float | None = Field(default=None, gt=0)
+    """CPU matmul rate for the cost model; unset: the calibrated CPU peak when cached, else 200."""
+    link_gbs: float = Field(default=25.0, gt=0)
+    """Host-to-device bandwidth for the cost model, GB/s."""
+    cache_size: int = Field(default=2, ge=0)
+    """Host experts kept on the fast device per layer after a copy or prefetch."""
+    prefetch: int = Field(default=2, ge=0)
+    """On a GPU, the next layer's N most used host experts are copied while the current layer routes."""
+    profile_windows: int = Field(default=8, ge=0)
+    """Calibration windows (of ``profile_tokens`` tokens) for activation frequency and sensitivity."""
+    profile_tokens: int = Field(default=128, ge=8)
+
+    @field_validator("plan")
+    @classmethod
+    def _plan(cls, v: str | EnginePlanSpec) -> str | EnginePlanSpec:
+        if isinstance(v, str) and v not in ENGINE_PRESETS and not v.endswith(".json"):
+            raise ValueError(f"plan must be one of {', '.join(ENGINE_PRESETS)}, a .json plan file, or "
+                             f"{{quantize_fraction, precision, offload_fraction, fast_budget_gb}}; got {v!r}")
+        return v

@@ -77,6 +77,9 @@ class RunTrace:
     energy: dict[str, Any] = field(default_factory=dict)  # moecap.energy result over the measured window
     tracing: dict[str, Any] = field(default_factory=dict)  # how experts were traced, or why not
     extra: dict[str, Any] = field(default_factory=dict)
+    # bytes of each routed expert as stored, per MoE layer (quantized / mixed-precision experts);
+    # None: every expert is stored like the rest of the weights (weight_bytes_per_param)
+    expert_bytes: dict[int, list[float]] | None = None
 
 
 class Runner(ABC):

@@ -1,0 +1,1 @@
+"""moecap's own MoE serving engine: expert store, quantization, offloading, planner."""

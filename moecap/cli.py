@@ -240,6 +240,55 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_engine_pareto(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moecap.engine.pareto import format_points, grid, pareto_suite, points_from_outcome, select, write_frontier
+    from moecap.executor import run_suite
+    from moecap.suite import SuiteError, parse_suite
+
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    bad = [p for p in precisions if p not in ("int8", "int4", "int3", "int2")]
+    if bad:
+        print(f"moecap: --precisions {bad}: allowed int8, int4, int3, int2", file=sys.stderr)
+        return 2
+    configs = grid(precisions, args.quantize, args.offload)
+    raw = pareto_suite(args.model, configs, dataset=args.dataset, windows=args.windows,
+                       input_tokens=args.input_tokens, output_tokens=args.output_tokens,
+                       num_prompts=args.num_prompts, batch_size=args.batch_size, device=args.device,
+                       dtype=args.dtype, output_dir=args.output, fast_budget_gb=args.fast_budget_gb,
+                       group_size=args.group_size, profile_windows=args.profile_windows)
+    try:
+        suite = parse_suite(raw, "moecap engine pareto")
+    except SuiteError as err:
+        print(f"moecap: {err}", file=sys.stderr)
+        return 2
+    print(f"moecap engine pareto: {len(configs)} configurations of {args.model} -> {args.output}/{suite.name}/",
+          file=sys.stderr)
+    outcome = run_suite(suite, force=args.force)
+    points = points_from_outcome(outcome, args.dataset)
+    out_dir = Path(args.output) / suite.name
+    meta = {"model": args.model, "dataset": args.dataset, "device": args.device, "dtype": args.dtype,
+            "batch_size": args.batch_size, "fast_budget_gb": args.fast_budget_gb, "run_id": outcome.run_id}
+    files = write_frontier(points, out_dir, meta)
+    print(format_points(points))
+    print(f"\nfrontier: {files['json']}  plot: {files['png']}  {files['html']}")
+    if args.max_perplexity is not None or args.min_tokens_per_s is not None:
+        best = select(points, args.max_perplexity, args.min_tokens_per_s)
+        if best is None:
+            print("no configuration meets the constraint", file=sys.stderr)
+            return 1
+        print(f"selected: {best.name} ({best.tokens_per_s:.1f} tok/s, perplexity {best.perplexity:.3f})")
+    return 1 if any(p.status == "failed" for p in points) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moecap import __version__
 
@@ -295,6 +344,31 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--variants", help="comma-separated children to build: code,prose,c (default all) or none")
     zb.add_argument("--force", action="store_true", help="rebuild from scratch")
     zb.set_defaults(func=_cmd_zoo_build)
+
+    eng = sub.add_parser("engine", help="moecap's own engine").add_subparsers(dest="engine_command", required=True)
+    ep = eng.add_parser("pareto", help="measure expert placement x precision configurations; write the "
+                        "throughput/perplexity frontier (records, frontier.json, PNG, HTML)")
+    ep.add_argument("model", help="an embedded model (tiny-moe, ...), a local directory or a hub id")
+    ep.add_argument("--precisions", default="int8,int4", help="precisions of quantized experts (int8,int4,int3,int2)")
+    ep.add_argument("--quantize", type=_floats, default=[0, 0.25, 0.5, 0.75, 1.0],
+                    help="shares of experts quantized (comma-separated, 0..1)")
+    ep.add_argument("--offload", type=_floats, default=[0, 0.5, 1.0], help="shares of experts in host memory")
+    ep.add_argument("--fast-budget-gb", type=float, help="fast-device memory for experts, GB")
+    ep.add_argument("--dataset", default="tiny-code", help="perplexity data set (tiny-code, tiny-prose, tiny-c, wikitext2, ...)")
+    ep.add_argument("--windows", type=int, default=16, help="perplexity windows per configuration")
+    ep.add_argument("--input-tokens", type=int, default=64)
+    ep.add_argument("--output-tokens", type=int, default=32)
+    ep.add_argument("--num-prompts", type=int, default=4)
+    ep.add_argument("--batch-size", type=int, default=1)
+    ep.add_argument("--device", default="auto")
+    ep.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ep.add_argument("--group-size", type=int, default=64)
+    ep.add_argument("--profile-windows", type=int, default=8, help="calibration windows for frequency and sensitivity")
+    ep.add_argument("--max-perplexity", type=float, help="print the fastest configuration with perplexity <= this")
+    ep.add_argument("--min-tokens-per-s", type=float, help="print the most accurate configuration with tok/s >= this")
+    ep.add_argument("-o", "--output", default="results")
+    ep.add_argument("--force", action="store_true", help="re-run configurations that already have records")
+    ep.set_defaults(func=_cmd_engine_pareto)
 
     eg = sub.add_parser("export-gguf", help="write a Mixtral-family (or Llama) model as GGUF for llama.cpp")
     eg.add_argument("model", help="an embedded model name (tiny-moe, ...) or a local Hugging Face model directory")

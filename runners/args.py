@@ -414,6 +414,17 @@ class EnginePlanSpec(RunnerArgs):
     """Fast-device memory for experts, GB (1e9 B); more experts go to host memory until they fit."""
 
 
+class EngineSelect(RunnerArgs):
+    """Serve the configuration a measured frontier (``moecap engine pareto``) picks under a constraint."""
+
+    frontier: str
+    """frontier.json (or the folder holding it)."""
+    max_perplexity: float | None = Field(default=None, gt=0)
+    """Best throughput among configurations with perplexity <= this."""
+    min_tokens_per_s: float | None = Field(default=None, gt=0)
+    """Best perplexity among configurations with at least this decode throughput."""
+
+
 class EngineRunnerArgs(HFRunnerArgs):
     """moecap's engine: the Hugging Face model with its MoE blocks replaced by the expert store."""
 
@@ -436,6 +447,8 @@ class EngineRunnerArgs(HFRunnerArgs):
     profile_windows: int = Field(default=8, ge=0)
     """Calibration windows (of ``profile_tokens`` tokens) for activation frequency and sensitivity."""
     profile_tokens: int = Field(default=128, ge=8)
+    select: EngineSelect | None = None
+    """Take the plan from a measured frontier under a constraint (replaces ``plan``)."""
 
     @field_validator("plan")
     @classmethod

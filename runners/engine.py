@@ -50,6 +50,18 @@ class EngineRunner(HFRunner):
         spec = self.args.plan
         per_layer = experts_per_layer(self.model)
         g = self.args.group_size
+        if self.args.select is not None:
+            from moecap.engine.pareto import load_frontier, select
+
+            sel = self.args.select
+            best = select(load_frontier(Path(sel.frontier).expanduser()), sel.max_perplexity, sel.min_tokens_per_s)
+            if best is None or not best.plan_detail:
+                raise ValueError(f"runner engine: no configuration in {sel.frontier} meets max_perplexity="
+                                 f"{sel.max_perplexity}, min_tokens_per_s={sel.min_tokens_per_s}")
+            plan = ExpertPlan.from_dict(best.plan_detail)
+            plan.notes = {**plan.notes, "selected_from": sel.frontier, "measured_tokens_per_s": best.tokens_per_s,
+                          "measured_perplexity": best.perplexity}
+            return plan
         if isinstance(spec, str) and spec.endswith(".json"):
             plan = ExpertPlan.load(Path(spec).expanduser())
             plan.group_size = plan.group_size or g

@@ -170,3 +170,84 @@ def test_engine_runner_cells(tmp_path, tiny_moe_dir):
     plan = recs["mixed"].config["runner"]["plan"]
     assert plan["host_experts"] == plan["experts"] // 2 and plan["int4_experts"] == plan["experts"] // 2
     assert mixed["utilization"]["expert_bytes"]
+
+
+# ------------------------------------------------------------------------------------ Pareto search
+def _pt(name, tps, ppl, fast, **kw):
+    from moecap.engine.pareto import Point
+
+    return Point(name, {}, "ok", tokens_per_s=tps, perplexity=ppl, fast_bytes=fast, **kw)
+
+
+def test_frontier_and_selection():
+    from moecap.engine.pareto import frontier, mark_frontier, select
+
+    pts = [_pt("a", 100, 10.0, 8), _pt("b", 80, 9.0, 8), _pt("c", 60, 9.5, 4), _pt("d", 50, 8.5, 8),
+           _pt("e", 90, 11.0, 2)]
+    mark_frontier(pts)
+    front = frontier(pts)
+    assert [p.name for p in front] == ["d", "b", "a"]  # c is beaten by b on both; e by a
+    ppl = [p.perplexity for p in front]
+    assert ppl == sorted(ppl)  # monotone: faster configurations lose accuracy
+    # with fast-tier memory as a third objective, c (least memory after e) and e (least memory) join
+    assert {p.name for p in pts if p.frontier3} == {"a", "b", "c", "d", "e"}
+    pts.append(_pt("f", 55, 9.6, 5))  # beaten by c on all three
+    mark_frontier(pts)
+    assert not pts[-1].frontier3 and not pts[-1].frontier
+    assert select(pts, max_perplexity=9.2).name == "b"
+    assert select(pts, min_tokens_per_s=85).name == "a"
+    assert select(pts, max_perplexity=1.0) is None
+
+
+def test_grid_has_each_configuration_once():
+    from moecap.engine.pareto import grid
+
+    g = dict(grid(["int8", "int4"], [0, 0.5, 1], [0, 1]))
+    assert len(g) == 2 * (1 + 2 * 2)
+    assert g["full-off1"] == {"quantize_fraction": 0.0, "precision": "int8", "offload_fraction": 1.0}
+    assert g["q0.5-int4-off0"]["precision"] == "int4"
+
+
+def test_engine_pareto_cli(tmp_path, tiny_moe_dir):
+    """End to end: records per configuration, frontier.json, PNG and HTML; a suite then serves the
+    configuration the frontier picks under a perplexity bound."""
+    from test_e2e_cli import moecap
+
+    from moecap.engine.pareto import load_frontier
+
+    out = tmp_path / "res"
+    proc = moecap("engine", "pareto", str(tiny_moe_dir), "--device", "cpu", "--precisions", "int2",
+                  "--quantize", "0,1", "--offload", "0,1", "--windows", "2", "--num-prompts", "1",
+                  "--output-tokens", "4", "--input-tokens", "16", "--profile-windows", "1", "-o", str(out), check=0)
+    folder = next(out.iterdir())
+    assert len(list(folder.glob("*.json"))) == 4 + 1  # 4 records + frontier.json
+    points = load_frontier(folder)
+    assert {p.name for p in points} == {"full-off0", "full-off1", "q1-int2-off0", "q1-int2-off1"}
+    by = {p.name: p for p in points}
+    assert all(p.ok() for p in points)
+    # quantizing every expert to 2 bits costs perplexity; offloading costs none; both shrink the fast tier
+    assert by["q1-int2-off0"].perplexity > by["full-off0"].perplexity
+    assert by["full-off1"].perplexity == pytest.approx(by["full-off0"].perplexity, rel=1e-6)
+    assert by["full-off1"].fast_bytes < by["q1-int2-off0"].fast_bytes < by["full-off0"].fast_bytes
+    assert any(p.frontier for p in points)
+    assert (folder / "frontier.png").stat().st_size > 10_000 and "plotly" in (folder / "frontier.html").read_text()
+    assert "frontier:" in proc.stdout
+
+    # a suite asks for the best throughput within a perplexity bound
+    from moecap.executor import run_suite
+    from moecap.suite import parse_suite
+
+    bound = by["full-off0"].perplexity * 1.0001
+    raw = {"name": "sel", "models": [{"id": str(tiny_moe_dir)}],
+           "runners": [{"type": "engine", "args": {"dtype": "float32", "select": {"frontier": str(folder),
+                                                                                   "max_perplexity": bound}}}],
+           "workloads": [{"name": "w", "input_tokens": 8, "output_tokens": 3, "num_prompts": 1}],
+           "loads": [{"batch_size": 1}],
+           "hardware": {"device": "cpu", "peaks": {"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0}},
+                        "calibrate": "never"},
+           "output": {"dir": str(tmp_path / "sel")}}
+    (o,) = run_suite(parse_suite(raw, "test"), log=lambda s: None).outcomes
+    assert o.status == "ok", o.record.error
+    chosen = o.record.config["runner"]["plan_detail"]["notes"]
+    assert chosen["measured_perplexity"] <= bound
+    assert o.record.config["runner"]["plan"].get("int2_experts", 0) == 0  # the 2-bit plans exceed the bound

@@ -108,6 +108,12 @@ def _unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
             f"{packed.shape[1]} packed bytes per row do not hold {n} codes of {bits} bits "
             f"(expected {_packed_row_bytes(n, bits)})"
         )
+    if bits == 8:  # one code per byte
+        return packed[:, :n]
+    if bits in (4, 2):  # whole codes per byte, first code in the lowest bits: shifts, no int32 detour
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = torch.bitwise_right_shift(packed.unsqueeze(-1), shifts) & ((1 << bits) - 1)
+        return codes.reshape(rows, -1)[:, :n]
     b = packed.to(torch.int32).reshape(rows, -1, bytes_per_block)
     byte_shifts = torch.arange(bytes_per_block, device=b.device, dtype=torch.int32) * 8
     value = torch.bitwise_left_shift(b, byte_shifts).sum(dim=-1, dtype=torch.int32)

@@ -257,13 +257,16 @@ class ExpertStore(nn.Module):
     # -- the layer ------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
+        """Each token's output is the weighted sum of its top-k experts' outputs. The (token, choice)
+        pairs are sorted by expert once; each expert computes on one contiguous slice; the slices are put
+        back in (token, choice) order with one scatter and summed over the k choices."""
         n_tok, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // k
-        weight_of = top_k_weights.reshape(-1)[order]
+        x_sorted = hidden_states[order // k]
+        w_sorted = top_k_weights.reshape(-1)[order]
+        y_sorted = torch.empty_like(x_sorted)
         if self._stream is not None and self._cache:
             torch.cuda.current_stream(self.fast).wait_stream(self._stream)  # prefetched copies are ready
         host_jobs = []
@@ -271,31 +274,32 @@ class ExpertStore(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            idx = token_of[start:start + n]
-            w = weight_of[start:start + n]
+            sl = slice(start, start + n)
             start += n
             ex = self.experts[e]
             if ex.slot.placement == "fast":
-                y = StoredExpert.apply(hidden_states[idx], ex.gate_up, ex.down, self.act_fn)
                 self.calls["fast"] += 1
-                out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))
-                continue
-            mode = self.cost.choose(n, ex.hidden, ex.inter, ex.nbytes(), hidden_states.element_size())
-            if mode == "copy" or e in self._cache:
+                y = StoredExpert.apply(x_sorted[sl], ex.gate_up, ex.down, self.act_fn)
+            else:
+                mode = self.cost.choose(n, ex.hidden, ex.inter, ex.nbytes(), hidden_states.element_size())
+                if mode == "cpu" and e not in self._cache:
+                    host_jobs.append((e, sl))
+                    continue
                 (gu, dn), cached = self._device_copy(e)
                 self.calls["copy_cached" if cached else "copy"] += 1
-                y = StoredExpert.apply(hidden_states[idx], gu, dn, self.act_fn)
-                out.index_add_(0, idx, (y * w[:, None]).to(out.dtype))
-            else:
-                host_jobs.append((e, idx, w))
+                y = StoredExpert.apply(x_sorted[sl], gu, dn, self.act_fn)
+            # as transformers does: the weight product in the routing dtype, stored in the model's
+            y_sorted[sl] = (y * w_sorted[sl, None]).to(y_sorted.dtype)
         # host experts on the CPU, while the fast device works through what was queued above
-        for e, idx, w in host_jobs:
+        for e, sl in host_jobs:
             ex = self.experts[e]
-            x = hidden_states[idx].to(self.host)
-            y = StoredExpert.apply(x, ex.gate_up, ex.down, self.act_fn).to(self.fast, non_blocking=True)
+            y = StoredExpert.apply(x_sorted[sl].to(self.host), ex.gate_up, ex.down, self.act_fn)
             self.calls["cpu"] += 1
-            out.index_add_(0, idx, (y * w.to(y.dtype)[:, None]).to(out.dtype))
-        return out
+            y = y.to(self.fast, non_blocking=True)
+            y_sorted[sl] = (y * w_sorted[sl, None].to(self.fast)).to(y_sorted.dtype)
+        y_pairs = torch.empty_like(y_sorted)
+        y_pairs[order] = y_sorted
+        return y_pairs.view(n_tok, k, -1).sum(dim=1)
 
 
 # ----------------------------------------------------------------------------------------- the block

@@ -251,3 +251,19 @@ def test_engine_pareto_cli(tmp_path, tiny_moe_dir):
     chosen = o.record.config["runner"]["plan_detail"]["notes"]
     assert chosen["measured_perplexity"] <= bound
     assert o.record.config["runner"]["plan"].get("int2_experts", 0) == 0  # the 2-bit plans exceed the bound
+
+
+def test_cost_model_ships_activations_for_few_tokens_and_weights_for_many():
+    from moecap.engine.store import CostModel
+
+    cm = CostModel(host_flops=2e11, link_Bps=25e9, fast_flops=1e14)
+    hidden, inter = 4096, 14336  # a Mixtral-8x7B expert: 352 MB in bf16
+    expert_bytes = 3 * hidden * inter * 2
+    assert cm.choose(1, hidden, inter, expert_bytes, 2) == "cpu"      # decode: 0.7 ms of CPU vs 14 ms of PCIe
+    assert cm.choose(4096, hidden, inter, expert_bytes, 2) == "copy"  # prefill: 3 s of CPU vs 14 ms
+    # the crossover: the token count where CPU time equals the copy time
+    n = next(n for n in range(1, 4096) if cm.choose(n, hidden, inter, expert_bytes, 2) == "copy")
+    t_copy = expert_bytes / 25e9 + 2 * n * 3 * hidden * inter / 1e14
+    t_cpu = 2 * n * 3 * hidden * inter / 2e11 + 2 * n * hidden * 2 / 25e9
+    assert t_cpu > t_copy and 5 < n < 100
+    assert CostModel(mode="cpu").choose(10_000, hidden, inter, expert_bytes, 2) == "cpu"

@@ -6,7 +6,7 @@ A suite's ``runners[i].args`` is validated against the runner's schema before an
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -217,7 +217,30 @@ def _no_owned_flags(v: list[str], owned: tuple[str, ...], engine: str) -> list[s
     return v
 
 
-class VLLMRunnerArgs(_LaunchArgs):
+class _EngineLaunchArgs(_LaunchArgs):
+    """What the vLLM and SGLang schemas share: the launcher, verbatim extra flags (never the ones moecap
+    sets itself), remote code, expert recording."""
+
+    OWNED_FLAGS: ClassVar[tuple[str, ...]] = ("--host", "--port", "--served-model-name", "--model")
+    ENGINE: ClassVar[str] = "the engine"
+
+    trust_remote_code: bool = False
+    """``--trust-remote-code`` (also passed when the suite's model sets ``trust_remote_code``)."""
+    extra_args: list[str] = Field(default_factory=list)
+    """Further server flags, appended verbatim."""
+
+    @field_validator("launcher", check_fields=False)
+    @classmethod
+    def _launcher(cls, v: list[str]) -> list[str]:
+        return _launcher(v)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra(cls, v: list[str]) -> list[str]:
+        return _no_owned_flags(v, cls.OWNED_FLAGS, cls.ENGINE)
+
+
+class VLLMRunnerArgs(_EngineLaunchArgs):
     """vLLM's OpenAI-compatible server (``vllm serve``), launched and stopped by moecap.
 
     The command is ``launcher + [model] + flags``: ``launcher`` defaults to ``["vllm", "serve"]``; point it
@@ -256,10 +279,8 @@ class VLLMRunnerArgs(_LaunchArgs):
     on) so that repeated prompt prefixes do not flatter prefill figures."""
     seed: int | None = Field(default=None, ge=0)
     """``--seed``."""
-    trust_remote_code: bool = False
-    """``--trust-remote-code`` (also passed when the suite's model sets ``trust_remote_code``)."""
-    extra_args: list[str] = Field(default_factory=list)
-    """Further ``vllm serve`` flags, appended verbatim."""
+    ENGINE: ClassVar[str] = "vLLM"
+
     launcher: list[str] = Field(default_factory=lambda: ["vllm", "serve"])
     """argv that starts the server; the model path follows it (see the class doc)."""
     record_experts: bool = False
@@ -270,15 +291,6 @@ class VLLMRunnerArgs(_LaunchArgs):
     def _values(cls, v: str | None, info: ValidationInfo) -> str | None:
         return _engine_value(info.field_name, v)
 
-    @field_validator("launcher")
-    @classmethod
-    def _launcher(cls, v: list[str]) -> list[str]:
-        return _launcher(v)
-
-    @field_validator("extra_args")
-    @classmethod
-    def _extra(cls, v: list[str]) -> list[str]:
-        return _no_owned_flags(v, ("--host", "--port", "--served-model-name", "--model"), "vLLM")
 
     @field_validator("record_experts")
     @classmethod
@@ -303,7 +315,7 @@ class VLLMRunnerArgs(_LaunchArgs):
         return self
 
 
-class SGLangRunnerArgs(_LaunchArgs):
+class SGLangRunnerArgs(_EngineLaunchArgs):
     """SGLang's server (``python -m sglang.launch_server``), launched and stopped by moecap.
 
     The command is ``launcher + ["--model-path", model] + flags``; ``launcher`` defaults to
@@ -345,10 +357,9 @@ class SGLangRunnerArgs(_LaunchArgs):
     """``--moe-a2a-backend``: expert-parallel all-to-all, e.g. ``none``, ``deepep``, ``mooncake``."""
     random_seed: int | None = Field(default=None, ge=0)
     """``--random-seed``."""
-    trust_remote_code: bool = False
-    """``--trust-remote-code`` (also passed when the suite's model sets ``trust_remote_code``)."""
-    extra_args: list[str] = Field(default_factory=list)
-    """Further ``sglang.launch_server`` flags, appended verbatim."""
+    OWNED_FLAGS: ClassVar[tuple[str, ...]] = ("--host", "--port", "--served-model-name", "--model-path", "--model")
+    ENGINE: ClassVar[str] = "SGLang"
+
     launcher: list[str] = Field(default_factory=lambda: ["python", "-m", "sglang.launch_server"])
     """argv that starts the server; ``--model-path <model>`` follows it."""
     record_experts: bool = False
@@ -369,15 +380,6 @@ class SGLangRunnerArgs(_LaunchArgs):
             raise ValueError(f"chunked_prefill_size must be a positive number of tokens, or -1 (no chunking); got {v}")
         return v
 
-    @field_validator("launcher")
-    @classmethod
-    def _launcher(cls, v: list[str]) -> list[str]:
-        return _launcher(v)
-
-    @field_validator("extra_args")
-    @classmethod
-    def _extra(cls, v: list[str]) -> list[str]:
-        return _no_owned_flags(v, ("--host", "--port", "--served-model-name", "--model-path", "--model"), "SGLang")
 
     @model_validator(mode="after")
     def _parallel(self) -> "SGLangRunnerArgs":

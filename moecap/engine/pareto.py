@@ -190,8 +190,9 @@ def _plot_png(points: Sequence[Point], path: Path, meta: dict[str, Any]) -> Path
     front = frontier(ok)
     ax.plot([p.tokens_per_s for p in front], [p.perplexity for p in front], "r--", lw=1.5, zorder=2,
             label="throughput / perplexity frontier")
-    for p in ok:
-        ax.annotate(p.name, (p.tokens_per_s, p.perplexity), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for p in ok:  # names on the frontier points only (the HTML plot names every point on hover)
+        if p.frontier or p.frontier3:
+            ax.annotate(p.name, (p.tokens_per_s, p.perplexity), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("decode throughput (output tokens/s)")
     ax.set_ylabel(f"perplexity ({meta.get('dataset', '')})")
     ax.set_title(f"{meta.get('model', '')}: expert placement x precision ({meta.get('device', '')})", fontsize=9)

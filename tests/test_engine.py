@@ -267,3 +267,45 @@ def test_cost_model_ships_activations_for_few_tokens_and_weights_for_many():
     t_cpu = 2 * n * 3 * hidden * inter / 2e11 + 2 * n * hidden * 2 / 25e9
     assert t_cpu > t_copy and 5 < n < 100
     assert CostModel(mode="cpu").choose(10_000, hidden, inter, expert_bytes, 2) == "cpu"
+
+
+
+TINY_FAMILIES = {
+    "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=96,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen3_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[], head_dim=16),
+    "olmoe": dict(num_experts=6, num_experts_per_tok=2, norm_topk_prob=False),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_store_reproduces_other_families(family):
+    """Qwen2-MoE (shared expert + its sigmoid gate, no renormalisation), Qwen3-MoE (renormalised top-k)
+    and OLMoE, random weights: the resident store matches transformers; int8 stays close."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(family, vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                               **TINY_FAMILIES[family])
+    ref = AutoModelForCausalLM.from_config(cfg).eval()
+    for p in ref.parameters():  # transformers leaves some MoE tensors at zero until weights load
+        torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    m.load_state_dict(ref.state_dict())
+    install(m, ExpertPlan.uniform(experts_per_layer(m)), "cpu")
+    with torch.no_grad():
+        got = m(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())
+    if family == "qwen2_moe":
+        assert m.model.layers[0].mlp.shared_expert is not None
+    q = AutoModelForCausalLM.from_config(cfg).eval()
+    q.load_state_dict(ref.state_dict())
+    install(q, ExpertPlan.uniform(experts_per_layer(q), "host", "int8"), "cpu")
+    with torch.no_grad():
+        err = float((q(ids).logits - want).abs().mean())
+    assert 0 < err < 0.01 * float(want.abs().mean()) + 1e-3, err

@@ -245,3 +245,13 @@ def test_cuda_matches_cpu(bits):
     mismatch = (qg.codes().cpu() != q.codes()).float().mean().item()
     assert mismatch < 1e-3, mismatch
     assert torch.equal(_unpack_codes(qg.packed, bits, IN).cpu(), qg.codes().cpu())
+
+
+def test_fit_group_size():
+    from moecap.engine.quant import fit_group_size
+
+    assert fit_group_size(14336, 64) == 64
+    assert fit_group_size(96, 64) == 48
+    assert fit_group_size(7, 64) == 7 and fit_group_size(97, 64) == 1
+    with pytest.raises(ValueError, match="group_size=0"):
+        fit_group_size(96, 0)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from moecap.engine.quant import quantize
+from moecap.engine.quant import fit_group_size, quantize
 from moecap.engine.store import BITS, ExpertPlan, PlanError, Slot, StoredExpert, experts_per_layer, moe_blocks, plan_nbytes
 
 
@@ -114,7 +114,8 @@ def sensitivity(model: nn.Module, samples: dict[int, list[list[torch.Tensor]]], 
                     continue
                 bits = BITS[prec]
                 ref = StoredExpert.apply(x, gu, dn, ex.act_fn)
-                q = StoredExpert.apply(x, quantize(gu, bits, group_size), quantize(dn, bits, group_size), ex.act_fn)
+                q = StoredExpert.apply(x, quantize(gu, bits, fit_group_size(gu.shape[1], group_size)),
+                                       quantize(dn, bits, fit_group_size(dn.shape[1], group_size)), ex.act_fn)
                 denom = float(ref.pow(2).sum())
                 row[prec] = float((q - ref).pow(2).sum()) / denom if denom > 0 else 0.0
             rows.append(row)

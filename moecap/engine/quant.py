@@ -295,3 +295,15 @@ def quantization_error(w: torch.Tensor, q: QuantizedTensor) -> dict[str, float]:
         "rel_fro": rel_fro,
         "max_abs_bound": float(q.scale.to(torch.float32).max()) / 2 if q.scale.numel() else 0.0,
     }
+
+
+def fit_group_size(in_features: int, group_size: int) -> int:
+    """``group_size`` if it divides ``in_features``, else the largest divisor of ``in_features`` below it
+    (e.g. 96 input features with groups of 64 get groups of 48), so every matrix of a model can be
+    quantized with at most the requested group size."""
+    if group_size <= 0 or in_features <= 0:
+        raise ValueError(f"group_size={group_size} and in_features={in_features} must be > 0")
+    g = min(group_size, in_features)
+    while in_features % g:
+        g -= 1
+    return g

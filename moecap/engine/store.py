@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecap.engine.quant import QuantizedTensor, expected_nbytes, qlinear, quantize
+from moecap.engine.quant import QuantizedTensor, expected_nbytes, fit_group_size, qlinear, quantize
 
 PLACEMENTS = ("fast", "host")
 PRECISIONS = ("full", "int8", "int4", "int3", "int2")
@@ -169,8 +169,8 @@ class StoredExpert:
             gu, dn = gate_up.detach().to(device).clone(), down.detach().to(device).clone()
         else:
             bits = BITS[slot.precision]
-            gu = quantize(gate_up.detach().float(), bits, group_size).to(device)
-            dn = quantize(down.detach().float(), bits, group_size).to(device)
+            gu = quantize(gate_up.detach().float(), bits, fit_group_size(gate_up.shape[1], group_size)).to(device)
+            dn = quantize(down.detach().float(), bits, fit_group_size(down.shape[1], group_size)).to(device)
             gu.dtype = dn.dtype = gate_up.dtype  # dequantize back into the model's dtype
         if slot.placement == "host" and device.type == "cpu" and fast.type == "cuda":
             gu, dn = _pin(gu), _pin(dn)
@@ -384,8 +384,8 @@ def plan_nbytes(model: nn.Module, plan: ExpertPlan) -> dict[str, Any]:
                 n = (gu[e].numel() + dn[e].numel()) * elem
             else:
                 bits = BITS[s.precision]
-                n = expected_nbytes(tuple(gu.shape[1:]), bits, plan.group_size, bits == 8) + \
-                    expected_nbytes(tuple(dn.shape[1:]), bits, plan.group_size, bits == 8)
+                n = sum(expected_nbytes(tuple(w.shape[1:]), bits, fit_group_size(w.shape[2], plan.group_size), bits == 8)
+                        for w in (gu, dn))
             row.append(n)
             tiers[s.placement] += n
         per[i] = row

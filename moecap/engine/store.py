@@ -189,28 +189,52 @@ class StoredExpert:
 
 
 class ExpertStore(nn.Module):
-    """The routed experts of one MoE layer, each in its own slot; called like transformers' fused experts."""
+    """The routed experts of one MoE layer, each in its own slot; called like transformers' fused experts.
 
-    def __init__(self, layer: int, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: Any,
-                 slots: Sequence[Slot], group_size: int, fast: torch.device, host: torch.device,
-                 cost: CostModel, cache_size: int = 2):
+    ``experts`` is a pool of stored experts; ``table`` maps the router's expert index to a pool entry
+    (identity when None). Expert consolidation gives several models one pool and a table each."""
+
+    def __init__(self, layer: int, experts: list[StoredExpert], act_fn: Any, fast: torch.device,
+                 host: torch.device, cost: CostModel, cache_size: int = 2, table: list[int] | None = None,
+                 num_experts: int | None = None):
         super().__init__()
-        if len(slots) != gate_up_proj.shape[0]:
-            raise PlanError(f"layer {layer}: the plan has {len(slots)} slots for {gate_up_proj.shape[0]} experts")
         self.layer = layer
-        self.num_experts = gate_up_proj.shape[0]
+        self.experts = experts
+        self.table = table
+        self.num_experts = num_experts or (len(table) if table is not None else len(experts))
         self.act_fn = act_fn
         self.fast, self.host, self.cost = fast, host, cost
-        self.experts = [StoredExpert(gate_up_proj[e], down_proj[e], slots[e], group_size, fast, host)
-                        for e in range(self.num_experts)]
         self.cache_size = cache_size
         self._cache: OrderedDict[int, tuple[Weight, Weight]] = OrderedDict()
         self._stream = torch.cuda.Stream(fast) if fast.type == "cuda" else None
         self.calls = {"fast": 0, "cpu": 0, "copy": 0, "copy_cached": 0}
 
+    @classmethod
+    def from_fused(cls, layer: int, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: Any,
+                   slots: Sequence[Slot], group_size: int, fast: torch.device, host: torch.device,
+                   cost: CostModel, cache_size: int = 2) -> "ExpertStore":
+        """A store of a layer's fused [E, 2I, H] / [E, H, I] expert tensors, expert e in ``slots[e]``."""
+        if len(slots) != gate_up_proj.shape[0]:
+            raise PlanError(f"layer {layer}: the plan has {len(slots)} slots for {gate_up_proj.shape[0]} experts")
+        experts = [StoredExpert(gate_up_proj[e], down_proj[e], slots[e], group_size, fast, host)
+                   for e in range(gate_up_proj.shape[0])]
+        return cls(layer, experts, act_fn, fast, host, cost, cache_size)
+
+    def set_table(self, table: list[int] | None) -> None:
+        """Route expert index e to pool entry ``table[e]`` (a model's view of a shared pool)."""
+        if table is not None and (len(table) != self.num_experts or max(table) >= len(self.experts)):
+            raise PlanError(f"layer {self.layer}: a table of {len(table)} entries into a pool of {len(self.experts)}")
+        if table != self.table:
+            self._cache.clear()  # cached copies are keyed by pool entry only through the table
+        self.table = table
+
+    def _entry(self, e: int) -> int:
+        return self.table[e] if self.table is not None else e
+
     # -- bookkeeping ------------------------------------------------------------------------------
     def expert_nbytes(self) -> list[int]:
-        return [e.nbytes() for e in self.experts]
+        """Bytes of the expert each router index reads (through the table)."""
+        return [self.experts[self._entry(e)].nbytes() for e in range(self.num_experts)]
 
     def tier_nbytes(self) -> dict[str, int]:
         out = dict.fromkeys(PLACEMENTS, 0)
@@ -220,6 +244,7 @@ class ExpertStore(nn.Module):
 
     # -- copies to the fast device ------------------------------------------------------------------
     def _device_copy(self, e: int) -> tuple[tuple[Weight, Weight], bool]:
+        """A fast-device copy of pool entry ``e`` (cached)."""
         hit = self._cache.get(e)
         if hit is not None:
             self._cache.move_to_end(e)
@@ -246,7 +271,7 @@ class ExpertStore(nn.Module):
         """Start copying host experts to the fast device on the side stream (GPU only; else nothing)."""
         if self._stream is None:
             return
-        for e in experts:
+        for e in (self._entry(i) for i in experts):
             if e in self._cache or self.experts[e].slot.placement != "host":
                 continue
             ex = self.experts[e]
@@ -276,6 +301,7 @@ class ExpertStore(nn.Module):
                 continue
             sl = slice(start, start + n)
             start += n
+            e = self._entry(e)
             ex = self.experts[e]
             if ex.slot.placement == "fast":
                 self.calls["fast"] += 1
@@ -410,8 +436,8 @@ def install(model: nn.Module, plan: ExpertPlan, fast: str | torch.device, cost: 
     stores: list[ExpertStore] = []
     for i, _, block in blocks:
         ex = block.experts
-        stores.append(ExpertStore(i, ex.gate_up_proj.data, ex.down_proj.data, ex.act_fn, plan.layers[i],
-                                  plan.group_size, fast, host, cost, cache_size))
+        stores.append(ExpertStore.from_fused(i, ex.gate_up_proj.data, ex.down_proj.data, ex.act_fn, plan.layers[i],
+                                             plan.group_size, fast, host, cost, cache_size))
     for n, (i, layer, block) in enumerate(blocks):
         nxt = stores[n + 1] if n + 1 < len(stores) else None
         want = list((prefetch or {}).get(blocks[n + 1][0], ())) if nxt is not None else []

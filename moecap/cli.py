@@ -289,6 +289,64 @@ def _cmd_engine_pareto(args: argparse.Namespace) -> int:
     return 1 if any(p.status == "failed" for p in points) else 0
 
 
+def _children_arg(items: list[str]) -> dict[str, str]:
+    """CHILD arguments: NAME=PATH, or an embedded name / directory (named after itself)."""
+    from pathlib import Path
+
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            path, name = item, Path(item.rstrip("/")).name
+        out[name] = path
+    return out
+
+
+def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    children = _children_arg(args.children)
+    if len(children) < 2:
+        print("moecap: consolidation needs at least two children", file=sys.stderr)
+        return 2
+    if args.curve is not None:
+        from moecap.engine.consolidate_eval import run_curve
+
+        run_curve(args.base, children, args.curve, args.output, windows=args.windows, shared=args.shared,
+                  merge_methods=() if args.no_merge else ("average", "task_arithmetic", "ties", "dare"),
+                  log=lambda s: print(s, file=sys.stderr))
+        print(f"records and curve.json / curve.png in {Path(args.output) / 'consolidation'}")
+        return 0
+    from transformers import AutoTokenizer
+
+    from moecap.engine.consolidate import _load, format_plan, make_plan, measure_similarity
+    from moecap.engine.consolidate_eval import child_texts
+    from moecap.engine.store import moe_blocks
+    from moecap.metrics.perplexity import windows as cut
+    from moecap.models import local_path_for
+
+    if args.threshold is None and args.budget_mb is None:
+        print("moecap: give --threshold, --budget-mb or --curve", file=sys.stderr)
+        return 2
+    base_dir = Path(local_path_for(args.base))
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    models, calib = {}, {}
+    for c, p in children.items():
+        d = Path(local_path_for(p))
+        calib[c] = cut(tok(child_texts(d)[0], add_special_tokens=False)["input_ids"], 256, 8)
+        models[c] = _load(d)
+    base = _load(base_dir)
+    sim = measure_similarity(base, models, calib)
+    sizes = {i: b.experts.gate_up_proj[0].numel() * b.experts.gate_up_proj.element_size()
+             + b.experts.down_proj[0].numel() * b.experts.down_proj.element_size() for i, _, b in moe_blocks(base)}
+    plan = make_plan(sim, sizes, args.threshold, args.budget_mb * 2**20 if args.budget_mb else None)
+    print(format_plan(plan))
+    out = Path(args.plan_out)
+    plan.save(out)
+    print(f"plan: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moecap import __version__
 
@@ -369,6 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("-o", "--output", default="results")
     ep.add_argument("--force", action="store_true", help="re-run configurations that already have records")
     ep.set_defaults(func=_cmd_engine_pareto)
+
+    ec = eng.add_parser("consolidate", help="plan expert consolidation of fine-tuned children of one base "
+                        "(per-layer memory saving), or measure its curve over thresholds against merging")
+    ec.add_argument("base", help="the base model (an embedded name such as tiny-moe, or a directory)")
+    ec.add_argument("children", nargs="+", help="children: NAME=PATH or embedded names / directories")
+    ec.add_argument("--threshold", type=float, help="private copy where the output distance exceeds this")
+    ec.add_argument("--budget-mb", type=float, help="MiB for private expert copies (most distant first)")
+    ec.add_argument("--plan-out", default="consolidation-plan.json")
+    ec.add_argument("--curve", type=_floats, help="thresholds to measure (records, curve.json, curve.png)")
+    ec.add_argument("--shared", default="mean", choices=["mean", "base"],
+                    help="the shared copy: the mean of the children sharing it, or the base's expert")
+    ec.add_argument("--windows", type=int, default=16, help="perplexity windows per child")
+    ec.add_argument("--no-merge", action="store_true", help="skip the model-merging baselines")
+    ec.add_argument("-o", "--output", default="results")
+    ec.set_defaults(func=_cmd_engine_consolidate)
 
     eg = sub.add_parser("export-gguf", help="write a Mixtral-family (or Llama) model as GGUF for llama.cpp")
     eg.add_argument("model", help="an embedded model name (tiny-moe, ...) or a local Hugging Face model directory")

@@ -1,0 +1,220 @@
+"""``moecap engine consolidate``: plan, and the quality / memory curve of expert consolidation against
+serving each child alone and against merging the children into one model.
+
+Every configuration becomes one validated record (``results/<suite>/<cell>.json``) with the per-child
+token perplexity on each child's own held-out domain, the bytes of experts and of non-expert weights it
+keeps, and (consolidated) the plan's per-layer saving; ``curve.json`` and ``curve.png`` summarise them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from moecap.engine.consolidate import ConsolidatedModel, _load, make_plan, measure_similarity
+from moecap.engine.store import moe_blocks
+
+
+def _domain_of(model_dir: Path) -> str | None:
+    meta = model_dir / "moecap.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("domain")
+    return None
+
+
+def child_texts(child_dir: Path, dataset: str | None = None) -> tuple[str, str, str]:
+    """(calibration text, test text, dataset name) of a child: its embedded domain's validation and
+    test splits for tiny-moe children, else the named perplexity data set (test) and stdlib text."""
+    from moecap.corpus import domain_splits, stdlib_text
+    from moecap.quality.perplexity import load_text
+
+    domain = _domain_of(child_dir)
+    if dataset is None and domain is None:
+        raise ValueError(f"{child_dir}: not an embedded tiny-moe child (no moecap.json domain); give its data set "
+                         "as CHILD=DATASET")
+    name = dataset or f"tiny-{domain}"
+    calib = domain_splits(domain)["validation"] if domain else stdlib_text(max_chars=400_000)
+    return calib, load_text(name), name
+
+
+@torch.inference_mode()
+def perplexity_of(model: torch.nn.Module, wins: Sequence[Sequence[int]]) -> dict[str, float]:
+    from moecap.metrics.perplexity import perplexity
+
+    nll = []
+    device = next(model.parameters()).device
+    for w in wins:
+        ids = torch.tensor([list(w)], device=device)
+        loss = model(ids, labels=ids).loss
+        nll.append((float(loss) * (len(w) - 1), len(w) - 1))
+    return perplexity(nll)
+
+
+def _model_bytes(model: torch.nn.Module) -> dict[str, int]:
+    experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"expert_bytes": experts, "non_expert_bytes": total - experts, "total_bytes": total}
+
+
+def run_curve(base: str, children: dict[str, str], thresholds: Sequence[float], out_dir: str | Path,
+              suite: str = "consolidation", windows: int = 16, context: int = 256, shared: str = "mean",
+              merge_methods: Sequence[str] = ("average", "task_arithmetic", "ties", "dare"),
+              datasets: dict[str, str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure alone / consolidated (per threshold) / merged configurations; write records and the curve."""
+    from transformers import AutoTokenizer
+
+    from moecap.environment import collect_environment
+    from moecap.metrics.perplexity import windows as cut
+    from moecap.models import local_path_for
+    from moecap.records import Record, ResultStore, new_run_id, now_iso
+
+    base_dir = Path(local_path_for(base))
+    child_dirs = {c: Path(local_path_for(p)) for c, p in children.items()}
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    calib, test, names = {}, {}, {}
+    for c, d in child_dirs.items():
+        ctext, ttext, names[c] = child_texts(d, (datasets or {}).get(c))
+        calib[c] = cut(tok(ctext, add_special_tokens=False)["input_ids"], context, 8)
+        test[c] = cut(tok(ttext, add_special_tokens=False)["input_ids"], context, windows)
+    store = ResultStore(out_dir, suite)
+    run_id = new_run_id()
+    env = collect_environment()
+    points: list[dict[str, Any]] = []
+
+    def record(kind: str, name: str, config: dict[str, Any], ppl: dict[str, dict[str, float]], memory: dict[str, Any],
+               extra: dict[str, Any] | None = None) -> None:
+        key = json.dumps({"base": str(base_dir), "children": {c: str(d) for c, d in child_dirs.items()},
+                          "kind": kind, "config": config}, sort_keys=True)
+        cell = f"{kind}__{name}__{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+        for c, r in ppl.items():
+            r.update({"dataset": names[c], "context_length": context})
+        rel = {c: ppl[c]["perplexity"] / points_alone[c] - 1 for c in ppl} if points_alone else {}
+        report = {"quality": {"perplexity_per_child": ppl}, "memory": memory,
+                  "consolidation": {"relative_perplexity_vs_alone": rel, **(extra or {})}}
+        rec = Record(run_id=run_id, created_at=now_iso(),
+                     suite={"name": suite, "source": "moecap engine consolidate", "description":
+                            f"expert consolidation of {', '.join(child_dirs)} (children of {base_dir.name})"},
+                     cell_id=cell, status="ok", environment=env,
+                     config={"model": {"id": str(base_dir), "children": {c: str(d) for c, d in child_dirs.items()}},
+                             "runner": {"type": "engine-consolidation", "kind": kind, **config},
+                             "workload": {"perplexity": {c: names[c] for c in child_dirs}, "windows": windows,
+                                          "context_length": context}},
+                     report=report)
+        path = store.write(rec)
+        points.append({"kind": kind, "name": name, "config": config, "perplexity": {c: ppl[c]["perplexity"] for c in ppl},
+                       "relative": rel, "memory": memory, "record": str(path)})
+        log(f"  {kind:13s} {name:18s} experts {memory['expert_bytes'] / 2**20:8.2f} MiB  " +
+            "  ".join(f"{c} {ppl[c]['perplexity']:.2f}" for c in ppl))
+
+    # each child alone: the quality reference
+    points_alone: dict[str, float] = {}
+    alone_ppl, alone_mem = {}, {"expert_bytes": 0, "non_expert_bytes": 0, "total_bytes": 0}
+    models = {c: _load(d) for c, d in child_dirs.items()}
+    for c, m in models.items():
+        alone_ppl[c] = perplexity_of(m, test[c])
+        for k, v in _model_bytes(m).items():
+            alone_mem[k] += v
+    points_alone.update({c: r["perplexity"] for c, r in alone_ppl.items()})
+    record("alone", "each-child-alone", {}, alone_ppl, alone_mem)
+
+    # similarity once, then a plan and a consolidated model per threshold
+    t0 = time.perf_counter()
+    base_model = _load(base_dir)
+    sim = measure_similarity(base_model, models, calib)
+    sim_s = time.perf_counter() - t0
+    expert_bytes = {i: b.experts.gate_up_proj[0].numel() * b.experts.gate_up_proj.element_size()
+                    + b.experts.down_proj[0].numel() * b.experts.down_proj.element_size() for i, _, b in moe_blocks(base_model)}
+    base_ppl = {c: perplexity_of(base_model, test[c]) for c in child_dirs}
+    record("base", "base-for-all", {}, base_ppl, _model_bytes(base_model))
+    del models, base_model
+    for th in thresholds:
+        plan = make_plan(sim, expert_bytes, threshold=th)
+        cm = ConsolidatedModel(base_dir, {c: str(d) for c, d in child_dirs.items()}, plan, shared=shared)
+        ppl = {}
+        for c in child_dirs:
+            cm.activate(c)
+            ppl[c] = perplexity_of(cm.model, test[c])
+        mem = cm.memory()
+        swaps = cm.swap_seconds[1:] or cm.swap_seconds
+        record("consolidated", f"t{th:g}", {"threshold": th, "shared": shared},
+               ppl, {"expert_bytes": mem["expert_bytes"], "non_expert_bytes": mem["child_non_expert_bytes_total"]
+                     + mem["skeleton_non_expert_bytes"], "total_bytes": mem["total_bytes"], **mem},
+               {"plan": plan.to_dict() | {"distances": None}, "similarity_seconds": sim_s,
+                "swap_ms": {"n": len(swaps), "mean": 1e3 * sum(swaps) / len(swaps) if swaps else None,
+                            "max": 1e3 * max(swaps) if swaps else None}})
+        del cm
+
+    # merging baselines: one model for every child
+    if merge_methods:
+        import tempfile
+
+        from moecap.engine.merge import merge_models
+
+        for method in merge_methods:
+            with tempfile.TemporaryDirectory(prefix="moecap-merge-") as tmp:
+                summary = merge_models(base_dir, list(child_dirs.values()), method, Path(tmp) / "merged")
+                merged = _load(Path(tmp) / "merged")
+                ppl = {c: perplexity_of(merged, test[c]) for c in child_dirs}
+                record("merged", method, {"method": method, "merge": {k: v for k, v in summary.items()
+                                                                       if k not in ("children",)}},
+                       ppl, _model_bytes(merged))
+                del merged
+    curve = {"run_id": run_id, "base": str(base_dir), "children": list(child_dirs), "shared": shared,
+             "points": points, "similarity": {"output": sim["output"], "weight": sim["weight"]}}
+    out = Path(out_dir) / suite
+    from moecap.paths import atomic_write_text
+
+    atomic_write_text(out / "curve.json", json.dumps(curve, indent=1) + "\n")
+    plot_curve(curve, out / "curve.png")
+    return curve
+
+
+def plot_curve(curve: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    children = curve["children"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
+    ax = axes[0]
+    cons = sorted((p for p in curve["points"] if p["kind"] == "consolidated"), key=lambda p: p["memory"]["expert_bytes"])
+    for c in children:
+        ax.plot([p["memory"]["expert_bytes"] / 2**20 for p in cons], [p["perplexity"][c] for p in cons], "o-",
+                label=f"consolidated: {c}")
+    markers = {"alone": "*", "base": "x", "merged": "s"}
+    for p in curve["points"]:
+        if p["kind"] == "consolidated":
+            continue
+        for c in children:
+            ax.scatter(p["memory"]["expert_bytes"] / 2**20, p["perplexity"][c], marker=markers.get(p["kind"], "d"), s=50)
+        ax.annotate(p["name"], (p["memory"]["expert_bytes"] / 2**20, max(p["perplexity"].values())), fontsize=7)
+    ax.set_xlabel("expert memory (MiB)")
+    ax.set_ylabel("perplexity on the child's own domain")
+    ax.set_title("per-child perplexity vs expert memory", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ths = [p["config"]["threshold"] for p in cons]
+    order = sorted(range(len(cons)), key=lambda i: ths[i])
+    for c in children:
+        ax.plot([ths[i] for i in order], [100 * cons[i]["relative"].get(c, 0.0) for i in order], "o-", label=c)
+    ax2 = ax.twinx()
+    ax2.plot([ths[i] for i in order], [cons[i]["memory"]["expert_bytes"] / 2**20 for i in order], "k--", label="expert MiB")
+    ax2.set_ylabel("expert memory (MiB)")
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("threshold on output distance (private copy above it)")
+    ax.set_ylabel("perplexity increase vs the child alone (%)")
+    ax.set_title("the consolidation curve over thresholds", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"expert consolidation of {', '.join(children)} (shared copy: {curve['shared']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

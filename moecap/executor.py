@@ -67,6 +67,14 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
     report: dict[str, Any] = summarize_requests(trace.requests, slo_ms=trace.extra.get("goodput_slo_ms") or None)
     if trace.extra.get("errors"):
         report["errors"] = dict(trace.extra["errors"])
+    models = sorted({r.model for r in trace.requests if getattr(r, "model", None)})
+    if len(models) > 1 or trace.extra.get("models"):  # a multi-model workload: each model's own figures
+        slo = trace.extra.get("goodput_slo_ms") or None
+        report["per_model"] = {
+            m: {**summarize_requests([r for r in trace.requests if r.model == m], slo_ms=slo),
+                "requests": sum(1 for r in trace.requests if r.model == m)}
+            for m in models
+        }
     report["pass_latency"] = pass_latency(trace.passes)
     if acc is not None:
         report["model"] = acc.summary()

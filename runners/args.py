@@ -69,6 +69,21 @@ class _ServingArgs(RunnerArgs):
     that the model's tokenizer encodes to exactly that length (servers that take text only)."""
     slo_ms: dict[str, float] | None = None
     """Goodput SLOs, e.g. ``{ttft_ms: 500, tpot_ms: 50}`` (keys: ttft_ms, tpot_ms, e2el_ms)."""
+    models: dict[str, float] | None = None
+    """A multi-model (multi-tenant) workload: served model name -> share of the requests, e.g.
+    ``{tiny-moe-code: 0.6, tiny-moe-prose: 0.3, tiny-moe-c: 0.1}``; each request draws its model (seeded);
+    the record adds per-model latency and throughput (turnaround = E2E latency per request)."""
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("models must name at least one served model")
+            bad = {k: w for k, w in v.items() if not w > 0}
+            if bad:
+                raise ValueError(f"models: shares must be > 0; got {bad}")
+        return v
 
     @field_validator("slo_ms")
     @classmethod

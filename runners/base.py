@@ -49,6 +49,7 @@ class RequestTrace:
     token_times_s: list[float] = field(default_factory=list)  # arrival time of each output token
     batch: int | None = None
     error: str | None = None
+    model: str | None = None  # the served model the request asked for (multi-model workloads)
 
     @property
     def output_tokens(self) -> int:

@@ -92,6 +92,17 @@ class OpenAIRunner(Runner):
             return [(tok.decode(p), None) for p in prompts]
         return [(p, len(p)) for p in prompts]
 
+    def _request_models(self, n: int, seed: int) -> list[str]:
+        """The served model of each request: the one model, or a seeded draw from ``args.models``."""
+        if not self.args.models:
+            return [self.served_model] * n
+        import numpy as np
+
+        names = list(self.args.models)
+        w = np.asarray([self.args.models[k] for k in names], dtype=float)
+        rng = np.random.default_rng(seed + 7919)
+        return [names[i] for i in rng.choice(len(names), size=n, p=w / w.sum())]
+
     def request_extra(self, workload: Any) -> dict[str, Any]:
         """Engine-specific fields added to every request body."""
         return {}
@@ -103,6 +114,7 @@ class OpenAIRunner(Runner):
             raise RuntimeError(f"runner {self.name}: run() before load()")
         prompts = self._prompts(workload)
         extra_body = self.request_extra(workload) or None
+        targets = self._request_models(len(prompts), workload.seed)
         if load.kind == "rate":
             concurrency, rate = None, load.rate
         else:
@@ -114,17 +126,19 @@ class OpenAIRunner(Runner):
             async with make_session(timeout_s=None) as session:
                 counter = iter(range(10**12))
 
-                async def send(item: tuple[Any, int | None], origin: float) -> Any:
-                    prompt, n_in = item
-                    return await stream_request(
-                        session, self.base_url, self.served_model, prompt, workload.output_tokens,
+                async def send(item: tuple[Any, int | None, str], origin: float) -> Any:
+                    prompt, n_in, target = item
+                    trace = await stream_request(
+                        session, self.base_url, target, prompt, workload.output_tokens,
                         workload.ignore_eos, self.args.chat, extra=extra_body, origin=origin, id=next(counter),
                         input_tokens=n_in, api_key=self.args.api_key,
                         timeout_s=self.args.request_timeout_s,
                     )
+                    trace.model = target
+                    return trace
 
                 return await run_load(
-                    prompts, send, concurrency=concurrency, rate=rate, arrival=load.arrival,
+                    [(p, n, m) for (p, n), m in zip(prompts, targets)], send, concurrency=concurrency, rate=rate, arrival=load.arrival,
                     burstiness=load.burstiness, seed=workload.seed, warmup=self.args.warmup_requests,
                 )
 
@@ -135,6 +149,8 @@ class OpenAIRunner(Runner):
         extra: dict[str, Any] = {"base_url": self.base_url, "served_model": self.served_model}
         if self.args.slo_ms:
             extra["goodput_slo_ms"] = dict(self.args.slo_ms)
+        if self.args.models:
+            extra["models"] = dict(self.args.models)
         if errors:
             extra["errors"] = dict(errors.most_common(20))
         return RunTrace(

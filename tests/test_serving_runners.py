@@ -3,6 +3,7 @@ guarantee that a launched server never outlives moecap (exceptions, SIGINT, SIGT
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -195,3 +196,24 @@ def test_no_orphan_server_after_interrupt(tmp_path, tiny_moe_dir, sig):
             proc.wait()
         for p in _procs_with(port):  # never leave one behind, even when the test fails
             p.kill()
+
+
+def test_multi_model_workload_reports_each_model(tmp_path, tiny_moe_dir):
+    """Each request draws its served model (seeded); the record carries every model's own figures, and
+    a model the server does not serve shows up as that model's failed requests (never dropped)."""
+    port = free_port()
+    runner = {"type": "server", "args": {"command": _server_cmd(port), "port": port, "warmup_requests": 0,
+                                         "models": {"tiny": 3.0, "missing": 1.0}}}
+    raw = _suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 2}], num_prompts=12, output_tokens=3)
+    (o,) = _run(raw).outcomes
+    assert o.status == "ok", o.record.error
+    per = o.record.report["per_model"]
+    assert set(per) == {"tiny", "missing"}
+    assert per["tiny"]["requests"] + per["missing"]["requests"] == 12
+    assert per["tiny"]["requests"] > per["missing"]["requests"] > 0
+    assert per["tiny"]["throughput"]["completed"] == per["tiny"]["requests"]
+    assert per["missing"]["throughput"]["failed"] == per["missing"]["requests"]
+    assert per["tiny"]["latency"]["e2el_ms"]["median"] > 0
+    reqs = [json.loads(line) for line in (tmp_path / "results" / "serving" / o.record.artifacts["requests"])
+            .read_text().splitlines()]
+    assert {r["model"] for r in reqs} == {"tiny", "missing"}

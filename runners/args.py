@@ -134,7 +134,8 @@ class ServedRunnerArgs(_LaunchArgs):
     """A server command moecap launches itself (and always stops), then benchmarks over HTTP."""
 
     command: list[str] = Field(min_length=1)
-    """argv of the server; ``{port}``, ``{host}`` and ``{model}`` (the local model path or id) are substituted."""
+    """argv of the server; ``{port}``, ``{host}``, ``{model}`` (the local model path or id) and ``{python}``
+    (moecap's own interpreter) are substituted."""
     ready_path: str = "/health"
 
 

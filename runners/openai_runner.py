@@ -215,8 +215,15 @@ class ServedRunner(OpenAIRunner):
         return model.id if model.id.startswith("random:") else str(local_path_for(model.id))
 
     def server_command(self, model_arg: str) -> list[str]:
-        return [c.replace("{port}", str(self.port)).replace("{host}", self.args.host).replace("{model}", model_arg)
-                for c in self.args.command]
+        import sys
+
+        subs = {"{port}": str(self.port), "{host}": self.args.host, "{model}": model_arg, "{python}": sys.executable}
+        out = []
+        for c in self.args.command:
+            for k, v in subs.items():
+                c = c.replace(k, v)
+            out.append(c)
+        return out
 
     def ready_path(self) -> str:
         return self.args.ready_path

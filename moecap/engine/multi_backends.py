@@ -1,0 +1,166 @@
+"""Backends of ``moecap serve`` for several fine-tuned children of one base MoE:
+
+- :class:`ConsolidatedBackend` (``--backend consolidated``): one skeleton, experts pooled with similar
+  ones stored once (:mod:`moecap.engine.consolidate`), each child's non-expert layers swapped in by
+  ``activate`` (timed; the scheduler groups requests by child to limit swaps).
+- :class:`PartitionBackend` (``--backend partition``): the static partition the consolidation paper
+  compares with, emulated by memory budgets: each child is its own engine model whose fast-device share
+  for experts is ``fast_budget_gb / N``; the experts that do not fit live in host memory (offloaded,
+  computed on the CPU or copied per call). Never touches a GPU's real MIG settings.
+
+Both follow :class:`moecap.engine.backend.Backend`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from moecap.engine.backend import (
+    BackendError,
+    SeparateModelsBackend,
+    config_context_length,
+    device_memory,
+    resolve_device,
+    resolve_dtype,
+)
+
+
+def _base_of(children: dict[str, str], base: str | None) -> Path:
+    """The base model: given, or the ``parent`` an embedded child's ``moecap.json`` names."""
+    from moecap.models import local_path_for
+
+    if base:
+        return Path(local_path_for(base))
+    parents = set()
+    for source in children.values():
+        d = Path(local_path_for(str(source)))
+        meta = d / "moecap.json"
+        parent = json.loads(meta.read_text()).get("parent") if meta.is_file() else None
+        if not parent:
+            raise BackendError(f"{d}: cannot tell the base model of this child; pass --base")
+        parents.add((d.parent / parent).resolve())
+    if len(parents) != 1:
+        raise BackendError(f"the children have different bases {sorted(map(str, parents))}; pass --base")
+    return parents.pop()
+
+
+class ConsolidatedBackend:
+    """Children of one base served from one consolidated model."""
+
+    def __init__(self, models: dict[str, str | Path], device: str = "cpu", dtype: str = "auto",
+                 max_model_len: int | None = None, base: str | None = None, threshold: float = 0.3,
+                 plan: str | None = None, shared: str = "mean", non_expert_on_device: bool = False,
+                 calibration_windows: int = 8, **_: Any):
+        import torch
+        from transformers import AutoTokenizer
+
+        from moecap.engine.consolidate import ConsolidatedModel, ConsolidationPlan, _load, make_plan, measure_similarity
+        from moecap.engine.consolidate_eval import child_texts
+        from moecap.engine.store import moe_blocks
+        from moecap.metrics.perplexity import windows as cut
+        from moecap.models import local_path_for
+
+        if len(models) < 2:
+            raise BackendError("the consolidated backend serves two or more children of one base")
+        self._device = resolve_device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        dirs = {n: str(local_path_for(str(s))) for n, s in models.items()}
+        base_dir = _base_of(dirs, base)
+        if plan:
+            self.plan = ConsolidationPlan.load(plan)
+            if set(self.plan.children) != set(dirs):
+                raise BackendError(f"plan {plan} covers {self.plan.children}, the served models are {list(dirs)}")
+        else:
+            tok = AutoTokenizer.from_pretrained(base_dir)
+            calib = {n: cut(tok(child_texts(Path(d))[0], add_special_tokens=False)["input_ids"], 256,
+                            calibration_windows) for n, d in dirs.items()}
+            base_model = _load(base_dir, "cpu", self._dtype)
+            sizes = {i: b.experts.gate_up_proj[0].numel() * b.experts.gate_up_proj.element_size()
+                     + b.experts.down_proj[0].numel() * b.experts.down_proj.element_size()
+                     for i, _, b in moe_blocks(base_model)}
+            sim = measure_similarity(base_model, {n: _load(d, "cpu", self._dtype) for n, d in dirs.items()}, calib)
+            self.plan = make_plan(sim, sizes, threshold=threshold)
+            del base_model
+        self.cm = ConsolidatedModel(base_dir, dirs, self.plan, str(self._device), self._dtype,
+                                    non_expert_on_device=non_expert_on_device, shared=shared)
+        self._tok = {n: AutoTokenizer.from_pretrained(d) for n, d in dirs.items()}
+        ctx = config_context_length(self.cm.model.config)
+        self._ctx = min(ctx, int(max_model_len)) if max_model_len else ctx
+        self._torch = torch
+
+    def model_names(self) -> list[str]:
+        return list(self.cm.names)
+
+    def _check(self, model: str) -> str:
+        if model not in self.cm.non_expert:
+            raise BackendError(f"unknown model {model!r}; served: {', '.join(self.cm.names)}")
+        return model
+
+    def tokenizer(self, model: str) -> Any:
+        return self._tok[self._check(model)]
+
+    def context_length(self, model: str) -> int:
+        self._check(model)
+        return self._ctx
+
+    def activate(self, model: str) -> float:
+        return self.cm.activate(self._check(model))
+
+    def forward(self, model: str, input_ids: Any, attention_mask: Any, past_key_values: Any,
+                position_ids: Any = None) -> tuple[Any, Any]:
+        if model != self.cm.active:
+            raise BackendError(f"forward() for {model!r} while {self.cm.active!r} is the active model")
+        with self._torch.inference_mode():
+            out = self.cm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_values=past_key_values, use_cache=True)
+        return out.logits, out.past_key_values
+
+    def device(self) -> Any:
+        return self._device
+
+    def eos_token_ids(self, model: str) -> list[int]:
+        eos = self.tokenizer(model).eos_token_id
+        return [] if eos is None else [int(eos)]
+
+    def memory(self) -> dict[str, int]:
+        mem = dict(self.cm.memory())
+        swaps = self.cm.swap_seconds
+        mem["swaps"] = self.cm.swaps
+        mem["swap_us_total"] = int(1e6 * sum(swaps))
+        mem.update(device_memory(self._device))
+        return mem
+
+
+class PartitionBackend(SeparateModelsBackend):
+    """Each child alone with a 1/N share of a fast-memory budget for its experts (the rest offloaded)."""
+
+    def __init__(self, models: dict[str, str | Path], device: str = "cpu", dtype: str = "auto",
+                 max_model_len: int | None = None, fast_budget_gb: float | None = None, **kw: Any):
+        from moecap.engine.planner import make_plan
+        from moecap.engine.store import CostModel, install
+
+        super().__init__(models, device=device, dtype=dtype, max_model_len=max_model_len)
+        if fast_budget_gb is None:
+            raise BackendError("the partition backend needs --fast-budget-gb (the device memory the children share)")
+        share = fast_budget_gb * 1e9 / len(models)
+        self.partition: dict[str, Any] = {"fast_budget_bytes": fast_budget_gb * 1e9, "per_child_bytes": share}
+        self.stores: dict[str, list[Any]] = {}
+        for name, model in self._models.items():
+            non_expert = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+            budget = max(0.0, share - non_expert)  # the child's share holds its non-expert layers first
+            plan = make_plan(model, None, 0.0, "int8", 0.0, fast_budget_bytes=budget, name=f"partition-{name}")
+            self.stores[name] = install(model, plan, self._device, CostModel())
+            self.partition[name] = plan.summary()
+
+    def memory(self) -> dict[str, int]:
+        out = super().memory()
+        fast = host = 0
+        for stores in self.stores.values():
+            for s in stores:
+                t = s.tier_nbytes()
+                fast += t["fast"]
+                host += t["host"]
+        out.update({"expert_bytes_fast": fast, "expert_bytes_host": host})
+        return out

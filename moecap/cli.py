@@ -347,6 +347,39 @@ def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_engine_merge(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from moecap.engine.merge import merge_models
+    from moecap.models import local_path_for
+
+    names = [c.strip() for c in args.children.split(",") if c.strip()]
+    if not names:
+        print("moecap: --children: at least one model directory (or embedded name) is needed", file=sys.stderr)
+        return 2
+    dirs = []
+    for name in [args.base, *names]:
+        try:
+            path = Path(local_path_for(name))
+        except Exception as err:
+            print(f"moecap: {name}: {err}", file=sys.stderr)
+            return 2
+        if not path.is_dir():
+            print(f"moecap: {name!r} is not a local model directory (nor an embedded model)", file=sys.stderr)
+            return 2
+        dirs.append(path)
+    options = {k: getattr(args, k) for k in ("density", "drop", "scale", "seed", "combine")
+               if getattr(args, k) is not None}
+    try:
+        summary = merge_models(dirs[0], dirs[1:], args.method, args.output, **options)
+    except ValueError as err:
+        print(f"moecap: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moecap import __version__
 
@@ -427,6 +460,21 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("-o", "--output", default="results")
     ep.add_argument("--force", action="store_true", help="re-run configurations that already have records")
     ep.set_defaults(func=_cmd_engine_pareto)
+
+    em = eng.add_parser("merge", help="merge fine-tuned children of one base into one model (average, "
+                        "task_arithmetic, ties, dare): a baseline for consolidation")
+    em.add_argument("--base", required=True, help="the base: an embedded model (tiny-moe) or a local directory")
+    em.add_argument("--children", required=True,
+                    help="comma-separated children of the base (embedded names such as tiny-moe-code, or directories)")
+    em.add_argument("--method", required=True, help="average, task_arithmetic, ties or dare")
+    em.add_argument("--density", type=float, help="ties: fraction of each task vector kept per tensor (default 0.2)")
+    em.add_argument("--drop", type=float, help="dare: probability of dropping a task-vector element (default 0.9)")
+    em.add_argument("--scale", type=float, help="task_arithmetic, ties, dare: multiplier of the merged task vector "
+                    "(default 1.0)")
+    em.add_argument("--seed", type=int, help="dare: random seed (default 0)")
+    em.add_argument("--combine", help="dare: arithmetic (default) or ties")
+    em.add_argument("-o", "--output", required=True, help="the merged model directory to write")
+    em.set_defaults(func=_cmd_engine_merge)
 
     ec = eng.add_parser("consolidate", help="plan expert consolidation of fine-tuned children of one base "
                         "(per-layer memory saving), or measure its curve over thresholds against merging")

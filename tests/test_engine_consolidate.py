@@ -117,3 +117,31 @@ def test_consolidate_cli_prints_per_layer_saving(tiny_moe_dir, tmp_path):
     assert data["threshold"] == 0.2 and set(data["children"]) == set(CHILDREN)
     bad = moecap("engine", "consolidate", str(tiny_moe_dir), f"code={root / 'code'}", "--threshold", "1", check=2)
     assert "at least two children" in bad.stderr
+
+
+def test_consolidation_curve_records(tiny_moe_dir, tmp_path):
+    """The curve: one record per configuration; all-private equals each child alone; memory falls with the
+    threshold; the consolidated children beat every merged model on their own domains."""
+    from moecap.engine.consolidate_eval import run_curve
+    from moecap.records import load_records
+
+    root = tiny_moe_dir.parent
+    curve = run_curve(str(tiny_moe_dir), {c: str(root / c) for c in CHILDREN}, [-1.0, 0.2, 1e9], tmp_path,
+                      windows=4, merge_methods=("average", "ties"), log=lambda s: None)
+    recs = [r for _, r in load_records(tmp_path / "consolidation")]
+    assert len(recs) == 1 + 1 + 3 + 2 and all(r.status == "ok" for r in recs)
+    pts = {(p["kind"], p["name"]): p for p in curve["points"]}
+    alone = pts[("alone", "each-child-alone")]
+    private = pts[("consolidated", "t-1")]
+    for c in CHILDREN:
+        assert private["perplexity"][c] == pytest.approx(alone["perplexity"][c], rel=1e-5)
+    mem = [pts[("consolidated", n)]["memory"]["expert_bytes"] for n in ("t-1", "t0.2", "t1e+09")]
+    assert mem[0] > mem[1] > mem[2] == pytest.approx(mem[0] / 3)
+    shared = pts[("consolidated", "t1e+09")]
+    for method in ("average", "ties"):
+        merged = pts[("merged", method)]
+        assert sum(shared["relative"].values()) < sum(merged["relative"].values()), method
+    assert (tmp_path / "consolidation" / "curve.png").stat().st_size > 10_000
+    rec = next(r for r in recs if r.config["runner"].get("threshold") == 0.2)
+    assert set(rec.report["quality"]["perplexity_per_child"]) == set(CHILDREN)
+    assert rec.report["consolidation"]["plan"]["totals"]["expert_saving"] > 0

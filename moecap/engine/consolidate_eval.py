@@ -183,20 +183,25 @@ def plot_curve(curve: dict[str, Any], path: Path) -> Path:
     children = curve["children"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
     ax = axes[0]
+
+    def mean_rel(p: dict[str, Any]) -> float:
+        return 100 * sum(p["relative"].get(c, 0.0) for c in children) / len(children)
+
     cons = sorted((p for p in curve["points"] if p["kind"] == "consolidated"), key=lambda p: p["memory"]["expert_bytes"])
-    for c in children:
-        ax.plot([p["memory"]["expert_bytes"] / 2**20 for p in cons], [p["perplexity"][c] for p in cons], "o-",
-                label=f"consolidated: {c}")
-    markers = {"alone": "*", "base": "x", "merged": "s"}
+    ax.plot([p["memory"]["expert_bytes"] / 2**20 for p in cons], [mean_rel(p) for p in cons], "o-", color="C0",
+            label="consolidated (one point per threshold)")
+    styles = {"alone": ("*", "C2"), "base": ("x", "C7"), "merged": ("s", "C3")}
     for p in curve["points"]:
         if p["kind"] == "consolidated":
             continue
-        for c in children:
-            ax.scatter(p["memory"]["expert_bytes"] / 2**20, p["perplexity"][c], marker=markers.get(p["kind"], "d"), s=50)
-        ax.annotate(p["name"], (p["memory"]["expert_bytes"] / 2**20, max(p["perplexity"].values())), fontsize=7)
-    ax.set_xlabel("expert memory (MiB)")
-    ax.set_ylabel("perplexity on the child's own domain")
-    ax.set_title("per-child perplexity vs expert memory", fontsize=9)
+        marker, color = styles.get(p["kind"], ("d", "C4"))
+        x, y = p["memory"]["expert_bytes"] / 2**20, mean_rel(p)
+        ax.scatter(x, y, marker=marker, color=color, s=60, zorder=3)
+        ax.annotate(p["name"], (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("expert memory for all children (MiB)")
+    ax.set_ylabel("mean perplexity increase vs each child alone (%)")
+    ax.set_title("quality vs memory: consolidation, merging, base", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax = axes[1]

@@ -380,6 +380,27 @@ def _cmd_engine_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from moecap.engine.server import parse_model_specs, serve
+
+    try:
+        models = parse_model_specs(args.models)
+    except ValueError as err:
+        print(f"moecap serve: {err}", file=sys.stderr)
+        return 2
+    for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--port", args.port, 0),
+                             ("--max-consecutive-batches", args.max_consecutive_batches, 1)):
+        if value < low:
+            print(f"moecap serve: {flag} must be >= {low}", file=sys.stderr)
+            return 2
+    if args.max_wait_s < 0:
+        print("moecap serve: --max-wait-s must be >= 0", file=sys.stderr)
+        return 2
+    return serve(models, host=args.host, port=args.port, backend=args.backend, max_batch_size=args.max_batch_size,
+                 max_wait_s=args.max_wait_s, max_consecutive_batches=args.max_consecutive_batches,
+                 device=args.device, dtype=args.dtype)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moecap import __version__
 
@@ -499,6 +520,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list embedded models and built-in architectures").set_defaults(func=_cmd_models)
     sub.add_parser("runners", help="list registered runners").set_defaults(func=_cmd_runners)
+
+    from moecap.engine.backend import BACKENDS  # light: names only
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible streaming server over several models of one family")
+    sv.add_argument("models", nargs="+", metavar="MODEL",
+                    help="an embedded model (tiny-moe-code), a local model directory or a hub id; NAME=MODEL "
+                    "serves it as NAME (default: the directory's name, else the id)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--backend", choices=sorted(BACKENDS), default="separate",
+                    help="separate: every model fully loaded")
+    sv.add_argument("--max-batch-size", type=int, default=8, help="requests of one model per static batch")
+    sv.add_argument("--max-wait-s", type=float, default=2.0,
+                    help="a model whose oldest request waited this long goes next (fairness bound)")
+    sv.add_argument("--max-consecutive-batches", type=int, default=4,
+                    help="a model with queued work goes next after this many batches of other models")
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    sv.set_defaults(func=_cmd_serve)
     return p
 
 

@@ -1,0 +1,608 @@
+"""``moecap serve``: an OpenAI-compatible streaming HTTP server over several models of one family.
+
+    moecap serve MODEL [MODEL ...] [--host 127.0.0.1] [--port 8000] [--backend separate]
+                 [--max-batch-size 8] [--max-wait-s 2.0] [--max-consecutive-batches 4]
+                 [--device auto] [--dtype auto]
+
+``MODEL`` is an embedded model (``tiny-moe-code``), a local Hugging Face directory or a hub id, served
+under its own name (a directory: its folder name), or ``NAME=MODEL`` to choose the served name.
+
+Endpoints (aiohttp; the models run in the scheduler's worker thread, never on the event loop):
+
+- ``GET /health``: 200 once the models are loaded (503 while shutting down);
+- ``GET /v1/models``, ``GET /v1/models/{id}``: OpenAI's list / model objects (plus ``max_model_len``);
+- ``POST /v1/completions``, ``POST /v1/chat/completions``: the request's ``model`` picks the model.
+  ``prompt`` is a string or a list of token ids (a one-element list of either is unwrapped); chat
+  ``messages`` go through the tokenizer's chat template when it has one, else their contents are joined
+  with newlines. Fields: ``max_tokens`` (chat: ``max_completion_tokens`` first; default 16 for
+  completions, the rest of the context for chat), ``temperature``, ``top_p``, ``top_k``, ``seed``,
+  ``stop`` (strings), and vLLM's ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``return_token_ids``.
+  ``stream: true`` answers Server-Sent Events in OpenAI's chunk format, one chunk per generated token,
+  ending with ``data: [DONE]``; ``stream_options.include_usage`` adds a final usage chunk (and
+  ``usage: null`` on the others), ``stream_options.continuous_usage_stats`` puts the cumulative usage on
+  every chunk. ``stream: false`` answers one JSON object with ``usage``;
+- ``GET /stats``: the scheduler's records (per batch: model, size, switch/prefill/decode seconds; per
+  request: queue wait, TTFT, tokens) and the backend's memory.
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed JSON
+and missing or invalid fields (``param`` names the field), a prompt beyond the context or
+``max_tokens < 1``; 404 for an unknown model (the message lists the served ones) or route; 500 when the
+backend failed the request's batch (other batches go on); 503 while shutting down. When a stream has
+already started, a failure arrives as a ``data: {"error": ...}`` event before ``data: [DONE]``.
+A client that disconnects cancels its request (its row stops generating). SIGTERM and SIGINT stop the
+server cleanly: no new connections, running requests aborted, the worker joined, exit status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from moecap.engine.scheduler import ABORT, ERROR, Event, Request, SamplingParams, Scheduler, SchedulerClosed, asyncio_sink
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+SHUTDOWN_TIMEOUT_S = 5.0
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _error_type(status)
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def _error_type(status: int) -> str:
+    if status == 404:
+        return "not_found_error"
+    if status == 503:
+        return "service_unavailable_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _json_response(status: int, obj: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=json.dumps(obj, separators=(",", ":")),
+                        content_type="application/json", headers=headers)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _sse(obj: Any) -> bytes:
+    return ("data: " + (obj if isinstance(obj, str) else _dumps(obj)) + "\n\n").encode("utf-8")
+
+
+# -- request validation ------------------------------------------------------------------------
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _opt_int(body: dict, name: str, default: int | None, minimum: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v):
+        raise ApiError(400, f"'{name}' must be an integer, got {json.dumps(v)}", param=name)
+    if minimum is not None and v < minimum:
+        raise ApiError(400, f"'{name}' must be >= {minimum}, got {v}", param=name)
+    return v
+
+
+def _opt_number(body: dict, name: str, default: float, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_number(v):
+        raise ApiError(400, f"'{name}' must be a number, got {json.dumps(v)}", param=name)
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ApiError(400, f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {v}", param=name)
+    if hi is not None and v > hi:
+        raise ApiError(400, f"'{name}' must be <= {hi}, got {v}", param=name)
+    return float(v)
+
+
+def _opt_bool(body: dict, name: str, default: bool = False) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(400, f"'{name}' must be a boolean, got {json.dumps(v)}", param=name)
+    return v
+
+
+def _stop_strings(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+    if any(s == "" for s in v):
+        raise ApiError(400, "'stop' strings must not be empty", param="stop")
+    return tuple(dict.fromkeys(v))
+
+
+class OpenAIServer:
+    """The aiohttp application over a :class:`Scheduler` and its backend."""
+
+    def __init__(self, backend: Any, scheduler: Scheduler, backend_kind: str = "separate",
+                 sources: dict[str, str] | None = None):
+        self.backend = backend
+        self.scheduler = scheduler
+        self.backend_kind = backend_kind
+        self.sources = dict(sources or {})
+        self.created = int(time.time())
+        self.models = list(backend.model_names())
+        self._vocab = {m: len(backend.tokenizer(m)) for m in self.models}
+        self._shutting_down = False
+
+    # -- the app --------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/stats", self.stats)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self.scheduler.start()
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        # sites are closed already; abort what runs so that open streams end now
+        self._shutting_down = True
+        await asyncio.get_running_loop().run_in_executor(None, self.scheduler.shutdown, SHUTDOWN_TIMEOUT_S)
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        self.scheduler.shutdown(0.1)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as err:
+            return _json_response(err.status, err.body())
+        except web.HTTPException as err:  # unknown route, wrong method, body too large ...
+            if err.status < 400:
+                raise
+            headers = {k: v for k, v in err.headers.items() if k.lower() == "allow"}
+            message = err.text if err.text and not err.text.startswith(f"{err.status}:") else err.reason
+            if err.status == 404:
+                message = f"no route {request.method} {request.path}"
+            return _json_response(err.status, error_body(message, _error_type(err.status), None, None), headers)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as err:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return _json_response(500, error_body(f"internal error: {type(err).__name__}: {err}", "server_error"))
+
+    # -- simple endpoints ---------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        if self._shutting_down or self.scheduler.closing:
+            return _json_response(503, {"status": "shutting down"})
+        return _json_response(200, {"status": "ok", "models": self.models})
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "moecap",
+                "root": self.sources.get(name, name), "parent": None,
+                "max_model_len": int(self.backend.context_length(name))}
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return _json_response(200, {"object": "list", "data": [self._model_card(m) for m in self.models]})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        self._check_model(name)
+        return _json_response(200, self._model_card(name))
+
+    async def stats(self, request: web.Request) -> web.Response:
+        out = self.scheduler.stats()
+        out["backend"] = self.backend_kind
+        try:
+            out["memory"] = self.backend.memory()
+        except Exception as err:  # records are best effort
+            out["memory"] = {"error": f"{type(err).__name__}: {err}"}
+        return _json_response(200, out)
+
+    def _check_model(self, name: Any) -> str:
+        if name is None:
+            raise ApiError(400, f"'model' is required; served models: {', '.join(self.models)}", param="model")
+        if not isinstance(name, str):
+            raise ApiError(400, "'model' must be a string", param="model")
+        if name not in self.models:
+            raise ApiError(404, f"The model `{name}` does not exist. Served models: {', '.join(self.models)}",
+                           param="model", code="model_not_found")
+        return name
+
+    # -- completions ----------------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def _read_body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError as err:  # includes undecodable bytes
+            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def _prompt_ids(self, model: str, body: dict[str, Any], chat: bool) -> list[int]:
+        tok = self.backend.tokenizer(model)
+        if chat:
+            messages = body.get("messages")
+            if messages is None:
+                raise ApiError(400, "'messages' is required", param="messages")
+            if not isinstance(messages, list) or not messages:
+                raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+            clean = []
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                    raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]")
+                content = m.get("content")
+                if isinstance(content, list):  # content parts: text only
+                    texts = []
+                    for part in content:
+                        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                            raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                                           param=f"messages[{i}].content")
+                        texts.append(part["text"])
+                    content = "".join(texts)
+                elif content is None:
+                    content = ""
+                elif not isinstance(content, str):
+                    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+                                   param=f"messages[{i}].content")
+                clean.append({"role": m["role"], "content": content})
+            if getattr(tok, "chat_template", None):
+                try:
+                    text = tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+                except Exception as err:
+                    raise ApiError(400, f"the chat template failed on these messages: {err}", param="messages") from None
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tok("\n".join(m["content"] for m in clean))["input_ids"]
+            if not ids:
+                raise ApiError(400, "the messages encode to no tokens", param="messages")
+            return list(ids)
+
+        if "prompt" not in body or body["prompt"] is None:
+            raise ApiError(400, "'prompt' is required", param="prompt")
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, "'prompt' is empty", param="prompt")
+            ids = list(tok(prompt)["input_ids"])
+        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            ids = list(prompt)
+            vocab = self._vocab[model]
+            bad = [t for t in ids if t < 0 or t >= vocab]
+            if bad:
+                raise ApiError(400, f"'prompt' has token ids outside [0, {vocab}): {bad[:5]}", param="prompt")
+        elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+            raise ApiError(400, f"'prompt' holds {len(prompt)} prompts; this server takes one prompt per request",
+                           param="prompt")
+        else:
+            raise ApiError(400, "'prompt' must be a non-empty string or a non-empty list of token ids", param="prompt")
+        if not ids:
+            raise ApiError(400, "'prompt' encodes to no tokens", param="prompt")
+        return ids
+
+    def _parse(self, body: dict[str, Any], chat: bool) -> tuple[str, list[int], SamplingParams, dict[str, Any]]:
+        model = self._check_model(body.get("model"))
+        for name, ok in (("n", lambda v: v == 1), ("best_of", lambda v: v == 1), ("echo", lambda v: v is False),
+                         ("logprobs", lambda v: v is False or v == 0), ("top_logprobs", lambda v: v == 0),
+                         ("suffix", lambda v: v == "")):
+            if body.get(name) is not None and not ok(body[name]):
+                raise ApiError(400, f"'{name}' = {json.dumps(body[name])} is not supported by this server", param=name)
+        ids = self._prompt_ids(model, body, chat)
+        ctx = int(self.backend.context_length(model))
+        n = len(ids)
+        where = "messages" if chat else "prompt"
+        if n >= ctx:
+            raise ApiError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has {n} "
+                                f"tokens ({n} >= {ctx}): no room for any output", param=where,
+                           code="context_length_exceeded")
+        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+        default = (ctx - n) if chat else 16
+        max_tokens = _opt_int(body, key, default)
+        if max_tokens < 1:
+            raise ApiError(400, f"'{key}' must be >= 1, got {max_tokens}", param=key)
+        if n + max_tokens > ctx:
+            raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion).",
+                           param=key, code="context_length_exceeded")
+        min_tokens = _opt_int(body, "min_tokens", 0, minimum=0)
+        if min_tokens > max_tokens:
+            raise ApiError(400, f"'min_tokens' ({min_tokens}) must not exceed '{key}' ({max_tokens})", param="min_tokens")
+        top_k = _opt_int(body, "top_k", 0, minimum=-1)
+        stop_ids = body.get("stop_token_ids")
+        if stop_ids is None:
+            stop_ids = []
+        if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
+            raise ApiError(400, "'stop_token_ids' must be a list of integers", param="stop_token_ids")
+        stream_options = body.get("stream_options")
+        if stream_options is not None and not isinstance(stream_options, dict):
+            raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+        temperature = _opt_number(body, "temperature", 1.0, lo=0.0)  # OpenAI's default
+        top_p = _opt_number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True)
+        seed = _opt_int(body, "seed", None)
+        ignore_eos = _opt_bool(body, "ignore_eos")
+        stop = _stop_strings(body)
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    seed=seed, ignore_eos=ignore_eos, min_tokens=min_tokens, stop=stop,
+                                    stop_token_ids=tuple(stop_ids))
+        except ValueError as err:  # anything the checks above let through
+            raise ApiError(400, str(err)) from None
+        opts = {
+            "stream": _opt_bool(body, "stream"),
+            "include_usage": _opt_bool(stream_options or {}, "include_usage"),
+            "continuous_usage": _opt_bool(stream_options or {}, "continuous_usage_stats"),
+            "return_token_ids": _opt_bool(body, "return_token_ids"),
+        }
+        return model, ids, params, opts
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if self._shutting_down or self.scheduler.closing:
+            raise ApiError(503, "the server is shutting down")
+        body = await self._read_body(request)
+        model, ids, params, opts = self._parse(body, chat)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        req = Request(model, ids, params, asyncio_sink(loop, queue),
+                      request_id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex)
+        try:
+            self.scheduler.submit(req)
+        except SchedulerClosed:
+            raise ApiError(503, "the server is shutting down") from None
+        try:
+            if opts["stream"]:
+                return await self._stream(request, req, queue, chat, opts)
+            return await self._collect(req, queue, chat, opts)
+        finally:
+            if not req.done:  # the client went away (or we failed): stop its row
+                req.cancel()
+
+    def _usage(self, req: Request, completion: int) -> dict[str, int]:
+        n = len(req.prompt_ids)
+        return {"prompt_tokens": n, "completion_tokens": completion, "total_tokens": n + completion}
+
+    @staticmethod
+    def _failure(event: Event) -> ApiError:
+        if event.finish_reason == ABORT:
+            return ApiError(503, f"request aborted: {event.error or 'cancelled'}")
+        return ApiError(500, f"the model failed on this request's batch: {event.error}", code="backend_error")
+
+    async def _collect(self, req: Request, queue: asyncio.Queue, chat: bool, opts: dict) -> web.Response:
+        text, tokens = [], []
+        while True:
+            ev = await queue.get()
+            if ev.token_id is not None:
+                tokens.append(ev.token_id)
+            text.append(ev.text)
+            if ev.finished:
+                break
+        if ev.finish_reason in (ERROR, ABORT):
+            raise self._failure(ev)
+        content = "".join(text)
+        if chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content},
+                                      "logprobs": None, "finish_reason": ev.finish_reason}
+        else:
+            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": ev.finish_reason}
+        if opts["return_token_ids"]:
+            choice["token_ids"] = tokens
+            choice["prompt_token_ids"] = req.prompt_ids
+        return _json_response(200, {
+            "id": req.id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": req.model, "choices": [choice], "usage": self._usage(req, len(tokens)),
+        })
+
+    async def _stream(self, request: web.Request, req: Request, queue: asyncio.Queue, chat: bool,
+                      opts: dict) -> web.StreamResponse:
+        first = await queue.get()  # headers wait for the first token: a failed prefill is still a 500
+        if first.finish_reason in (ERROR, ABORT) and first.token_id is None:
+            raise self._failure(first)
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        usage_each = opts["continuous_usage"]
+        usage_null = opts["include_usage"] and not usage_each
+
+        def chunk(choices: list[dict[str, Any]], completion: int) -> bytes:
+            obj: dict[str, Any] = {"id": req.id, "object": kind, "created": created, "model": req.model,
+                                   "choices": choices}
+            if usage_each:
+                obj["usage"] = self._usage(req, completion)
+            elif usage_null:
+                obj["usage"] = None
+            return _sse(obj)
+
+        def token_chunk(ev: Event, first_chunk: bool) -> bytes:
+            if chat:
+                c: dict[str, Any] = {"index": 0, "delta": {"content": ev.text}, "logprobs": None,
+                                     "finish_reason": ev.finish_reason}
+            else:
+                c = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+            if opts["return_token_ids"]:
+                c["token_ids"] = [ev.token_id] if ev.token_id is not None else []
+                if first_chunk and not chat:
+                    c["prompt_token_ids"] = req.prompt_ids
+            return chunk([c], ev.completion_tokens)
+
+        resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        out: list[bytes] = []
+        if chat:  # the assistant's role first, as OpenAI and vLLM do
+            role: dict[str, Any] = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}
+            if opts["return_token_ids"]:
+                role["prompt_token_ids"] = req.prompt_ids
+            out.append(chunk([role], 0))
+        ev, first_chunk, completion = first, True, 0
+        while True:
+            if ev.token_id is None and ev.finish_reason in (ERROR, ABORT):  # failed mid-stream
+                err = self._failure(ev)
+                out.append(_sse(err.body()))
+            else:
+                out.append(token_chunk(ev, first_chunk))
+                first_chunk = False
+                completion = ev.completion_tokens
+            if ev.finished:
+                break
+            if queue.empty():  # send what we have; then wait for the next token
+                await resp.write(b"".join(out))
+                out = []
+                ev = await queue.get()
+            else:
+                ev = queue.get_nowait()
+        if opts["include_usage"] and ev.finish_reason not in (ERROR, ABORT):
+            obj = {"id": req.id, "object": kind, "created": created, "model": req.model, "choices": [],
+                   "usage": self._usage(req, completion)}
+            out.append(_sse(obj))
+        out.append(_sse("[DONE]"))
+        await resp.write(b"".join(out))
+        await resp.write_eof()
+        return resp
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+def parse_model_specs(specs: list[str]) -> dict[str, str]:
+    """``MODEL`` or ``NAME=MODEL`` arguments -> {served name: source}. A directory is served under its
+    folder name, anything else (an embedded name, a hub id) under itself."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or "/" in name or os.sep in name:
+            name, source = "", spec
+        if not source:
+            raise ValueError(f"{spec!r}: empty model")
+        if not name:
+            p = Path(source).expanduser()
+            name = p.resolve().name if p.is_dir() else source
+        if name in out:
+            raise ValueError(f"two models are served as {name!r}; name them with NAME=MODEL")
+        out[name] = source
+    if not out:
+        raise ValueError("no models given")
+    return out
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket before the (slow) model load, so a taken port fails at once."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, backend: str = "separate",
+          max_batch_size: int = 8, max_wait_s: float | None = 2.0, max_consecutive_batches: int | None = 4,
+          device: str = "auto", dtype: str = "auto", **backend_kw: Any) -> int:
+    """Load ``models`` into a ``backend`` and serve them until SIGTERM/SIGINT; return the exit status."""
+    from moecap.engine.backend import BackendError, make_backend
+
+    try:
+        sock = _bind(host, port)
+    except OSError as err:
+        print(f"moecap serve: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+        return 2
+    try:
+        t0 = time.perf_counter()
+        print(f"moecap serve: loading {len(models)} model(s) with the {backend} backend: "
+              + ", ".join(f"{k}={v}" for k, v in models.items()), flush=True)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # a server's log is no terminal
+        except Exception:
+            pass
+        # SIGTERM while loading: stop as Ctrl-C does (run_app installs its own handlers afterwards)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
+        try:
+            be = make_backend(backend, models, device=device, dtype=dtype, **backend_kw)
+        except (BackendError, ValueError, OSError) as err:
+            print(f"moecap serve: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("moecap serve: interrupted while loading", file=sys.stderr)
+            return 130
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+        scheduler = Scheduler(be, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
+                              max_consecutive_batches=max_consecutive_batches)
+        sources = {m: (be.source(m) if hasattr(be, "source") else str(models.get(m, m))) for m in be.model_names()}
+        server = OpenAIServer(be, scheduler, backend_kind=backend, sources=sources)
+        actual = sock.getsockname()[1]
+        print(f"moecap serve: {', '.join(be.model_names())} on {be.device()} loaded in "
+              f"{time.perf_counter() - t0:.1f} s; listening on http://{host}:{actual}", flush=True)
+        web.run_app(server.app(), sock=sock, print=None, access_log=None, handler_cancellation=True,
+                    shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    finally:
+        sock.close()
+    print("moecap serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,874 @@
+"""``moecap serve``: the OpenAI-compatible server over the tiny-moe children, checked over real HTTP against
+transformers' own ``generate``; the batch scheduler's fairness with a fake backend; failures, disconnects
+and signals; moecap's own client and the ``server`` runner benchmarking it end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import PYTHON, REPO, free_port, running_server
+
+MODELS = ("code", "prose", "tiny-moe-c")  # the last one through its embedded name
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def _http(url: str, body: bytes | dict | None = None, method: str | None = None, timeout: float = 60):
+    """(status, parsed JSON or text) of one request; 4xx/5xx are answers, not exceptions."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+async def _sse(session, url: str, body: dict) -> tuple[int, list]:
+    """POST a streaming request; return (status, [parsed data payloads; "[DONE]" kept as a string])."""
+    async with session.post(url, json=body) as resp:
+        if resp.status != 200:
+            return resp.status, [await resp.json()]
+        events, data = [], []
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\r\n")
+            if line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif line == "" and data:
+                payload = "\n".join(data)
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+                data = []
+        return resp.status, events
+
+
+def _stream(url: str, body: dict) -> tuple[int, list]:
+    import aiohttp
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            return await _sse(s, url, body)
+
+    return asyncio.run(go())
+
+
+def _tokens_of(events: list, chat: bool = False) -> tuple[list[int], str, list]:
+    """(token ids, text, chunks that carried a token) of a stream asked with return_token_ids."""
+    ids, text, carrying = [], "", []
+    for e in events:
+        if e == "[DONE]" or not e.get("choices"):
+            continue
+        c = e["choices"][0]
+        text += (c["delta"].get("content") or "") if chat else c["text"]
+        if c.get("token_ids"):
+            ids += c["token_ids"]
+            carrying.append(e)
+    return ids, text, carrying
+
+
+def _body(model: str, prompt, max_tokens: int, **kw) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}
+    body.update(kw)
+    return body
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zoo(tiny_moe_dir):
+    return tiny_moe_dir.parent
+
+
+@pytest.fixture(scope="module")
+def server(zoo):
+    """One `moecap serve` subprocess over the three children for the HTTP tests of this module."""
+    port = free_port()
+    cmd = [PYTHON, "-m", "moecap", "serve", f"code={zoo / 'code'}", str(zoo / "prose"), "tiny-moe-c",
+           "--port", str(port), "--max-batch-size", "8", "--device", "cpu"]
+    with running_server(cmd, f"http://127.0.0.1:{port}/health", deadline_s=180) as proc:
+        yield f"http://127.0.0.1:{port}", proc
+
+
+@pytest.fixture(scope="module")
+def reference(zoo):
+    """transformers' own models and greedy ``generate``, per served name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dirs = {"code": zoo / "code", "prose": zoo / "prose", "tiny-moe-c": zoo / "c"}
+    models = {k: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for k, d in dirs.items()}
+    tok = AutoTokenizer.from_pretrained(dirs["code"])
+
+    def generate(model: str, ids: list[int], n: int, ignore_eos: bool = True) -> list[int]:
+        x = torch.tensor([ids])
+        kw = {"eos_token_id": None} if ignore_eos else {}
+        with torch.inference_mode():
+            out = models[model].generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                         pad_token_id=tok.pad_token_id, **kw)
+        return out[0, len(ids):].tolist()
+
+    generate.tokenizer = tok
+    generate.models = models
+    return generate
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(2, 1024) for _ in range(n)]
+
+
+# -- serving over HTTP -----------------------------------------------------------------------------
+
+def test_models_and_health(server):
+    url, _ = server
+    status, body = _http(url + "/health")
+    assert status == 200 and body["status"] == "ok"
+    status, body = _http(url + "/v1/models")
+    assert status == 200 and body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == list(MODELS)
+    for m in body["data"]:
+        assert m["object"] == "model" and m["owned_by"] and m["max_model_len"] == 256
+    assert _http(url + "/v1/models/prose")[1]["id"] == "prose"
+    status, body = _http(url + "/v1/models/nope")
+    assert status == 404 and "code" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("model", ["code", "tiny-moe-c"])
+def test_streaming_equals_generate(server, reference, model):
+    url, _ = server
+    ids = _prompt(11, 1)
+    body = _body(model, ids, 14, stream=True,
+                 stream_options={"include_usage": True, "continuous_usage_stats": True})
+    status, events = _stream(url + "/v1/completions", body)
+    assert status == 200
+    assert events[-1] == "[DONE]"
+    out, text, carrying = _tokens_of(events)
+    ref = reference(model, ids, 14)
+    assert out == ref  # exactly max_tokens tokens, the same as transformers' greedy generate
+    assert len(carrying) == 14  # one chunk per token, each carrying the cumulative usage
+    assert [e["usage"]["completion_tokens"] for e in carrying] == list(range(1, 15))
+    assert all(e["object"] == "text_completion" and e["model"] == model for e in carrying)
+    assert [e["choices"][0]["finish_reason"] for e in carrying] == [None] * 13 + ["length"]
+    final = events[-2]
+    assert final["choices"] == [] and final["usage"] == {"prompt_tokens": 11, "completion_tokens": 14,
+                                                         "total_tokens": 25}
+    tok = reference.tokenizer
+    assert text == tok.decode(ids + ref, skip_special_tokens=True)[len(tok.decode(ids, skip_special_tokens=True)):]
+
+
+def test_two_models_differ(server, reference):
+    """The request's model picks the weights: the children answer differently, each as transformers does."""
+    url, _ = server
+    ids = _prompt(9, 2)
+    outs = {}
+    for model in ("code", "prose"):
+        status, body = _http(url + "/v1/completions", _body(model, ids, 16))
+        assert status == 200
+        outs[model] = body["choices"][0]["token_ids"]
+        assert outs[model] == reference(model, ids, 16)
+    assert outs["code"] != outs["prose"]
+
+
+def test_concurrent_batched_requests_equal_unbatched_generate(server, reference):
+    """Prompts of different lengths sent at once to one model are batched (left padding, masks, positions)
+    and every answer equals that prompt's own unbatched generate; a second model's requests interleave."""
+    import aiohttp
+
+    url, _ = server
+    lengths = [3, 30, 7, 55, 16, 1, 24, 40]
+    prompts = [_prompt(n, 100 + i) for i, n in enumerate(lengths)]
+    max_tokens = [10, 6, 12, 9, 10, 8, 11, 7]
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            code = [_sse(s, url + "/v1/completions", _body("code", p, m, stream=True))
+                    for p, m in zip(prompts, max_tokens)]
+            prose = [_sse(s, url + "/v1/completions", _body("prose", p, 5, stream=True)) for p in prompts[:3]]
+            return await asyncio.gather(*code, *prose)
+
+    results = asyncio.run(go())
+    for i, (status, events) in enumerate(results[:8]):
+        assert status == 200
+        out, _, _ = _tokens_of(events)
+        assert out == reference("code", prompts[i], max_tokens[i]), f"prompt {i} (length {lengths[i]})"
+    for i, (status, events) in enumerate(results[8:]):
+        assert status == 200 and _tokens_of(events)[0] == reference("prose", prompts[i], 5)
+    stats = _http(url + "/stats")[1]
+    ids = {e["id"] for _, events in results[:8] for e in events[:1]}
+    batches = [b for b in stats["batches"] if set(b["request_ids"]) & ids]
+    assert max(b["size"] for b in batches) >= 2  # really batched
+    assert sum(b["size"] for b in batches) == 8 and all(b["model"] == "code" for b in batches)
+    padded = [b for b in batches if b["padded_prompt_tokens"] > b["prompt_tokens"]]
+    assert padded, "no batch mixed prompt lengths"
+    for b in batches:
+        assert b["prefill_s"] > 0 and b["decode_s"] >= 0 and b["switch_s"] == 0.0
+    reqs = {r["id"]: r for r in stats["requests"]}
+    for rid in ids:
+        r = reqs[rid]
+        assert r["finish_reason"] == "length" and r["queue_wait_s"] >= 0 and r["ttft_s"] > 0
+    assert stats["memory"]["weights"] > 0 and stats["backend"] == "separate"
+
+
+def test_non_streaming_and_text_prompt(server, reference):
+    url, _ = server
+    tok = reference.tokenizer
+    status, body = _http(url + "/v1/completions", _body("code", "def main(args):\n    ", 8, ignore_eos=False))
+    assert status == 200 and body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    ids = tok("def main(args):\n    ")["input_ids"]
+    assert body["choices"][0]["prompt_token_ids"] == ids
+    ref = reference("code", ids, 8, ignore_eos=False)
+    assert body["choices"][0]["token_ids"] == ref
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(ref),
+                             "total_tokens": len(ids) + len(ref)}
+    assert body["choices"][0]["finish_reason"] == ("stop" if len(ref) < 8 else "length")
+    assert body["choices"][0]["text"] == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_chat(server, reference):
+    url, _ = server
+    tok = reference.tokenizer
+    messages = [{"role": "system", "content": "You write Python."},
+                {"role": "user", "content": [{"type": "text", "text": "import os"}]}]
+    ids = tok("You write Python.\nimport os")["input_ids"]  # no chat template: contents joined by newlines
+    ref = reference("prose", ids, 7)
+    body = {"model": "prose", "messages": messages, "max_completion_tokens": 7, "temperature": 0, "ignore_eos": True}
+    status, out = _http(url + "/v1/chat/completions", body)
+    assert status == 200 and out["object"] == "chat.completion"
+    msg = out["choices"][0]["message"]
+    assert msg["role"] == "assistant" and msg["content"] == tok.decode(ref, skip_special_tokens=True)
+    assert out["usage"]["prompt_tokens"] == len(ids) and out["usage"]["completion_tokens"] == 7
+
+    status, events = _stream(url + "/v1/chat/completions",
+                             {**body, "stream": True, "return_token_ids": True,
+                              "stream_options": {"include_usage": True}})
+    assert status == 200 and events[-1] == "[DONE]"
+    assert events[0]["object"] == "chat.completion.chunk"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    got, text, carrying = _tokens_of(events, chat=True)
+    assert got == ref and text == msg["content"] and len(carrying) == 7
+    assert all(e["usage"] is None for e in events[:-2])  # include_usage without continuous stats
+    assert events[-2]["usage"]["completion_tokens"] == 7 and events[-2]["choices"] == []
+    assert carrying[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_strings_stop_token_ids_and_min_tokens(server, reference):
+    url, _ = server
+    tok = reference.tokenizer
+    ids = _prompt(10, 3)
+    ref = reference("code", ids, 20)
+    full = tok.decode(ref, skip_special_tokens=True)
+    # a stop string taken from the middle of the greedy text: the output ends right before it
+    stop = full[len(tok.decode(ref[:4], skip_special_tokens=True)):][:3]
+    assert stop
+    cut = full.find(stop)
+    for stream in (False, True):
+        body = _body("code", ids, 20, stop=[stop, "never-generated-zzz"], stream=stream)
+        if stream:
+            status, events = _stream(url + "/v1/completions", body)
+            assert status == 200
+            got, text, carrying = _tokens_of(events)
+            finish = carrying[-1]["choices"][0]["finish_reason"]
+        else:
+            status, out = _http(url + "/v1/completions", body)
+            assert status == 200
+            text, finish, got = out["choices"][0]["text"], out["choices"][0]["finish_reason"], out["choices"][0]["token_ids"]
+        assert text == full[:cut] and finish == "stop"
+        assert got == ref[:len(got)] and len(got) < 20
+
+    # a stop token id ends the output with that token; min_tokens holds it back
+    j = 5
+    stop_id = ref[j]
+    first = ref.index(stop_id)
+    status, out = _http(url + "/v1/completions", _body("code", ids, 20, stop_token_ids=[stop_id]))
+    assert out["choices"][0]["token_ids"] == ref[:first + 1] and out["choices"][0]["finish_reason"] == "stop"
+    status, out = _http(url + "/v1/completions", _body("code", ids, 20, stop_token_ids=[stop_id],
+                                                       min_tokens=first + 2))
+    got = out["choices"][0]["token_ids"]
+    assert status == 200 and len(got) >= first + 3 and stop_id not in got[:first + 2]
+
+
+def test_sampling_is_seeded(server):
+    url, _ = server
+    ids = _prompt(6, 4)
+
+    def sample(seed):
+        status, out = _http(url + "/v1/completions", _body("code", ids, 12, temperature=1.0, seed=seed))
+        assert status == 200
+        return out["choices"][0]["token_ids"]
+
+    a = sample(7)
+    assert sample(7) == a  # the same seed, the same tokens
+    assert any(sample(s) != a for s in (8, 9, 10))
+    status, out = _http(url + "/v1/completions", _body("code", ids, 12, temperature=0.8, top_k=5, top_p=0.9, seed=1))
+    assert status == 200 and len(out["choices"][0]["token_ids"]) == 12
+
+
+BAD = [
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", b"\xff\xfe", 400, None),
+    ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("/v1/completions", {"model": 3, "prompt": "x"}, 400, "model"),
+    ("/v1/completions", {"model": "code"}, 400, "prompt"),
+    ("/v1/completions", {"model": "code", "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": "code", "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": "code", "prompt": {"a": 1}}, 400, "prompt"),
+    ("/v1/completions", {"model": "code", "prompt": [1, -2]}, 400, "prompt"),
+    ("/v1/completions", {"model": "code", "prompt": [5, 4096]}, 400, "prompt"),
+    ("/v1/completions", {"model": "code", "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "code", "prompt": [5] * 300}, 400, "prompt"),
+    ("/v1/completions", {"model": "code", "prompt": [5] * 200, "max_tokens": 100}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "seed": 1.5}, 400, "seed"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "stop": [1]}, 400, "stop"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "stop": ""}, 400, "stop"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "stream": 1}, 400, "stream"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "stream_options": []}, 400, "stream_options"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "n": 3}, 400, "n"),
+    ("/v1/completions", {"model": "code", "prompt": "x", "stop_token_ids": "1"}, 400, "stop_token_ids"),
+    ("/v1/chat/completions", {"model": "code"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "code", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "code", "messages": [{"content": "hi"}]}, 400, "messages[0]"),
+    ("/v1/chat/completions", {"model": "code", "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages[0].content"),
+    ("/v1/chat/completions", {"model": "code", "messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"model": "elsewhere", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("/v1/nothing", {"model": "code"}, 404, None),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
+    url, proc = server
+    for path, body, status, param in BAD:
+        for stream in (False, True):
+            if stream and isinstance(body, dict):
+                body = {**body, "stream": body.get("stream", True)}
+            got, out = _http(url + path, body)
+            assert got == status, (path, body, got, out)
+            err = out["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"], out
+            assert err["param"] == param, (body, err)
+            assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    # the messages say what is wrong, with the numbers
+    out = _http(url + "/v1/completions", {"model": "nope", "prompt": "x"})[1]["error"]["message"]
+    assert all(m in out for m in MODELS)
+    out = _http(url + "/v1/completions", {"model": "code", "prompt": [5] * 300})[1]["error"]["message"]
+    assert "300" in out and "256" in out
+    out = _http(url + "/v1/completions", {"model": "code", "prompt": [5] * 200, "max_tokens": 100})[1]
+    assert all(n in out["error"]["message"] for n in ("256", "200", "100", "300"))
+    assert _http(url + "/v1/completions", method="GET")[0] == 405
+    assert proc.poll() is None
+    status, out = _http(url + "/v1/completions", _body("prose", [5, 6, 7], 3))
+    assert status == 200 and out["usage"]["completion_tokens"] == 3
+
+
+def test_moecap_client_benchmarks_it(server, reference):
+    """moecap's own streaming client: exact token counts and times from the continuous usage."""
+    from moecap.runners.openai_client import make_session, stream_request
+
+    url, _ = server
+    prompts = [_prompt(n, 200 + n) for n in (5, 12, 20)]
+
+    async def go():
+        origin = time.perf_counter()
+        async with make_session() as s:
+            traces = await asyncio.gather(*[stream_request(s, url, "code", p, 9, origin=origin, id=i)
+                                            for i, p in enumerate(prompts)])
+            chat = await stream_request(s, url, "tiny-moe-c", "int main", 5, chat=True, origin=origin, id=9)
+        return traces, chat
+
+    traces, chat = asyncio.run(go())
+    tok = reference.tokenizer
+    for p, t in zip(prompts, traces):
+        assert t.error is None and t.http_status == 200
+        assert t.output_tokens_source == "usage" and t.chunk_tokens_known and not t.multi_token_chunks
+        assert len(t.token_times_s) == 9 and t.finish_reason == "length" and t.input_tokens == len(p)
+        assert t.text == tok.decode(reference("code", p, 9), skip_special_tokens=True)
+        assert t.token_times_s == sorted(t.token_times_s) and t.token_times_s[0] >= t.send_s
+    assert chat.error is None and len(chat.token_times_s) == 5 and chat.usage["completion_tokens"] == 5
+
+
+def test_server_runner_suite(tmp_path, zoo):
+    """A `server` runner suite launches `moecap serve` itself and benchmarks it: ok records."""
+    from moecap.executor import run_suite
+    from moecap.suite import parse_suite
+
+    runner = {"type": "server", "args": {"command": [PYTHON, "-m", "moecap", "serve", "tiny={model}", "--port", "{port}"],
+                                         "model": "tiny", "startup_timeout_s": 180,
+                                         "slo_ms": {"ttft_ms": 60_000, "tpot_ms": 60_000}}}
+    raw = {
+        "name": "serve",
+        "models": [{"id": str(zoo / "code"), "name": "tiny"}],
+        "runners": [runner],
+        "workloads": [{"name": "w", "input_tokens": 12, "output_tokens": 6, "num_prompts": 4}],
+        "loads": [{"concurrency": 1}, {"concurrency": 4}, {"rate": 20.0, "arrival": "poisson"}],
+        "hardware": {"device": "cpu", "peaks": {"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0}},
+                     "calibrate": "never"},
+        "output": {"dir": str(tmp_path / "results")},
+    }
+    out = run_suite(parse_suite(raw, "test"), log=lambda s: None)
+    assert [o.status for o in out.outcomes] == ["ok"] * 3, [o.record.error for o in out.outcomes]
+    for o in out.outcomes:
+        rep = o.record.report
+        thr = rep["throughput"]
+        assert thr["completed"] == 4 and thr["failed"] == 0 and thr["output_tokens"] == 4 * 6
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert rep["latency"][key]["median"] > 0
+    log = open(out.outcomes[0].record.config["runner"]["server_log"]).read()
+    assert "listening on" in log
+
+
+# -- in-process server with a wrapped backend (failures, disconnects) ------------------------------
+
+class _Wrapped:
+    """A real backend whose forward() runs a hook first (to fail or slow down on purpose)."""
+
+    def __init__(self, inner, hook):
+        self.inner, self.hook = inner, hook
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, model, input_ids, attention_mask, past_key_values, position_ids=None):
+        self.hook(model, input_ids, past_key_values)
+        return self.inner.forward(model, input_ids, attention_mask, past_key_values, position_ids)
+
+
+@pytest.fixture(scope="module")
+def separate(zoo):
+    from moecap.engine.backend import SeparateModelsBackend
+
+    return SeparateModelsBackend({"code": zoo / "code", "prose": zoo / "prose"}, device="cpu")
+
+
+@contextlib.contextmanager
+def _app(backend, **sched):
+    """The server's app on a free port, in a thread of this process."""
+    from aiohttp import web
+
+    from moecap.engine.scheduler import Scheduler
+    from moecap.engine.server import OpenAIServer
+
+    port = free_port()
+    server = OpenAIServer(backend, Scheduler(backend, **sched))
+    ready, state = threading.Event(), {}
+
+    async def main():
+        runner = web.AppRunner(server.app(), handler_cancellation=True)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        state["loop"], state["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        ready.set()
+        await state["stop"].wait()
+        await runner.cleanup()
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(30)
+
+
+FAIL_PREFILL, FAIL_DECODE = 1001, 1002  # prompt markers the faulty backend reacts to
+
+
+def test_backend_exception_fails_only_that_batch(separate):
+    import aiohttp
+
+    step = {"left": None}
+
+    def hook(model, ids, past):
+        if past is None:
+            step["left"] = 3 if bool((ids == FAIL_DECODE).any()) else None
+            if bool((ids == FAIL_PREFILL).any()):
+                raise RuntimeError("injected prefill failure")
+        elif step["left"] is not None:
+            step["left"] -= 1
+            if step["left"] == 0:
+                raise RuntimeError("injected decode failure")
+
+    with _app(_Wrapped(separate, hook), max_batch_size=1) as (url, server):
+        bad = [5, 6, FAIL_PREFILL]  # valid token ids (vocabulary of 1024) the hook fails on
+        status, out = _http(url + "/v1/completions", _body("code", bad, 4))
+        assert status == 500 and "injected prefill failure" in out["error"]["message"]
+        assert out["error"]["type"] == "server_error"
+        status, events = _stream(url + "/v1/completions", _body("code", bad, 4, stream=True))
+        assert status == 500 and "injected prefill failure" in events[0]["error"]["message"]
+        # a failure after the stream started: an error event, then [DONE]
+        status, events = _stream(url + "/v1/completions", _body("code", [5, FAIL_DECODE], 10, stream=True))
+        assert status == 200 and events[-1] == "[DONE]"
+        assert "injected decode failure" in events[-2]["error"]["message"]
+        assert len(_tokens_of(events)[0]) == 3
+
+        # requests of other batches (sent together) are untouched; the server goes on
+        async def go():
+            async with aiohttp.ClientSession() as s:
+                return await asyncio.gather(
+                    _sse(s, url + "/v1/completions", _body("code", bad, 4, stream=True)),
+                    _sse(s, url + "/v1/completions", _body("prose", [7, 8, 9], 4, stream=True)),
+                    _sse(s, url + "/v1/completions", _body("code", [7, 8, 9], 4, stream=True)))
+
+        (s1, _), (s2, e2), (s3, e3) = asyncio.run(go())
+        assert (s1, s2, s3) == (500, 200, 200)
+        assert len(_tokens_of(e2)[0]) == 4 and len(_tokens_of(e3)[0]) == 4
+        stats = server.scheduler.stats()
+        assert stats["totals"]["batches_failed"] == 4 and stats["totals"]["requests_failed"] == 4
+        assert any("injected" in (b["error"] or "") for b in stats["batches"])
+
+
+def test_client_disconnect_cancels_its_row(separate):
+    """A client that goes away mid-stream stops its row; its batch mate streams on to the end."""
+    import aiohttp
+
+    def slow(model, ids, past):
+        time.sleep(0.01)
+
+    with _app(_Wrapped(separate, slow), max_batch_size=4) as (url, server):
+        async def go():
+            async with aiohttp.ClientSession() as s:
+                # a prose request holds the worker, so that the two code requests queue and batch together
+                blocker = asyncio.create_task(_sse(s, url + "/v1/completions", _body("prose", [3, 4], 10, stream=True)))
+                await asyncio.sleep(0.03)
+                mate = asyncio.create_task(_sse(s, url + "/v1/completions", _body("code", [9, 10], 40, stream=True)))
+                async with s.post(url + "/v1/completions", json=_body("code", [5, 6, 7], 240, stream=True)) as resp:
+                    assert resp.status == 200
+                    seen = 0
+                    async for line in resp.content:
+                        seen += line.startswith(b"data:")
+                        if seen == 3:
+                            break
+                # leaving the block closes the connection mid-stream
+                return await blocker, await mate
+
+        (s1, _), (s2, events) = asyncio.run(go())
+        assert s1 == s2 == 200 and len(_tokens_of(events)[0]) == 40
+        deadline = time.monotonic() + 10
+        recs = []
+        while not recs and time.monotonic() < deadline:
+            recs = [r for r in server.scheduler.stats()["requests"] if r["prompt_tokens"] == 3]
+            time.sleep(0.05)
+        (rec,) = recs
+        assert rec["finish_reason"] == "abort" and 3 <= rec["completion_tokens"] < 100
+        mate = next(r for r in server.scheduler.stats()["requests"] if r["prompt_tokens"] == 2 and r["model"] == "code")
+        assert mate["batch"] == rec["batch"] and mate["finish_reason"] == "length"
+        (batch,) = [b for b in server.scheduler.stats()["batches"] if b["index"] == rec["batch"]]
+        assert batch["size"] == 2 and batch["decode_steps"] == 39  # the batch ended with its last live row
+
+
+# -- signals and the command line --------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_cleanly(zoo, sig):
+    port = free_port()
+    cmd = [PYTHON, "-m", "moecap", "serve", str(zoo / "code"), "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with running_server(cmd, url + "/health", deadline_s=180) as proc:
+        result = {}
+
+        def long_stream():
+            result["r"] = _stream(url + "/v1/completions", _body("code", [5, 6], 250, stream=True))
+
+        t = threading.Thread(target=long_stream)
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0
+        t.join(30)
+        out = proc.stdout.read().decode(errors="replace")
+        assert "moecap serve: stopped" in out and "Traceback" not in out
+    status, events = result["r"]
+    assert status == 200 and events[-1] == "[DONE]"  # the open stream was ended, not cut
+
+
+def test_cli_errors():
+    out = subprocess.run([PYTHON, "-m", "moecap", "serve", "a=x", "a=y"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "NAME=MODEL" in out.stderr
+    out = subprocess.run([PYTHON, "-m", "moecap", "serve", "/nonexistent/model-dir", "--port", str(free_port())],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "could not load model" in out.stderr
+    out = subprocess.run([PYTHON, "-m", "moecap", "serve", "x", "--backend", "nope"], capture_output=True, text=True)
+    assert out.returncode == 2 and "separate" in out.stderr
+
+
+def test_parse_model_specs(tmp_path):
+    from moecap.engine.server import parse_model_specs
+
+    d = tmp_path / "child-one"
+    d.mkdir()
+    assert parse_model_specs([str(d), "tiny-moe-code", "x=org/model", "org/other"]) == {
+        "child-one": str(d), "tiny-moe-code": "tiny-moe-code", "x": "org/model", "org/other": "org/other"}
+    with pytest.raises(ValueError, match="NAME=MODEL"):
+        parse_model_specs(["tiny-moe-code", "tiny-moe-code"])
+
+
+# -- the scheduler on its own, with a fake backend ----------------------------------------------------
+
+class FakeTokenizer:
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
+        return "".join(f"<{i}>" for i in ids if not (skip_special_tokens and i == 0))
+
+    def __len__(self):
+        return 16
+
+
+class FakeBackend:
+    """Records activations and batches; every forward emits ``next_token`` and moves a fake clock."""
+
+    def __init__(self, models=("A", "B"), step_s=0.0, switch_s=0.25, next_token=5):
+        self.models = list(models)
+        self.now = 0.0
+        self.step_s, self.switch_s, self.next_token = step_s, switch_s, next_token
+        self.activations: list[str] = []
+        self.active = None
+        self.forwards: list[tuple[str, int, tuple]] = []
+
+    def clock(self):
+        return self.now
+
+    def model_names(self):
+        return list(self.models)
+
+    def tokenizer(self, model):
+        return FakeTokenizer()
+
+    def context_length(self, model):
+        return 64
+
+    def activate(self, model):
+        self.activations.append(model)
+        if model == self.active:
+            return 0.0
+        self.active = model
+        return self.switch_s
+
+    def forward(self, model, input_ids, attention_mask, past_key_values, position_ids=None):
+        import torch
+
+        assert model == self.active
+        self.forwards.append((model, input_ids.shape[0], tuple(position_ids[:, -1].tolist())))
+        self.now += self.step_s
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], 16)
+        logits[..., self.next_token] = 1.0
+        return logits, (past_key_values or 0) + 1
+
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    def memory(self):
+        return {}
+
+
+def _drain(sched) -> list[str]:
+    while sched.run_next_batch():
+        pass
+    return [b["model"] for b in sched.stats()["batches"]]
+
+
+def _submit(sched, model, n=1, max_tokens=2, **kw):
+    from moecap.engine.scheduler import Request, SamplingParams
+
+    return [sched.submit(Request(model, [3, 4], SamplingParams(max_tokens=max_tokens, **kw))) for _ in range(n)]
+
+
+def test_scheduler_max_consecutive_batches_bounds_starvation():
+    from moecap.engine.scheduler import Scheduler
+
+    be = FakeBackend()
+    s = Scheduler(be, max_batch_size=2, max_wait_s=None, max_consecutive_batches=3, clock=be.clock)
+    _submit(s, "A", 20)
+    (b,) = _submit(s, "B")
+    order = _drain(s)
+    assert order[:4] == ["A", "A", "A", "B"] and order.count("A") == 10
+    assert be.activations[:4] == ["A", "A", "A", "B"]
+    assert b.finish_reason == "length" and b.batch_index == 3
+    # without the bound, B waits for all of A (the skew the bound exists for)
+    be = FakeBackend()
+    s = Scheduler(be, max_batch_size=2, max_wait_s=None, max_consecutive_batches=None, clock=be.clock)
+    _submit(s, "A", 20)
+    _submit(s, "B")
+    assert _drain(s) == ["A"] * 10 + ["B"]
+
+
+def test_scheduler_max_wait_bounds_starvation():
+    from moecap.engine.scheduler import Scheduler
+
+    be = FakeBackend(step_s=0.1)  # a batch of max_tokens=4: 4 passes, 0.4 s on the fake clock
+    s = Scheduler(be, max_batch_size=2, max_wait_s=1.0, max_consecutive_batches=None, clock=be.clock)
+    _submit(s, "A", 20, max_tokens=4)
+    (b,) = _submit(s, "B", max_tokens=4)
+    order = _drain(s)
+    assert order[:4] == ["A", "A", "A", "B"]  # after 1.2 s > 1.0 s of waiting, B goes next
+    rec = next(r for r in s.stats()["requests"] if r["id"] == b.id)
+    assert 1.0 <= rec["queue_wait_s"] <= 1.0 + 0.4 + 1e-9
+
+
+def test_scheduler_keeps_the_active_model_and_records_switches():
+    from moecap.engine.scheduler import Scheduler
+
+    be = FakeBackend(models=("A", "B", "C"), switch_s=0.25)
+    s = Scheduler(be, max_batch_size=4, max_wait_s=100.0, max_consecutive_batches=100, clock=be.clock)
+    for _ in range(6):  # interleaved arrivals
+        _submit(s, "A")
+        _submit(s, "B")
+    order = _drain(s)
+    assert order == ["A", "A", "B", "B"]  # grouped by model: one switch, not eleven
+    stats = s.stats()
+    assert [b["size"] for b in stats["batches"]] == [4, 2, 4, 2]
+    assert [b["switch_s"] for b in stats["batches"]] == [0.25, 0.0, 0.25, 0.0]
+    assert stats["totals"]["switches"] == 2 and stats["totals"]["switch_s"] == 0.5
+    assert all(r["queue_wait_s"] is not None and r["ttft_s"] is not None for r in stats["requests"])
+    assert stats["config"] == {"max_batch_size": 4, "max_wait_s": 100.0, "max_consecutive_batches": 100}
+    # three models, one heavy: the light ones are each served within the bound
+    be = FakeBackend(models=("A", "B", "C"))
+    s = Scheduler(be, max_batch_size=1, max_wait_s=None, max_consecutive_batches=2, clock=be.clock)
+    _submit(s, "A", 10)
+    _submit(s, "B")
+    _submit(s, "C")
+    order = _drain(s)
+    assert order.index("B") <= 2 and order.index("C") <= 3
+
+
+def test_scheduler_batch_positions_and_per_row_finish():
+    """Left padding: positions start at 0 at each prompt's first real token; rows finish on their own."""
+    from moecap.engine.scheduler import Request, SamplingParams, Scheduler
+
+    be = FakeBackend(models=("A",))
+    s = Scheduler(be, max_batch_size=8, clock=be.clock)
+    r1 = s.submit(Request("A", [3, 4, 6, 7], SamplingParams(max_tokens=2)))
+    r2 = s.submit(Request("A", [3], SamplingParams(max_tokens=4)))
+    s.run_next_batch()
+    assert be.forwards[0] == ("A", 2, (3, 0))  # the prefill's last positions
+    assert [f[2] for f in be.forwards[1:]] == [(4, 1), (5, 2), (6, 3)]
+    assert len(r1.output_ids) == 2 and len(r2.output_ids) == 4
+    assert r1.text == "<5><5>" and r1.finish_reason == r2.finish_reason == "length"
+
+
+def test_scheduler_eos_min_tokens_stop_strings_and_events():
+    from moecap.engine.scheduler import Request, SamplingParams, Scheduler
+
+    be = FakeBackend(models=("A",), next_token=0)  # always EOS
+    s = Scheduler(be, clock=be.clock)
+    events = []
+    r = s.submit(Request("A", [3], SamplingParams(max_tokens=5), sink=events.append))
+    s.run_next_batch()
+    assert r.output_ids == [0] and r.finish_reason == "stop" and r.text == ""
+    assert [(e.token_id, e.completion_tokens, e.finish_reason) for e in events] == [(0, 1, "stop")]
+    r = s.submit(Request("A", [3], SamplingParams(max_tokens=5, ignore_eos=True)))
+    s.run_next_batch()
+    assert r.output_ids == [0] * 5 and r.finish_reason == "length"
+    r = s.submit(Request("A", [3], SamplingParams(max_tokens=5, min_tokens=3)))  # EOS masked for 3 tokens
+    s.run_next_batch()
+    assert len(r.output_ids) == 4 and r.output_ids[-1] == 0 and 0 not in r.output_ids[:3]
+
+    be = FakeBackend(models=("A",), next_token=5)  # text "<5>" per token
+    s = Scheduler(be, clock=be.clock)
+    events = []
+    r = s.submit(Request("A", [3], SamplingParams(max_tokens=6, stop=("<5><5><5>",)), sink=events.append))
+    s.run_next_batch()
+    # the first two tokens' text could start the stop string: held back, then dropped with it
+    assert [e.text for e in events] == ["", "", ""] and r.finish_reason == "stop" and r.text == ""
+    assert [e.completion_tokens for e in events] == [1, 2, 3]
+    r = s.submit(Request("A", [3], SamplingParams(max_tokens=6, stop=("5><",))))
+    s.run_next_batch()
+    assert r.text == "<" and r.finish_reason == "stop" and len(r.output_ids) == 2
+    r = s.submit(Request("A", [3], SamplingParams(max_tokens=3, stop=("<5>x",))))
+    s.run_next_batch()
+    assert r.text == "<5><5><5>" and r.finish_reason == "length"
+
+
+def test_scheduler_thread_cancel_and_shutdown():
+    from moecap.engine.scheduler import Request, SamplingParams, Scheduler, SchedulerClosed
+
+    be = FakeBackend()
+    s = Scheduler(be, max_batch_size=2)
+    queued = _submit(s, "A", 3)
+    queued[2].cancel()  # cancelled while queued: dropped, with a closing event
+    got = []
+    r = s.submit(Request("B", [3], SamplingParams(max_tokens=3), sink=got.append))
+    s.start()
+    assert r.wait(10) and all(q.wait(10) for q in queued)
+    assert queued[2].finish_reason == "abort" and queued[2].output_ids == []
+    assert [e.completion_tokens for e in got] == [1, 2, 3] and got[-1].finished
+    assert s.stats()["totals"]["requests_aborted"] == 1
+    s.shutdown()
+    with pytest.raises(SchedulerClosed):
+        _submit(s, "A")
+
+
+def test_scheduler_backend_failure_fails_the_batch_only():
+    from moecap.engine.scheduler import Scheduler
+
+    class Broken(FakeBackend):
+        def forward(self, model, *a, **k):
+            if model == "A":
+                raise RuntimeError("boom")
+            return super().forward(model, *a, **k)
+
+    be = Broken()
+    s = Scheduler(be, clock=be.clock)
+    a = _submit(s, "A", 2)
+    b = _submit(s, "B", 1)
+    _drain(s)
+    assert all(r.finish_reason == "error" and "boom" in r.error for r in a)
+    assert b[0].finish_reason == "length"
+    assert s.stats()["totals"]["batches_failed"] == 1
+
+
+def test_backend_protocol_and_factory(separate):
+    import torch
+
+    from moecap.engine.backend import Backend, BackendError, make_backend
+
+    assert isinstance(separate, Backend)
+    assert separate.model_names() == ["code", "prose"] and separate.context_length("code") == 256
+    assert separate.activate("code") == 0.0 and separate.device() == torch.device("cpu")
+    mem = separate.memory()
+    assert mem["weights"] == mem["weights:code"] + mem["weights:prose"] > 0
+    ids = torch.tensor([[1, 5, 6], [7, 8, 9]])
+    logits, cache = separate.forward("code", ids, torch.tensor([[0, 1, 1], [1, 1, 1]]), None,
+                                     torch.tensor([[0, 0, 1], [0, 1, 2]]))
+    assert logits.shape == (2, 3, 1024) and cache is not None
+    with pytest.raises(BackendError, match="active"):
+        separate.forward("prose", ids, torch.ones_like(ids), None)
+    with pytest.raises(BackendError, match="separate"):
+        make_backend("nope", {"a": "b"})
+    with pytest.raises(BackendError, match="fast_budget_gb"):  # another kind's option, set
+        make_backend("separate", {"a": "b"}, fast_budget_gb=4.0)
+    with pytest.raises(BackendError, match="could not load model 'a'"):  # unset options are left out
+        make_backend("separate", {"a": "/nonexistent/dir"}, fast_budget_gb=None, device="cpu")

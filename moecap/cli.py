@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -215,20 +215,31 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_model_dir(name: str) -> Any:
+    """An embedded model name or a local directory as a Path; None (with the reason on stderr) if neither."""
+    from pathlib import Path
+
+    from moecap.models import local_path_for
+
+    try:
+        path = Path(local_path_for(name))
+    except Exception as err:
+        print(f"moecap: {name}: {err}", file=sys.stderr)
+        return None
+    if not path.is_dir():
+        print(f"moecap: {name!r} is not a local model directory (nor an embedded model)", file=sys.stderr)
+        return None
+    return path
+
+
 def _cmd_export_gguf(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from moecap.gguf_export import GGUFExportError, export_gguf
-    from moecap.models import local_path_for
 
-    try:
-        src = Path(local_path_for(args.model))
-    except Exception as err:
-        print(f"moecap: {err}", file=sys.stderr)
-        return 2
-    if not src.is_dir():
-        print(f"moecap: {args.model!r} is not a local model directory (nor an embedded model)", file=sys.stderr)
+    src = _local_model_dir(args.model)
+    if src is None:
         return 2
     out = Path(args.output or f"{src.name}-{args.weight_type}.gguf")
     try:
@@ -321,7 +332,7 @@ def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
 
     from moecap.engine.consolidate import _load, format_plan, make_plan, measure_similarity
     from moecap.engine.consolidate_eval import child_texts
-    from moecap.engine.store import moe_blocks
+    from moecap.engine.consolidate import expert_sizes
     from moecap.metrics.perplexity import windows as cut
     from moecap.models import local_path_for
 
@@ -337,8 +348,7 @@ def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
         models[c] = _load(d)
     base = _load(base_dir)
     sim = measure_similarity(base, models, calib)
-    sizes = {i: b.experts.gate_up_proj[0].numel() * b.experts.gate_up_proj.element_size()
-             + b.experts.down_proj[0].numel() * b.experts.down_proj.element_size() for i, _, b in moe_blocks(base)}
+    sizes = expert_sizes(base)
     plan = make_plan(sim, sizes, args.threshold, args.budget_mb * 2**20 if args.budget_mb else None)
     print(format_plan(plan))
     out = Path(args.plan_out)
@@ -349,10 +359,8 @@ def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
 
 def _cmd_engine_merge(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from moecap.engine.merge import merge_models
-    from moecap.models import local_path_for
 
     names = [c.strip() for c in args.children.split(",") if c.strip()]
     if not names:
@@ -360,13 +368,8 @@ def _cmd_engine_merge(args: argparse.Namespace) -> int:
         return 2
     dirs = []
     for name in [args.base, *names]:
-        try:
-            path = Path(local_path_for(name))
-        except Exception as err:
-            print(f"moecap: {name}: {err}", file=sys.stderr)
-            return 2
-        if not path.is_dir():
-            print(f"moecap: {name!r} is not a local model directory (nor an embedded model)", file=sys.stderr)
+        path = _local_model_dir(name)
+        if path is None:
             return 2
         dirs.append(path)
     options = {k: getattr(args, k) for k in ("density", "drop", "scale", "seed", "combine")

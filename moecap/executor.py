@@ -100,14 +100,7 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
         report["utilization"] = {
             **phases,
             "basis": "traced",
-            "peak": {
-                "kind": peaks.kind,
-                "source": peaks.source,
-                "device": peaks.device,
-                "mem_bandwidth_gbs": peaks.mem_bandwidth_Bps / 1e9,
-                "compute_dtype": trace.compute_dtype,
-                "tflops": peaks.flops_for(trace.compute_dtype) / 1e12,
-            },
+            "peak": _peak_info(peaks, trace.compute_dtype, peaks.flops_for(trace.compute_dtype)),
             "weight_bytes_per_param": trace.weight_bytes_per_param,
             "kv_bytes_per_elem": trace.kv_bytes_per_elem,
         }
@@ -118,6 +111,13 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
     else:
         report["utilization"] = {"available": False, "reason": trace.tracing.get("reason", "experts not traced")}
     return report, rows
+
+
+def _peak_info(peaks: Any, compute_dtype: str, flops: float | None) -> dict[str, Any]:
+    """Which peak a record's utilization used."""
+    return {"kind": peaks.kind, "source": peaks.source, "device": peaks.device,
+            "mem_bandwidth_gbs": peaks.mem_bandwidth_Bps / 1e9, "compute_dtype": compute_dtype,
+            "tflops": flops / 1e12 if flops else None}
 
 
 def _estimated_utilization(trace: Any, acc: Any, peaks: Any) -> dict[str, Any]:
@@ -132,9 +132,7 @@ def _estimated_utilization(trace: Any, acc: Any, peaks: Any) -> dict[str, Any]:
             flops = peaks.flops_for(trace.compute_dtype)
         except ValueError:
             flops = None
-        peak = {"kind": peaks.kind, "source": peaks.source, "device": peaks.device,
-                "mem_bandwidth_gbs": bw / 1e9, "compute_dtype": trace.compute_dtype,
-                "tflops": flops / 1e12 if flops else None}
+        peak = _peak_info(peaks, trace.compute_dtype, flops)
     decode = estimated_decode_utilization(
         trace.requests, acc, trace.weight_bytes_per_param, trace.kv_bytes_per_elem, bw, flops,
         routing_stats=trace.extra.get("routing_stats"), expanded_mla=trace.kv_cache_expanded_mla,

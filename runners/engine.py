@@ -120,9 +120,6 @@ class EngineRunner(HFRunner):
                 out[k] += v
         return out
 
-    def _weight_bytes_per_param(self) -> float:
-        return super()._weight_bytes_per_param()  # parameters left in the model: everything but the experts
-
     def _memory(self, energy: dict[str, Any]) -> dict[str, Any]:
         out = super()._memory(energy)
         tiers = self.tier_bytes()

@@ -47,39 +47,18 @@ def _expert_fn(gate_up: torch.Tensor, down: torch.Tensor, act: Any, x: torch.Ten
 
 
 # --------------------------------------------------------------------------------------- similarity
-@torch.inference_mode()
 def _routed_inputs(model: nn.Module, windows: Sequence[Sequence[int]], per_expert: int) -> dict[int, list[torch.Tensor]]:
     """Per MoE layer and expert, up to ``per_expert`` hidden states the model routes to it."""
-    blocks = moe_blocks(model)
-    got: dict[int, list[list[torch.Tensor]]] = {i: [[] for _ in range(b.experts.gate_up_proj.shape[0])] for i, _, b in blocks}
-    have: dict[int, list[int]] = {i: [0] * len(v) for i, v in got.items()}
-    handles = []
+    from moecap.engine.planner import collect_routed
 
-    def hook_for(layer: int):
-        def hook(_m, args, kwargs):
-            items = list(args) + list(kwargs.values())
-            x = items[0]
-            idx = next(t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point())
-            for e in range(len(got[layer])):
-                room = per_expert - have[layer][e]
-                if room <= 0:
-                    continue
-                rows = (idx == e).any(dim=-1).nonzero().reshape(-1)[:room]
-                if len(rows):
-                    got[layer][e].append(x[rows].detach().float().cpu())
-                    have[layer][e] += len(rows)
-        return hook
+    _, samples, _ = collect_routed(model, windows, per_expert)
+    return {i: [torch.cat(v) if v else torch.zeros(0) for v in rows] for i, rows in samples.items()}
 
-    for i, _, b in blocks:
-        handles.append(b.experts.register_forward_pre_hook(hook_for(i), with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        for w in windows:
-            model(torch.tensor([list(w)], device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    return {i: [torch.cat(v) if v else torch.zeros(0) for v in rows] for i, rows in got.items()}
+
+def expert_sizes(model: nn.Module) -> dict[int, int]:
+    """Bytes of one routed expert (gate/up and down) of each MoE layer, at the model's dtype."""
+    return {i: b.experts.gate_up_proj[0].numel() * b.experts.gate_up_proj.element_size()
+            + b.experts.down_proj[0].numel() * b.experts.down_proj.element_size() for i, _, b in moe_blocks(model)}
 
 
 def _expert_tensors(model: nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor, Any]]:
@@ -309,7 +288,8 @@ class ConsolidatedModel:
             self.stores.append(store)
             layer.mlp = EngineMoeBlock(b, store, model_family(skeleton), int(cfg.num_experts_per_tok), norm)
             del b.experts
-        self._params = {n: p for n, p in skeleton.named_parameters() if n in set(names)}
+        swapped = set(names)
+        self._params = {n: p for n, p in skeleton.named_parameters() if n in swapped}
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.active: str | None = None
         self.swaps = 0

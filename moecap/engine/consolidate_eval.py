@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from moecap.engine.consolidate import ConsolidatedModel, _load, make_plan, measure_similarity
-from moecap.engine.store import moe_blocks
+from moecap.engine.consolidate import ConsolidatedModel, _load, expert_sizes, make_plan, measure_similarity
+
 
 
 def _domain_of(model_dir: Path) -> str | None:
@@ -127,8 +127,7 @@ def run_curve(base: str, children: dict[str, str], thresholds: Sequence[float], 
     base_model = _load(base_dir)
     sim = measure_similarity(base_model, models, calib)
     sim_s = time.perf_counter() - t0
-    expert_bytes = {i: b.experts.gate_up_proj[0].numel() * b.experts.gate_up_proj.element_size()
-                    + b.experts.down_proj[0].numel() * b.experts.down_proj.element_size() for i, _, b in moe_blocks(base_model)}
+    expert_bytes = expert_sizes(base_model)
     base_ppl = {c: perplexity_of(base_model, test[c]) for c in child_dirs}
     record("base", "base-for-all", {}, base_ppl, _model_bytes(base_model))
     del models, base_model

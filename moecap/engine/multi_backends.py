@@ -58,7 +58,7 @@ class ConsolidatedBackend:
 
         from moecap.engine.consolidate import ConsolidatedModel, ConsolidationPlan, _load, make_plan, measure_similarity
         from moecap.engine.consolidate_eval import child_texts
-        from moecap.engine.store import moe_blocks
+        from moecap.engine.consolidate import expert_sizes
         from moecap.metrics.perplexity import windows as cut
         from moecap.models import local_path_for
 
@@ -77,9 +77,7 @@ class ConsolidatedBackend:
             calib = {n: cut(tok(child_texts(Path(d))[0], add_special_tokens=False)["input_ids"], 256,
                             calibration_windows) for n, d in dirs.items()}
             base_model = _load(base_dir, "cpu", self._dtype)
-            sizes = {i: b.experts.gate_up_proj[0].numel() * b.experts.gate_up_proj.element_size()
-                     + b.experts.down_proj[0].numel() * b.experts.down_proj.element_size()
-                     for i, _, b in moe_blocks(base_model)}
+            sizes = expert_sizes(base_model)
             sim = measure_similarity(base_model, {n: _load(d, "cpu", self._dtype) for n, d in dirs.items()}, calib)
             self.plan = make_plan(sim, sizes, threshold=threshold)
             del base_model

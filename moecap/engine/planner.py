@@ -50,12 +50,11 @@ class Profile:
 
 
 @torch.inference_mode()
-def profile(model: nn.Module, windows: Sequence[Sequence[int]], precisions: Sequence[str] = ("int8", "int4"),
-            group_size: int = 64, samples_per_expert: int = 256, source: str = "") -> Profile:
-    """Route ``windows`` (token-id lists) through ``model`` (not yet installed) and measure each expert's
-    activation frequency and, for each of ``precisions``, its quantization sensitivity: the relative
-    squared error ||f_q(x) - f(x)||^2 / ||f(x)||^2 of its output on up to ``samples_per_expert`` of the
-    tokens routed to it."""
+def collect_routed(model: nn.Module, windows: Sequence[Sequence[int]], samples_per_expert: int
+                   ) -> tuple[dict[int, list[int]], dict[int, list[list[torch.Tensor]]], int]:
+    """Route ``windows`` (token-id lists) through ``model`` (experts still fused): per MoE layer and
+    expert, the tokens routed to it, up to ``samples_per_expert`` of their inputs (float32, CPU), and
+    the tokens seen."""
     blocks = moe_blocks(model)
     if not blocks:
         raise PlanError(f"{type(model).__name__}: no MoE blocks with fused experts to profile")
@@ -92,6 +91,16 @@ def profile(model: nn.Module, windows: Sequence[Sequence[int]], precisions: Sequ
     finally:
         for h in handles:
             h.remove()
+    return freq, samples, tokens
+
+
+def profile(model: nn.Module, windows: Sequence[Sequence[int]], precisions: Sequence[str] = ("int8", "int4"),
+            group_size: int = 64, samples_per_expert: int = 256, source: str = "") -> Profile:
+    """Route ``windows`` (token-id lists) through ``model`` (not yet installed) and measure each expert's
+    activation frequency and, for each of ``precisions``, its quantization sensitivity: the relative
+    squared error ||f_q(x) - f(x)||^2 / ||f(x)||^2 of its output on up to ``samples_per_expert`` of the
+    tokens routed to it."""
+    freq, samples, tokens = collect_routed(model, windows, samples_per_expert)
     prof = Profile(freq, tokens, source=source)
     prof.sens = sensitivity(model, samples, precisions, group_size)
     return prof

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -399,9 +400,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.max_wait_s < 0:
         print("moecap serve: --max-wait-s must be >= 0", file=sys.stderr)
         return 2
+    for flag, value in (("--fast-budget-gb", args.fast_budget_gb), ("--max-model-len", args.max_model_len)):
+        if value is not None and value <= 0:
+            print(f"moecap serve: {flag} must be > 0", file=sys.stderr)
+            return 2
+    if args.threshold is not None and args.threshold < 0:
+        print("moecap serve: --threshold must be >= 0", file=sys.stderr)
+        return 2
+    if args.consolidation_plan and not os.path.isfile(args.consolidation_plan):
+        print(f"moecap serve: --consolidation-plan {args.consolidation_plan}: no such file", file=sys.stderr)
+        return 2
+    # every backend option; make_backend drops the unset ones and names any the backend does not take
+    backend_kw = {"base": args.base, "threshold": args.threshold, "plan": args.consolidation_plan,
+                  "shared": args.shared, "fast_budget_gb": args.fast_budget_gb, "max_model_len": args.max_model_len}
     return serve(models, host=args.host, port=args.port, backend=args.backend, max_batch_size=args.max_batch_size,
                  max_wait_s=args.max_wait_s, max_consecutive_batches=args.max_consecutive_batches,
-                 device=args.device, dtype=args.dtype)
+                 device=args.device, dtype=args.dtype, **backend_kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -533,7 +547,23 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--backend", choices=sorted(BACKENDS), default="separate",
-                    help="separate: every model fully loaded")
+                    help="separate: every model fully loaded; consolidated: children of one base MoE sharing "
+                    "similar experts, non-expert layers swapped per batch; partition: each child alone in a 1/N "
+                    "share of --fast-budget-gb, experts that do not fit offloaded")
+    sv.add_argument("--max-model-len", type=int, default=None, help="cap every model's context length")
+    cg = sv.add_argument_group("consolidated backend")
+    cg.add_argument("--base", help="the children's base model (default: the parent their moecap.json names)")
+    cg.add_argument("--threshold", type=float, default=None,
+                    help="share an expert when the child's output distance to the base's is at most this "
+                    "(default 0.3; see moecap engine consolidate)")
+    cg.add_argument("--consolidation-plan", metavar="PLAN.json", help="a plan from moecap engine consolidate "
+                    "--plan-out (instead of measuring similarity at start-up)")
+    cg.add_argument("--shared", choices=["mean", "base"], default=None,
+                    help="the one shared copy: the sharers' mean (default) or the base's expert")
+    pg = sv.add_argument_group("consolidated and partition backends")
+    pg.add_argument("--fast-budget-gb", type=float, default=None,
+                    help="fast-device memory for weights (partition: split evenly between the children; "
+                    "consolidated: experts beyond it stay in host memory)")
     sv.add_argument("--max-batch-size", type=int, default=8, help="requests of one model per static batch")
     sv.add_argument("--max-wait-s", type=float, default=2.0,
                     help="a model whose oldest request waited this long goes next (fairness bound)")

@@ -78,6 +78,17 @@ RUNNERS: dict[str, RunnerEntry] = {
         quality=False,
         estimates_passes=True,
     ),
+    "moecap-serve": RunnerEntry(
+        name="moecap-serve",
+        cls="moecap.runners.moecap_serve:MoecapServeRunner",
+        args="moecap.runners.args:MoecapServeRunnerArgs",
+        loads=("batch", "concurrency", "rate"),
+        description="moecap serve (our engine's OpenAI-compatible server), launched and stopped by moecap: one "
+        "model or several children of one base (separate, consolidated, partition backends); switch/swap times "
+        "and backend memory from its /stats; quality scored through the server",
+        quality=True,
+        estimates_passes=True,
+    ),
     "llamacpp": RunnerEntry(
         name="llamacpp",
         cls="moecap.runners.llamacpp:LlamaCppRunner",

@@ -475,3 +475,58 @@ class EngineRunnerArgs(HFRunnerArgs):
             raise ValueError(f"plan must be one of {', '.join(ENGINE_PRESETS)}, a .json plan file, or "
                              f"{{quantize_fraction, precision, offload_fraction, fast_budget_gb}}; got {v!r}")
         return v
+
+
+class MoecapServeRunnerArgs(_LaunchArgs):
+    """``moecap serve`` (our engine's OpenAI-compatible server), launched and stopped by moecap: one model,
+    or several fine-tuned children of one base served side by side (``separate``), consolidated
+    (``consolidated``) or in a static partition of a fast-memory budget (``partition``). With a
+    multi-model workload (``models: {name: share}``) each request picks its child; the suite's model is the
+    family's reference (tokenizer, architecture)."""
+
+    serve: list[str] = Field(default_factory=list)
+    """The served models, as ``moecap serve`` takes them (``tiny-moe-code``, a directory, ``NAME=MODEL``);
+    unset: the keys of ``models``, else the suite's model."""
+    backend: Literal["separate", "consolidated", "partition"] = "separate"
+    base: str | None = None
+    """consolidated: the children's base model (unset: the parent their ``moecap.json`` names)."""
+    threshold: float | None = Field(default=None, ge=0)
+    """consolidated: share an expert when its output distance to the base's is at most this."""
+    consolidation_plan: str | None = None
+    """consolidated: a plan file from ``moecap engine consolidate`` instead of a threshold."""
+    shared: Literal["mean", "base"] | None = None
+    """consolidated: the shared copy is the sharers' mean (default) or the base's expert."""
+    fast_budget_gb: float | None = Field(default=None, gt=0)
+    """partition (required): fast-device memory split evenly between the children; consolidated:
+    pooled experts beyond it stay in host memory."""
+    max_model_len: int | None = Field(default=None, gt=1)
+    max_batch_size: int = Field(default=8, ge=1)
+    max_wait_s: float = Field(default=2.0, ge=0)
+    """Fairness bound: a model whose oldest request waited this long goes next."""
+    max_consecutive_batches: int = Field(default=4, ge=1)
+    device: str | None = None
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; unset: the suite's ``hardware.device``."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    _CONSOLIDATED_ONLY: ClassVar[tuple[str, ...]] = ("base", "threshold", "consolidation_plan", "shared")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v is not None and not _DEVICE_RE.match(v):
+            raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N; got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> "MoecapServeRunnerArgs":
+        if self.backend != "consolidated":
+            given = [k for k in self._CONSOLIDATED_ONLY if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for backend consolidated (backend is {self.backend})")
+        if self.backend == "separate" and self.fast_budget_gb is not None:
+            raise ValueError("fast_budget_gb: only for backends partition and consolidated")
+        if self.backend == "partition" and self.fast_budget_gb is None:
+            raise ValueError("backend partition needs fast_budget_gb (the fast-device memory the children share)")
+        if self.threshold is not None and self.consolidation_plan is not None:
+            raise ValueError("give threshold or consolidation_plan, not both")
+        return self

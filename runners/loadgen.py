@@ -65,7 +65,8 @@ def _stamp(trace: Any, **values: Any) -> None:
 
 async def run_load(requests: Sequence[Any], send: Callable[[Any, float], Awaitable[Any]],
                    concurrency: int | None = None, rate: float | None = None, arrival: str = "poisson",
-                   burstiness: float = 1.0, seed: int = 0, warmup: int = 0) -> list[Any]:
+                   burstiness: float = 1.0, seed: int = 0, warmup: int = 0,
+                   on_measure: Callable[[], Any] | None = None) -> list[Any]:
     """Send ``requests`` through ``send(request, origin)`` under the load; return their traces in order.
 
     ``concurrency``: at most this many requests in flight (None: no limit). ``rate``: requests per second
@@ -74,7 +75,8 @@ async def run_load(requests: Sequence[Any], send: Callable[[Any, float], Awaitab
     ``warmup``: that many requests (the first ones, cycled) are sent and awaited first, with the same
     concurrency and no schedule; their traces are dropped. The garbage collector is frozen and disabled
     for the timed window and restored afterwards, so collections of the harness's own objects do not
-    land in the measured latencies.
+    land in the measured latencies. ``on_measure()`` is called once, after the warm-up and before the
+    first timed request (e.g. to snapshot a server's own counters).
     """
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency={concurrency}: must be >= 1")
@@ -104,6 +106,8 @@ async def run_load(requests: Sequence[Any], send: Callable[[Any, float], Awaitab
     if warmup and requests:
         origin = time.perf_counter()
         await asyncio.gather(*(one(requests[i % len(requests)], origin, None) for i in range(warmup)))
+    if on_measure is not None:
+        await asyncio.get_running_loop().run_in_executor(None, on_measure)
 
     gc_was_enabled = gc.isenabled()
     gc.collect()

@@ -103,6 +103,9 @@ class OpenAIRunner(Runner):
         rng = np.random.default_rng(seed + 7919)
         return [names[i] for i in rng.choice(len(names), size=n, p=w / w.sum())]
 
+    def on_measure(self) -> None:
+        """Called after the warm-up requests, right before the measured window (on a worker thread)."""
+
     def request_extra(self, workload: Any) -> dict[str, Any]:
         """Engine-specific fields added to every request body."""
         return {}
@@ -140,6 +143,7 @@ class OpenAIRunner(Runner):
                 return await run_load(
                     [(p, n, m) for (p, n), m in zip(prompts, targets)], send, concurrency=concurrency, rate=rate, arrival=load.arrival,
                     burstiness=load.burstiness, seed=workload.seed, warmup=self.args.warmup_requests,
+                    on_measure=self.on_measure,
                 )
 
         traces = asyncio.run(go())
@@ -176,6 +180,102 @@ class OpenAIRunner(Runner):
 
     def model_config(self) -> dict[str, Any] | None:
         return dict(self._hf_config) or None
+
+    # -- quality over HTTP: prompt scoring with echo + logprobs --------------------------------
+    # The scoring API moecap.quality uses (``tokenizer``, ``max_length``, ``token_nll``,
+    # ``loglikelihood_tokens``, ``generate_tokens``), through the completions endpoint as lm-eval's
+    # ``local-completions`` model does: ``echo: true`` + ``logprobs`` returns each prompt token's
+    # log-probability. Servers that score without generating take ``max_tokens: 0``
+    # (``score_max_tokens``); others generate one token, so a scored sequence leaves room for it.
+    score_max_tokens = 1
+    quality_model: str | None = None  # the served model scored (None: ``served_model``)
+
+    def quality_models(self) -> list[str]:
+        """The served models whose quality a cell measures (several for a multi-model workload)."""
+        return list(self.args.models) if self.args.models else [self.served_model]
+
+    @property
+    def max_length(self) -> int:
+        """The longest scored sequence: the server's ``max_model_len`` less the tokens it must generate."""
+        if getattr(self, "_max_model_len", None) is None:
+            import urllib.request
+
+            with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=30) as resp:
+                cards = json.loads(resp.read())["data"]
+            target = self.quality_model or self.served_model
+            card = next((c for c in cards if c.get("id") == target), cards[0] if cards else {})
+            n = card.get("max_model_len") or self._hf_config.get("max_position_embeddings") or 2048
+            self._max_model_len = int(n)
+        return self._max_model_len - self.score_max_tokens
+
+    def _score(self, prompts: list[list[int]], batch_size: int, progress: Any,
+               top: int = 0) -> list[list[tuple[float, float]]]:
+        """Per prompt: (log p(token_t | tokens_<t), best alternative's log-probability) for t >= 1."""
+        async def one(session: Any, sem: asyncio.Semaphore, ids: list[int]) -> list[tuple[float, float]]:
+            body = {"model": self.quality_model or self.served_model, "prompt": ids, "echo": True,
+                    "logprobs": top, "max_tokens": self.score_max_tokens, "temperature": 0.0}
+            headers = {"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else None
+            async with sem, session.post(f"{self.base_url}/v1/completions", json=body, headers=headers) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    raise RuntimeError(f"runner {self.name}: scoring request failed: HTTP {resp.status}: {text[:500]}")
+            lp = json.loads(text)["choices"][0]["logprobs"]
+            values, tops = lp["token_logprobs"][1:len(ids)], (lp.get("top_logprobs") or [])[1:len(ids)]
+            if len(values) != len(ids) - 1 or any(v is None for v in values):
+                raise RuntimeError(f"runner {self.name}: the server returned no log-probabilities for the prompt "
+                                   "(does it support echo with logprobs?)")
+            best = [max((t or {}).values(), default=v) for v, t in zip(values, tops + [None] * len(values))]
+            if progress is not None:
+                progress.update(1)
+            return [(float(v), float(b)) for v, b in zip(values, best)]
+
+        async def go() -> list[list[tuple[float, float]]]:
+            from moecap.runners.openai_client import make_session
+
+            sem = asyncio.Semaphore(max(1, batch_size))
+            async with make_session(timeout_s=self.args.request_timeout_s) as session:
+                return list(await asyncio.gather(*[one(session, sem, p) for p in prompts]))
+
+        return asyncio.run(go())
+
+    def token_nll(self, windows: list[list[int]], batch_size: int = 8, progress: Any = None) -> list[tuple[float, int]]:
+        """Per window: (sum of -log p(token_t | tokens_<t) over t >= 1, number of predicted tokens)."""
+        return [(-sum(v for v, _ in s), len(s)) for s in self._score(windows, batch_size, progress)]
+
+    def loglikelihood_tokens(self, requests: list[tuple[list[int], list[int]]], batch_size: int = 8,
+                             progress: Any = None) -> list[tuple[float, bool]]:
+        """Per (context, continuation): log p(continuation | context) and whether greedy decoding would
+        produce it (each continuation token is the most likely one). Cut from the left to max_length."""
+        seqs = [(ctx + cont)[-self.max_length:] for ctx, cont in requests]
+        scored = self._score(seqs, batch_size, progress, top=1)
+        out = []
+        for (_, cont), s in zip(requests, scored):
+            span = s[-len(cont):]
+            out.append((sum(v for v, _ in span), all(v >= b - 1e-6 for v, b in span)))
+        return out
+
+    def generate_tokens(self, prompt: list[int], max_new_tokens: int, stop: Any = None) -> list[int]:
+        """Greedy continuation of one prompt (the server stops at EOS); ``stop(tokens)`` cuts it after."""
+        import urllib.request
+
+        prompt = prompt[-max(1, self.max_length + self.score_max_tokens - max_new_tokens):]
+        body = {"model": self.quality_model or self.served_model, "prompt": prompt, "max_tokens": max_new_tokens,
+                "temperature": 0.0, "return_token_ids": True}
+        req = urllib.request.Request(f"{self.base_url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=self.args.request_timeout_s) as resp:
+            choice = json.loads(resp.read())["choices"][0]
+        ids = choice.get("token_ids")
+        if ids is None:
+            raise RuntimeError(f"runner {self.name}: the server returned no token_ids (return_token_ids unsupported)")
+        eos = getattr(self._get_tokenizer(), "eos_token_id", None)
+        if ids and choice.get("finish_reason") == "stop" and ids[-1] == eos:
+            ids = ids[:-1]
+        if stop is not None:
+            for i in range(1, len(ids) + 1):
+                if stop(ids[:i]):
+                    return ids[:i]
+        return ids
 
 
 class ServedRunner(OpenAIRunner):

@@ -365,6 +365,66 @@ BAD = [
 ]
 
 
+def test_echo_logprobs_score_the_prompt_as_transformers_does(server, reference):
+    """``echo`` + ``logprobs`` (lm-eval's and moecap's perplexity-over-HTTP path): the prompt's token
+    log-probabilities equal transformers' log-softmax, with the top alternatives; ``max_tokens`` 0 scores
+    only; generated tokens carry their own log-probabilities; chat has its own shape."""
+    import torch
+
+    url, _ = server
+    ids = _prompt(20, 7)
+    with torch.inference_mode():
+        logits = reference.models["prose"](torch.tensor([ids])).logits[0].float()
+    ref = torch.log_softmax(logits, dim=-1)
+    status, body = _http(url + "/v1/completions", {"model": "prose", "prompt": ids, "echo": True, "logprobs": 3,
+                                                   "max_tokens": 0})
+    assert status == 200, body
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    assert body["usage"] == {"prompt_tokens": 20, "completion_tokens": 0, "total_tokens": 20}
+    assert choice["finish_reason"] == "length" and len(lp["tokens"]) == 20
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want = ref[torch.arange(19), torch.tensor(ids[1:])].tolist()
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    for t in range(1, 20):  # the 3 most likely tokens at each position, as transformers ranks them
+        top = sorted(lp["top_logprobs"][t].values(), reverse=True)
+        assert top == pytest.approx(ref[t - 1].topk(3).values.tolist(), abs=1e-4)
+    tok = reference.tokenizer
+    assert choice["text"] == tok.decode(ids) and "".join(lp["tokens"]) == "".join(tok.decode([i]) for i in ids)
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+
+    # generated tokens: greedy, each with the log-probability transformers gives it
+    status, body = _http(url + "/v1/completions", _body("prose", ids, 4, logprobs=0))
+    gen = body["choices"][0]
+    out = gen["token_ids"]
+    assert out == reference("prose", ids, 4) and len(gen["logprobs"]["token_logprobs"]) == 4
+    with torch.inference_mode():
+        full = torch.log_softmax(reference.models["prose"](torch.tensor([ids + out])).logits[0].float(), dim=-1)
+    want = [full[len(ids) - 1 + i, t].item() for i, t in enumerate(out)]
+    assert gen["logprobs"]["token_logprobs"] == pytest.approx(want, abs=1e-4)
+    assert gen["logprobs"]["top_logprobs"] == [None] * 4  # logprobs 0: no alternatives
+
+    # chat: logprobs true + top_logprobs, streamed
+    status, events = _stream(url + "/v1/chat/completions", {
+        "model": "code", "messages": [{"role": "user", "content": "def"}], "max_tokens": 3, "temperature": 0,
+        "logprobs": True, "top_logprobs": 2, "stream": True})
+    entries = [e["choices"][0]["logprobs"]["content"][0] for e in events[1:-1] if e["choices"][0]["logprobs"]]
+    assert status == 200 and len(entries) == 3
+    for e in entries:  # greedy: the chosen token is the most likely one
+        assert len(e["top_logprobs"]) == 2 and e["logprob"] == pytest.approx(e["top_logprobs"][0]["logprob"])
+        assert bytes(e["bytes"]).decode() == e["token"]
+
+    # what is refused, with the field named
+    for body, param in (({"echo": True, "stream": True, "max_tokens": 1}, "echo"),
+                        ({"logprobs": 21, "max_tokens": 1}, "logprobs"),
+                        ({"max_tokens": 0}, "max_tokens")):
+        status, out = _http(url + "/v1/completions", {"model": "code", "prompt": ids, **body})
+        assert status == 400 and out["error"]["param"] == param, out
+    status, out = _http(url + "/v1/chat/completions", {"model": "code", "messages": [{"role": "user", "content": "x"}],
+                                                       "top_logprobs": 2})
+    assert status == 400 and out["error"]["param"] == "top_logprobs"
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     url, proc = server
     for path, body, status, param in BAD:
@@ -618,7 +678,15 @@ def test_cli_errors():
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2 and "could not load model" in out.stderr
     out = subprocess.run([PYTHON, "-m", "moecap", "serve", "x", "--backend", "nope"], capture_output=True, text=True)
-    assert out.returncode == 2 and "separate" in out.stderr
+    assert out.returncode == 2 and "separate" in out.stderr and "consolidated" in out.stderr
+    # an option the backend does not take, a missing one, a bad value: named, before any model loads
+    for args, msg in ((["--threshold", "0.1"], "does not take option(s) threshold"),
+                      (["--backend", "partition"], "--fast-budget-gb"),
+                      (["--backend", "partition", "--fast-budget-gb", "-1"], "--fast-budget-gb must be > 0"),
+                      (["--backend", "consolidated", "--consolidation-plan", "/nonexistent.json"], "no such file")):
+        out = subprocess.run([PYTHON, "-m", "moecap", "serve", "tiny-moe-code", "tiny-moe-prose", "--port",
+                              str(free_port()), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert out.returncode == 2 and msg in out.stderr, (args, out.stderr[-2000:])
 
 
 def test_parse_model_specs(tmp_path):

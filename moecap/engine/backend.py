@@ -5,8 +5,11 @@ several models of one family through this protocol only, so any engine can sit b
 
 - :class:`SeparateModelsBackend` (``--backend separate``): every model fully loaded, each with its own
   weights — the "each child alone" baseline; switching between models costs nothing.
-- a consolidated engine (several fine-tuned children of one base MoE sharing one device) implements the
-  same protocol; its ``activate()`` swaps weights and reports how long that took.
+- ``ConsolidatedBackend`` (``--backend consolidated``, :mod:`moecap.engine.multi_backends`): fine-tuned
+  children of one base MoE sharing one device, similar experts stored once; its ``activate()`` swaps the
+  child's non-expert weights and reports how long that took.
+- ``PartitionBackend`` (``--backend partition``): each child alone in a 1/N share of a fast-memory budget,
+  the experts that do not fit offloaded (the static-partition baseline).
 
 Backends are built by :func:`make_backend` from the kinds in :data:`BACKENDS` (``"module:Class"``
 strings, loaded on first use: importing this module imports neither torch nor transformers).
@@ -24,9 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 # --backend choices: kind -> "module:Class" whose __init__(models, device=..., dtype=..., **kw) builds it.
-# Add new kinds here (e.g. "consolidated"); the CLI's --backend choices are this dict's keys.
+# The CLI's --backend choices are this dict's keys.
 BACKENDS: dict[str, str] = {
     "separate": "moecap.engine.backend:SeparateModelsBackend",
+    "consolidated": "moecap.engine.multi_backends:ConsolidatedBackend",
+    "partition": "moecap.engine.multi_backends:PartitionBackend",
 }
 
 

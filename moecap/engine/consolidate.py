@@ -213,9 +213,13 @@ class ConsolidatedModel:
 
     def __init__(self, base: str | Path, children: dict[str, str | Path], plan: ConsolidationPlan,
                  device: str = "cpu", dtype: torch.dtype = torch.float32, non_expert_on_device: bool = False,
-                 shared: str = "mean"):
+                 shared: str = "mean", fast_budget_bytes: float | None = None):
         """``shared``: what the one shared copy of an expert is: the base's expert (``base``), or the mean
-        of the children that share it (``mean``: closer to each of them when they moved alike)."""
+        of the children that share it (``mean``: closer to each of them when they moved alike).
+        ``fast_budget_bytes``: the fast-device memory the weights may use (the skeleton's non-expert
+        layers, every child's too with ``non_expert_on_device``, and the pooled experts); pooled experts
+        that do not fit are kept in host memory, those the fewest children share first (they carry the
+        least traffic). None: every pooled expert on the fast device."""
         if shared not in ("base", "mean"):
             raise ValueError(f"shared={shared!r}: allowed base, mean")
         self.shared = shared
@@ -277,6 +281,20 @@ class ConsolidatedModel:
             entry = next(tables[c][i][e] for c in self.names if not plan.private(c, i, e))
             pools[i][entry] = StoredExpert((sgu / n).to(dtype), (sdn / n).to(dtype), full, 64, fast, host)
         self.tables = tables
+        if fast_budget_bytes is not None:
+            fixed = sum(p.numel() * p.element_size() for n, p in skeleton.named_parameters() if ".experts." not in n)
+            if non_expert_on_device:
+                fixed *= 1 + len(self.names)
+            room = fast_budget_bytes - fixed
+            sharers = {(i, k): sum(tables[c][i].count(k) for c in self.names) for i in pools for k in range(len(pools[i]))}
+            # keep the most shared entries (ties: earlier layers) on the fast device while they fit
+            order = sorted(sharers, key=lambda key: (-sharers[key], key))
+            for i, k in order:
+                entry = pools[i][k]
+                if entry.nbytes() <= room:
+                    room -= entry.nbytes()
+                else:
+                    pools[i][k] = StoredExpert(entry.gate_up, entry.down, Slot("host", "full"), 64, fast, host)
         self.stores: list[ExpertStore] = []
         from moecap.engine.store import EngineMoeBlock
 
@@ -325,9 +343,11 @@ class ConsolidatedModel:
 
     def memory(self) -> dict[str, int]:
         experts = sum(sum(e.nbytes() for e in s.experts) for s in self.stores)
+        fast = sum(sum(e.nbytes() for e in s.experts if e.slot.placement == "fast") for s in self.stores)
         skeleton = sum(p.numel() * p.element_size() for p in self._params.values())
         per_child = sum(t.numel() * t.element_size() for t in next(iter(self.non_expert.values())).values())
-        return {"expert_bytes": experts, "skeleton_non_expert_bytes": skeleton,
+        return {"expert_bytes": experts, "expert_bytes_fast": fast, "expert_bytes_host": experts - fast,
+                "skeleton_non_expert_bytes": skeleton,
                 "child_non_expert_bytes_each": per_child,
                 "child_non_expert_bytes_total": per_child * len(self.names),
                 "total_bytes": experts + skeleton + per_child * len(self.names)}

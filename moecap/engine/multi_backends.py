@@ -52,7 +52,7 @@ class ConsolidatedBackend:
     def __init__(self, models: dict[str, str | Path], device: str = "cpu", dtype: str = "auto",
                  max_model_len: int | None = None, base: str | None = None, threshold: float = 0.3,
                  plan: str | None = None, shared: str = "mean", non_expert_on_device: bool = False,
-                 calibration_windows: int = 8, **_: Any):
+                 calibration_windows: int = 8, fast_budget_gb: float | None = None):
         import torch
         from transformers import AutoTokenizer
 
@@ -82,7 +82,8 @@ class ConsolidatedBackend:
             self.plan = make_plan(sim, sizes, threshold=threshold)
             del base_model
         self.cm = ConsolidatedModel(base_dir, dirs, self.plan, str(self._device), self._dtype,
-                                    non_expert_on_device=non_expert_on_device, shared=shared)
+                                    non_expert_on_device=non_expert_on_device, shared=shared,
+                                    fast_budget_bytes=None if fast_budget_gb is None else fast_budget_gb * 1e9)
         self._tok = {n: AutoTokenizer.from_pretrained(d) for n, d in dirs.items()}
         ctx = config_context_length(self.cm.model.config)
         self._ctx = min(ctx, int(max_model_len)) if max_model_len else ctx
@@ -135,13 +136,13 @@ class PartitionBackend(SeparateModelsBackend):
     """Each child alone with a 1/N share of a fast-memory budget for its experts (the rest offloaded)."""
 
     def __init__(self, models: dict[str, str | Path], device: str = "cpu", dtype: str = "auto",
-                 max_model_len: int | None = None, fast_budget_gb: float | None = None, **kw: Any):
+                 max_model_len: int | None = None, fast_budget_gb: float | None = None):
         from moecap.engine.planner import make_plan
         from moecap.engine.store import CostModel, install
 
-        super().__init__(models, device=device, dtype=dtype, max_model_len=max_model_len)
         if fast_budget_gb is None:
             raise BackendError("the partition backend needs --fast-budget-gb (the device memory the children share)")
+        super().__init__(models, device=device, dtype=dtype, max_model_len=max_model_len)
         share = fast_budget_gb * 1e9 / len(models)
         self.partition: dict[str, Any] = {"fast_budget_bytes": fast_budget_gb * 1e9, "per_child_bytes": share}
         self.stores: dict[str, list[Any]] = {}

@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 
 LENGTH, STOP, ABORT, ERROR = "length", "stop", "abort", "error"
 _PROMPT_CONTEXT_TOKENS = 6  # prompt tokens decoded with the first output token (leading-space rules)
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default limit)
+
+# One token's log-probability under the model (raw logits, before temperature or filters) and the
+# ``logprobs`` most likely tokens at that position, token id -> log-probability.
+TokenLogprob = tuple[float, dict[int, float]]
 
 
 class SchedulerClosed(RuntimeError):
@@ -67,10 +72,15 @@ class SamplingParams:
     min_tokens: int = 0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; N >= 0: each token's log-probability and the N most likely
+    echo: bool = False  # also score the prompt (its tokens' log-probabilities when ``logprobs`` is set)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        low = 0 if self.echo else 1  # scoring a prompt needs no new token
+        if not isinstance(self.max_tokens, int) or self.max_tokens < low:
+            raise ValueError(f"max_tokens must be an integer >= {low}, got {self.max_tokens!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (0 < self.top_p <= 1):
@@ -99,6 +109,7 @@ class Event:
     completion_tokens: int  # tokens generated so far, this one included
     finish_reason: str | None = None  # set on the request's last event
     error: str | None = None  # why it failed or was aborted
+    logprob: "TokenLogprob | None" = None  # with params.logprobs: this token's
 
     @property
     def finished(self) -> bool:
@@ -131,6 +142,8 @@ class Request:
         self.sink = sink
         self.output_ids: list[int] = []
         self.text = ""  # all text released so far
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # echo + logprobs: [None, t1, t2, ...]
+        self.output_logprobs: list[TokenLogprob] = []  # with logprobs: one per output token
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.submitted_s: float | None = None  # scheduler clock
@@ -484,9 +497,15 @@ class Scheduler:
 
         t0 = self.clock()
         logits, cache = self.backend.forward(model, ids, mask, None, positions)
+        self._score_prompts(rows, logits, lengths, longest)
+        for r in rows:  # echo with max_tokens 0: the prompt's scores were all it asked for
+            if r.p.max_tokens == 0:
+                r.finished = True
+                self._finish(r.req, LENGTH, None, deliver=True)
         tokens = self._select(rows, logits[:, -1])
+        lps = self._token_logprobs(rows, logits[:, -1], tokens)
         rec.prefill_s = self.clock() - t0
-        self._deliver_tokens(rows, tokens)
+        self._deliver_tokens(rows, tokens, lps)
 
         next_pos = torch.tensor(lengths, dtype=torch.long, device=device).unsqueeze(1)
         ones = torch.ones((len(rows), 1), dtype=torch.long, device=device)
@@ -501,8 +520,9 @@ class Scheduler:
             logits, cache = self.backend.forward(model, step_ids, mask, cache, next_pos.clamp(max=ctx - 1))
             next_pos = next_pos + 1
             tokens = self._select(rows, logits[:, -1])
+            lps = self._token_logprobs(rows, logits[:, -1], tokens)
             rec.decode_steps += 1
-            self._deliver_tokens(rows, tokens)
+            self._deliver_tokens(rows, tokens, lps)
         rec.decode_s = self.clock() - t_decode
 
     @staticmethod
@@ -536,12 +556,50 @@ class Scheduler:
             out[i] = int(torch.multinomial(probs, 1, generator=r.generator).item())
         return out
 
-    def _deliver_tokens(self, rows: list[_Row], tokens: list[int]) -> None:
+    @staticmethod
+    def _top(logprobs: Any, k: int) -> dict[int, float]:
+        if k <= 0:
+            return {}
+        values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+        return {int(i): float(v) for i, v in zip(ids.tolist(), values.tolist())}
+
+    def _score_prompts(self, rows: list[_Row], logits: Any, lengths: list[int], longest: int) -> None:
+        """``echo`` with ``logprobs``: each prompt token's log-probability given the tokens before it
+        (the first token has none), from the prefill's logits [B, T, V] (rows left-padded to ``longest``)."""
+        import torch
+
+        for i, (r, n) in enumerate(zip(rows, lengths)):
+            if not r.p.echo or r.p.logprobs is None:
+                continue
+            lp = torch.log_softmax(logits[i, longest - n:longest - 1].float(), dim=-1)  # predicts tokens 1..n-1
+            target = torch.tensor(r.req.prompt_ids[1:], dtype=torch.long, device=lp.device)
+            chosen = lp.gather(-1, target[:, None])[:, 0].tolist()
+            scored: list[TokenLogprob | None] = [None]
+            for j, value in enumerate(chosen):
+                scored.append((float(value), self._top(lp[j], r.p.logprobs)))
+            r.req.prompt_logprobs = scored
+
+    def _token_logprobs(self, rows: list[_Row], logits: Any, tokens: list[int]) -> list[TokenLogprob | None]:
+        """For rows that asked for ``logprobs``: the chosen token's log-probability (raw logits) and the top N."""
+        import torch
+
+        out: list[TokenLogprob | None] = [None] * len(rows)
+        for i, r in enumerate(rows):
+            if r.finished or r.p.logprobs is None:
+                continue
+            lp = torch.log_softmax(logits[i].float(), dim=-1)
+            out[i] = (float(lp[int(tokens[i])]), self._top(lp, r.p.logprobs))
+        return out
+
+    def _deliver_tokens(self, rows: list[_Row], tokens: list[int], logprobs: list[Any] | None = None) -> None:
         now = self.clock()
-        for r, t in zip(rows, tokens):
+        for i, (r, t) in enumerate(zip(rows, tokens)):
             if r.finished:
                 continue
             event = r.on_token(int(t))
+            if logprobs is not None and logprobs[i] is not None:
+                event.logprob = logprobs[i]
+                r.req.output_logprobs.append(logprobs[i])
             if r.req.first_token_s is None:
                 r.req.first_token_s = now
             if event.finished:

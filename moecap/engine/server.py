@@ -17,6 +17,11 @@ Endpoints (aiohttp; the models run in the scheduler's worker thread, never on th
   with newlines. Fields: ``max_tokens`` (chat: ``max_completion_tokens`` first; default 16 for
   completions, the rest of the context for chat), ``temperature``, ``top_p``, ``top_k``, ``seed``,
   ``stop`` (strings), and vLLM's ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``return_token_ids``.
+  Log-probabilities (of the raw model distribution, before temperature and filters): completions'
+  ``logprobs: N`` (0-20: each token's and the N most likely alternatives) and ``echo: true`` (the prompt
+  returned with its tokens' log-probabilities, the first one null; ``max_tokens: 0`` scores the prompt
+  only, as lm-eval's and perplexity clients do; not with streaming); chat's ``logprobs: true`` with
+  ``top_logprobs: N``.
   ``stream: true`` answers Server-Sent Events in OpenAI's chunk format, one chunk per generated token,
   ending with ``data: [DONE]``; ``stream_options.include_usage`` adds a final usage chunk (and
   ``usage: null`` on the others), ``stream_options.continuous_usage_stats`` puts the cumulative usage on
@@ -51,7 +56,17 @@ from typing import Any
 
 from aiohttp import web
 
-from moecap.engine.scheduler import ABORT, ERROR, Event, Request, SamplingParams, Scheduler, SchedulerClosed, asyncio_sink
+from moecap.engine.scheduler import (
+    ABORT,
+    ERROR,
+    MAX_LOGPROBS,
+    Event,
+    Request,
+    SamplingParams,
+    Scheduler,
+    SchedulerClosed,
+    asyncio_sink,
+)
 
 log = logging.getLogger(__name__)
 
@@ -339,24 +354,42 @@ class OpenAIServer:
 
     def _parse(self, body: dict[str, Any], chat: bool) -> tuple[str, list[int], SamplingParams, dict[str, Any]]:
         model = self._check_model(body.get("model"))
-        for name, ok in (("n", lambda v: v == 1), ("best_of", lambda v: v == 1), ("echo", lambda v: v is False),
-                         ("logprobs", lambda v: v is False or v == 0), ("top_logprobs", lambda v: v == 0),
-                         ("suffix", lambda v: v == "")):
+        unsupported = [("n", lambda v: v == 1), ("best_of", lambda v: v == 1), ("suffix", lambda v: v == "")]
+        if chat:
+            unsupported.append(("echo", lambda v: v is False))
+        else:
+            unsupported.append(("top_logprobs", lambda v: v == 0))
+        for name, ok in unsupported:
             if body.get(name) is not None and not ok(body[name]):
                 raise ApiError(400, f"'{name}' = {json.dumps(body[name])} is not supported by this server", param=name)
+        stream = _opt_bool(body, "stream")
+        echo = False if chat else _opt_bool(body, "echo")
+        if chat:  # chat: logprobs is a switch, top_logprobs the number of alternatives
+            logprobs = _opt_int(body, "top_logprobs", 0, minimum=0) if _opt_bool(body, "logprobs") else None
+            if logprobs is None and body.get("top_logprobs"):
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            lp_param = "top_logprobs"
+        else:  # completions: logprobs is the number of alternatives (0: the chosen tokens' only)
+            raw = body.get("logprobs")
+            logprobs = None if raw is None or raw is False else _opt_int(body, "logprobs", 0, minimum=0)
+            lp_param = "logprobs"
+        if logprobs is not None and logprobs > MAX_LOGPROBS:
+            raise ApiError(400, f"'{lp_param}' must be <= {MAX_LOGPROBS}, got {logprobs}", param=lp_param)
+        if echo and stream:
+            raise ApiError(400, "'echo' is supported without streaming only (\"stream\": false)", param="echo")
         ids = self._prompt_ids(model, body, chat)
         ctx = int(self.backend.context_length(model))
         n = len(ids)
         where = "messages" if chat else "prompt"
-        if n >= ctx:
+        if n > ctx or (n == ctx and not echo):
             raise ApiError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has {n} "
-                                f"tokens ({n} >= {ctx}): no room for any output", param=where,
+                                f"tokens" + ("" if n > ctx else f" ({n} >= {ctx}): no room for any output"), param=where,
                            code="context_length_exceeded")
         key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         default = (ctx - n) if chat else 16
         max_tokens = _opt_int(body, key, default)
-        if max_tokens < 1:
-            raise ApiError(400, f"'{key}' must be >= 1, got {max_tokens}", param=key)
+        if max_tokens < (0 if echo else 1):  # echo with 0 new tokens scores the prompt only
+            raise ApiError(400, f"'{key}' must be >= {0 if echo else 1}, got {max_tokens}", param=key)
         if n + max_tokens > ctx:
             raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                                 f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion).",
@@ -381,11 +414,11 @@ class OpenAIServer:
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=seed, ignore_eos=ignore_eos, min_tokens=min_tokens, stop=stop,
-                                    stop_token_ids=tuple(stop_ids))
+                                    stop_token_ids=tuple(stop_ids), logprobs=logprobs, echo=echo)
         except ValueError as err:  # anything the checks above let through
             raise ApiError(400, str(err)) from None
         opts = {
-            "stream": _opt_bool(body, "stream"),
+            "stream": stream,
             "include_usage": _opt_bool(stream_options or {}, "include_usage"),
             "continuous_usage": _opt_bool(stream_options or {}, "continuous_usage_stats"),
             "return_token_ids": _opt_bool(body, "return_token_ids"),
@@ -435,11 +468,22 @@ class OpenAIServer:
         if ev.finish_reason in (ERROR, ABORT):
             raise self._failure(ev)
         content = "".join(text)
+        tok = self.backend.tokenizer(req.model)
         if chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content},
                                       "logprobs": None, "finish_reason": ev.finish_reason}
+            if req.params.logprobs is not None:
+                choice["logprobs"] = {"content": [_chat_logprob(tok, t, lp)
+                                                  for t, lp in zip(tokens, req.output_logprobs)]}
         else:
+            if req.params.echo:
+                content = tok.decode(req.prompt_ids) + content
             choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": ev.finish_reason}
+            if req.params.logprobs is not None:
+                ids = (req.prompt_ids if req.params.echo else []) + tokens
+                scores = ((req.prompt_logprobs or [None] * len(req.prompt_ids)) if req.params.echo else []) \
+                    + list(req.output_logprobs)
+                choice["logprobs"] = _completion_logprobs(tok, ids, scores)
         if opts["return_token_ids"]:
             choice["token_ids"] = tokens
             choice["prompt_token_ids"] = req.prompt_ids
@@ -454,6 +498,7 @@ class OpenAIServer:
         if first.finish_reason in (ERROR, ABORT) and first.token_id is None:
             raise self._failure(first)
         created = int(time.time())
+        tok = self.backend.tokenizer(req.model)
         kind = "chat.completion.chunk" if chat else "text_completion"
         usage_each = opts["continuous_usage"]
         usage_null = opts["include_usage"] and not usage_each
@@ -471,8 +516,12 @@ class OpenAIServer:
             if chat:
                 c: dict[str, Any] = {"index": 0, "delta": {"content": ev.text}, "logprobs": None,
                                      "finish_reason": ev.finish_reason}
+                if ev.logprob is not None and ev.token_id is not None:
+                    c["logprobs"] = {"content": [_chat_logprob(tok, ev.token_id, ev.logprob)]}
             else:
                 c = {"index": 0, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+                if ev.logprob is not None and ev.token_id is not None:
+                    c["logprobs"] = _completion_logprobs(tok, [ev.token_id], [ev.logprob])
             if opts["return_token_ids"]:
                 c["token_ids"] = [ev.token_id] if ev.token_id is not None else []
                 if first_chunk and not chat:
@@ -513,6 +562,41 @@ class OpenAIServer:
         await resp.write(b"".join(out))
         await resp.write_eof()
         return resp
+
+
+# -- log-probabilities in OpenAI's two shapes --------------------------------------------------------
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([int(token_id)])
+
+
+def _completion_logprobs(tokenizer: Any, ids: list[int], scores: list[Any]) -> dict[str, Any]:
+    """The completions API's ``logprobs``: parallel lists ``tokens``, ``token_logprobs``, ``top_logprobs``
+    (token text -> log-probability; None where the position has no score, e.g. the first prompt token)
+    and ``text_offset`` (each token's start in the concatenated token texts)."""
+    tokens, values, tops, offsets = [], [], [], []
+    offset = 0
+    for token_id, score in zip(ids, scores):
+        text = _token_text(tokenizer, token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if score is None:
+            values.append(None)
+            tops.append(None)
+        else:
+            values.append(score[0])
+            tops.append({_token_text(tokenizer, t): v for t, v in score[1].items()} or None)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprob(tokenizer: Any, token_id: int, score: Any) -> dict[str, Any]:
+    """One entry of the chat API's ``logprobs.content``."""
+    def entry(t: int, v: float) -> dict[str, Any]:
+        text = _token_text(tokenizer, t)
+        return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8"))}
+
+    return {**entry(token_id, score[0]), "top_logprobs": [entry(t, v) for t, v in score[1].items()]}
 
 
 # -- the command -------------------------------------------------------------------------------------

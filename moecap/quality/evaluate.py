@@ -19,6 +19,23 @@ def offline_tasks_dir() -> Path:
 
 
 def evaluate_quality(runner: Any, workload: Any) -> dict[str, Any]:
+    """The quality section. A runner serving several models (``quality_models()`` names more than one,
+    e.g. a multi-tenant server) has each of them measured: ``per_model`` holds every model's figures and
+    the top level repeats the first model's, so single-model readers keep working."""
+    models = list(runner.quality_models()) if hasattr(runner, "quality_models") else []
+    if len(models) <= 1:
+        return _evaluate_one(runner, workload)
+    per: dict[str, Any] = {}
+    try:
+        for m in models:
+            runner.quality_model = m
+            per[m] = _evaluate_one(runner, workload)
+    finally:
+        runner.quality_model = None
+    return {**per[models[0]], "model": models[0], "per_model": per}
+
+
+def _evaluate_one(runner: Any, workload: Any) -> dict[str, Any]:
     quality: dict[str, Any] = {}
     if workload.perplexity is not None:
         from moecap.quality.perplexity import evaluate_perplexity

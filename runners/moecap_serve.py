@@ -1,0 +1,144 @@
+"""The ``moecap-serve`` runner: our engine's HTTP server (``moecap serve``), launched, benchmarked over its
+OpenAI-compatible API like any other server, and stopped.
+
+It serves one model, or several fine-tuned children of one base side by side with one of the server's
+backends (``separate``, ``consolidated``, ``partition``; see :mod:`moecap.engine.multi_backends`). With a
+multi-model workload (``models: {child: share}``) each request picks its child, so the record's
+``per_model`` section holds each child's turnaround (E2E latency), TTFT and throughput on the same trace.
+
+What only this server can tell a client is added to the record as ``report.server``: from its ``/stats``
+over the measured window (after the warm-up requests), the batches the scheduler ran (sizes, per model), the model switches and the
+time each one took (the consolidated backend swaps a child's non-expert layers; the others switch for
+free), the prefill and decode time, and the backend's memory (pooled expert bytes, fast/host tiers).
+
+Quality (perplexity, lm-eval) is measured through the server too (echo + logprobs scoring), once per
+served model of a multi-model workload: the figures are those of exactly what was served.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import urllib.request
+from typing import Any
+
+from moecap.runners.base import RunTrace
+from moecap.runners.openai_runner import ServedRunner
+
+
+def _get_json(url: str, timeout_s: float = 30) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def window_stats(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What the scheduler did between two ``/stats`` snapshots: batches, switches and their cost."""
+    first = max((b["index"] for b in before.get("batches", [])), default=-1)
+    batches = [b for b in after.get("batches", []) if b["index"] > first]
+    prev = next((b["model"] for b in reversed(before.get("batches", []))), before.get("active_model"))
+    switch_s: list[float] = []
+    per_model: dict[str, dict[str, Any]] = {}
+    for b in batches:
+        m = per_model.setdefault(b["model"], {"batches": 0, "requests": 0, "switches_to": 0})
+        m["batches"] += 1
+        m["requests"] += b["size"]
+        if b["model"] != prev:
+            m["switches_to"] += 1
+            switch_s.append(float(b["switch_s"]))
+        prev = b["model"]
+    sizes = [b["size"] for b in batches]
+    out: dict[str, Any] = {
+        "backend": after.get("backend"),
+        "batches": len(batches),
+        "batches_failed": sum(1 for b in batches if b.get("error")),
+        "batch_size_mean": statistics.fmean(sizes) if sizes else None,
+        "prefill_s": sum(b["prefill_s"] for b in batches),
+        "decode_s": sum(b["decode_s"] for b in batches),
+        "switches": len(switch_s),
+        "switch_s_total": sum(switch_s),
+        "per_model": per_model,
+        "config": after.get("config"),
+        "memory": after.get("memory"),
+    }
+    if switch_s:
+        ordered = sorted(switch_s)
+        out["switch_ms"] = {"mean": 1e3 * statistics.fmean(switch_s), "median": 1e3 * statistics.median(switch_s),
+                            "max": 1e3 * ordered[-1], "min": 1e3 * ordered[0]}
+    return out
+
+
+class MoecapServeRunner(ServedRunner):
+    name = "moecap-serve"
+    score_max_tokens = 0  # our server scores a prompt without generating
+
+    def served_specs(self, model: Any) -> list[str]:
+        if self.args.serve:
+            return list(self.args.serve)
+        if self.args.models:
+            return list(self.args.models)
+        # one model, served under a plain name (a path is no model name)
+        self.served_model = self.args.model or model.display_name.replace("/", "--")
+        return [f"{self.served_model}={self.model_argument(model)}"]
+
+    def load(self, model: Any) -> None:
+        self._specs = None
+        self._model = model
+        super().load(model)
+        self._get_tokenizer()  # the quality API reads runner.tokenizer
+
+    def server_command(self, model_arg: str) -> list[str]:
+        a = self.args
+        device = a.device or getattr(self.hardware, "device", None) or "auto"
+        cmd = [sys.executable, "-m", "moecap", "serve", *self.served_specs(self._model), "--backend", a.backend,
+               "--host", a.host, "--port", str(self.port), "--device", device, "--dtype", a.dtype,
+               "--max-batch-size", str(a.max_batch_size), "--max-wait-s", str(a.max_wait_s),
+               "--max-consecutive-batches", str(a.max_consecutive_batches)]
+        for flag, value in (("--base", a.base), ("--threshold", a.threshold),
+                            ("--consolidation-plan", a.consolidation_plan), ("--shared", a.shared),
+                            ("--fast-budget-gb", a.fast_budget_gb), ("--max-model-len", a.max_model_len)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        return cmd
+
+    def ready_path(self) -> str:
+        return "/health"
+
+    def on_server_ready(self) -> None:
+        served = [c["id"] for c in _get_json(self.base_url + "/v1/models")["data"]]
+        wanted = list(self.args.models or []) or [self.served_model]
+        missing = [m for m in wanted if m not in served]
+        if missing:
+            raise ValueError(f"runner {self.name}: the server serves {served}, not {missing} "
+                             "(runner args models / model must name served models)")
+        self.served_names = served
+
+    def storage_bytes(self) -> tuple[float | None, float]:
+        """Bytes per weight and per KV element: the dtype's (float32 on a CPU, bfloat16 on a GPU for auto)."""
+        if self.args.weight_bytes_per_param:
+            return self.args.weight_bytes_per_param, self.args.kv_bytes_per_elem
+        dtype = self.args.dtype
+        if dtype == "auto":
+            dtype = "float32" if self.device_name() == "cpu" else "bfloat16"
+        size = 4.0 if dtype == "float32" else 2.0
+        return size, size
+
+    def on_measure(self) -> None:
+        self._before = _get_json(self.base_url + "/stats")  # after the warm-up: the window starts here
+
+    def run(self, workload: Any, load: Any) -> RunTrace:
+        self._before = None
+        trace = super().run(workload, load)
+        try:
+            if self._before is None:
+                raise RuntimeError("no /stats snapshot at the start of the measured window")
+            trace.extra["server"] = window_stats(self._before, _get_json(self.base_url + "/stats"))
+        except Exception as err:  # the figures above stand without the server's own
+            trace.extra["server"] = {"available": False, "reason": f"{type(err).__name__}: {err}"}
+        return trace
+
+    def compute_dtype(self) -> str:
+        dtype = self.args.dtype
+        if dtype == "auto":
+            return "float32" if self.device_name() == "cpu" else "bfloat16"
+        return dtype

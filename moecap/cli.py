@@ -358,6 +358,25 @@ def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_engine_tenants(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moecap.engine.tenants import collect, format_table, plot
+
+    if not Path(args.results).exists():
+        print(f"moecap engine tenants: {args.results}: no such file or folder", file=sys.stderr)
+        return 2
+    rows, quality = collect(args.results)
+    if not rows:
+        print(f"moecap engine tenants: {args.results}: no ok moecap-serve records with per-model figures "
+              "(a multi-model workload: runner args models: {name: share})", file=sys.stderr)
+        return 2
+    print(format_table(rows, quality))
+    out = Path(args.out) if args.out else Path(args.results) / "tenants.png"
+    print(f"plot: {plot(rows, quality, out)}")
+    return 0
+
+
 def _cmd_engine_merge(args: argparse.Namespace) -> int:
     import json
 
@@ -514,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("-o", "--output", required=True, help="the merged model directory to write")
     em.set_defaults(func=_cmd_engine_merge)
 
+    et = eng.add_parser("tenants", help="compare moecap serve backends on a multi-tenant trace from their records "
+                        "(per-child turnaround, switches, expert memory, own-domain perplexity); table + PNG")
+    et.add_argument("results", help="the records of a multi-model suite (e.g. results/consolidation-cpu)")
+    et.add_argument("-o", "--out", default=None, help="the plot (default: RESULTS/tenants.png)")
+    et.set_defaults(func=_cmd_engine_tenants)
     ec = eng.add_parser("consolidate", help="plan expert consolidation of fine-tuned children of one base "
                         "(per-layer memory saving), or measure its curve over thresholds against merging")
     ec.add_argument("base", help="the base model (an embedded name such as tiny-moe, or a directory)")

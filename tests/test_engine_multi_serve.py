@@ -140,6 +140,23 @@ def test_moecap_serve_runner_multi_tenant_suite(tmp_path, tiny_moe_dir):
         assert per[child]["perplexity"][own]["predicted_tokens"] == 4 * 127
     assert quality["quality"]["perplexity"] == per["tiny-moe-code"]["perplexity"]
 
+    # the side-by-side view of those records: one row per child, its own-domain perplexity, and a plot
+    import subprocess
+
+    png = tmp_path / "tenants.png"
+    proc = subprocess.run([PYTHON, "-m", "moecap", "engine", "tenants", str(tmp_path / "results"), "-o", str(png)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("moecap-serve")]
+    assert sorted(ln[3] for ln in lines) == sorted(shares)
+    for ln in lines:
+        own = {"tiny-moe-code": "tiny-code", "tiny-moe-prose": "tiny-prose", "tiny-moe-c": "tiny-c"}[ln[3]]
+        assert float(ln[-1]) == pytest.approx(per[ln[3]]["perplexity"][own]["perplexity"], abs=0.01)
+    assert png.stat().st_size > 10_000
+    proc = subprocess.run([PYTHON, "-m", "moecap", "engine", "tenants", str(tmp_path / "nothing")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+
 
 def test_runner_perplexity_equals_in_process(tmp_path, tiny_moe_dir):
     """Perplexity scored over HTTP (echo + logprobs) equals the in-process `hf` runner's on the same

@@ -267,12 +267,14 @@ class SeparateModelsBackend:
         return self._device
 
     def memory(self) -> dict[str, int]:
-        out: dict[str, int] = {"weights": 0, "buffers": 0}
+        out: dict[str, int] = {"weights": 0, "buffers": 0, "expert_bytes": 0}
         for name, model in self._models.items():
             params, buffers = module_memory(model)
             out["weights"] += params
             out["buffers"] += buffers
             out[f"weights:{name}"] = params
+            out["expert_bytes"] += sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                                       if ".experts." in n)
         out.update(device_memory(self._device))
         return out
 

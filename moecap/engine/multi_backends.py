@@ -161,5 +161,5 @@ class PartitionBackend(SeparateModelsBackend):
                 t = s.tier_nbytes()
                 fast += t["fast"]
                 host += t["host"]
-        out.update({"expert_bytes_fast": fast, "expert_bytes_host": host})
+        out.update({"expert_bytes": fast + host, "expert_bytes_fast": fast, "expert_bytes_host": host})
         return out

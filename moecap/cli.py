@@ -458,6 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
     rep.set_defaults(func=_cmd_report)
 
+    from moecap.compare import add_arguments as compare_arguments, cmd_compare  # light: no torch, no numpy
+
+    cmp = sub.add_parser(
+        "compare", help="regression gate: match cells of two result sets, flag regressions beyond noise",
+        description="Match the cells of BASELINE and CURRENT (record files or folders) and compare their figures. "
+        "A metric regressed when it moved past its threshold in the bad direction and, where both records have "
+        "per-pass or per-request traces, a bootstrap confidence interval of the change lies wholly past it. "
+        "Exit 0: no gated regression; 1: a gated regression or a cell that was ok and now failed; 2: bad input.")
+    compare_arguments(cmp)
+    cmp.set_defaults(func=cmd_compare)
+
     lb = sub.add_parser("leaderboard", help="the Gradio leaderboard over a results folder, on localhost")
     lb.add_argument("results", nargs="?", default="results", help="results folder or hf://datasets/<org>/<name>")
     lb.add_argument("--host", default="127.0.0.1")

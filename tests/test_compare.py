@@ -1,0 +1,375 @@
+"""``moecap compare``: two real quickstart runs on this CPU, and copies of one with regressions injected.
+
+The injected changes retime a run consistently: every timestamp of its traces goes through one
+monotone warp, and the record's figures are recomputed from the warped traces with moecap's own
+metric functions, so figures and samples tell the same story, as they would after a real slowdown.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import pytest
+
+from moecap.compare import MIN_SAMPLES, Samples, main, parse_threshold, shift_test
+from moecap.metrics.latency import pass_latency, summarize_requests
+
+# enough prompts that every gated timing figure has >= MIN_SAMPLES samples at batch 4 (6 batches)
+RUN_ARGS = [
+    "--set", "workloads.0.num_prompts=24",
+    "--set", "workloads.0.output_tokens=8",
+    "--set", "workloads.1.perplexity.max_windows=16",
+    "--set", "workloads.1.lm_eval.limit=20",
+]
+SUITE = "quickstart"
+
+
+def run_quickstart(out: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "moecap", "run", SUITE, "-o", str(out), *RUN_ARGS],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_moe_dir):
+    """The quickstart suite run twice, back to back, into two folders."""
+    base = tmp_path_factory.mktemp("baseline")
+    cur = tmp_path_factory.mktemp("current")
+    run_quickstart(base)
+    run_quickstart(cur)
+    return base, cur
+
+
+def compare(capsys, *argv: str) -> tuple[int, str, str]:
+    """The real command line in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's usage errors
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def compare_json(capsys, *argv: str) -> tuple[int, dict]:
+    rc, out, err = compare(capsys, *argv, "--format", "json")
+    assert rc in (0, 1), err
+    return rc, json.loads(out)
+
+
+def rows(data: dict, metric: str) -> list[dict]:
+    return [m for c in data["cells"] for m in c["metrics"] if m["metric"] == metric]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows_: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows_))
+
+
+def perf_records(root: Path) -> list[Path]:
+    return [p for p in sorted((root / SUITE).glob("*.json")) if json.loads(p.read_text())["artifacts"].get("passes")]
+
+
+def retime(src: Path, dst: Path, warp_for: Callable[[list[dict]], Callable[[float], float]]) -> Path:
+    """Copy the result folder ``src`` to ``dst`` with every performance cell's timestamps warped.
+
+    ``warp_for(passes)`` returns a monotone map of timestamps for that cell. Latency, throughput and
+    per-pass figures are recomputed from the warped traces; utilization and cost, which divide fixed
+    bytes, FLOPs and prices by time, are rescaled by the change of their time.
+    """
+    shutil.copytree(src, dst)
+    for path in perf_records(dst):
+        rec = json.loads(path.read_text())
+        passes_path = path.parent / rec["artifacts"]["passes"]
+        requests_path = path.parent / rec["artifacts"]["requests"]
+        passes, requests = read_jsonl(passes_path), read_jsonl(requests_path)
+        warp = warp_for(passes)
+        for p in passes:
+            p["start_s"], p["end_s"] = warp(p["start_s"]), warp(p["end_s"])
+            p["time_s"] = p["end_s"] - p["start_s"]
+        for r in requests:
+            r["send_s"] = warp(r["send_s"])
+            r["token_times_s"] = [warp(t) for t in r["token_times_s"]]
+        write_jsonl(passes_path, passes)
+        write_jsonl(requests_path, requests)
+
+        rep = rec["report"]
+        old_duration = rep["throughput"]["duration_s"]
+        rep.update(summarize_requests([SimpleNamespace(**r) for r in requests]))
+        rep["pass_latency"] = pass_latency([SimpleNamespace(**p) for p in passes])
+        for phase in ("prefill", "decode"):
+            util = rep["utilization"][phase]
+            new_time = sum(p["time_s"] for p in passes if p["phase"] == phase)
+            scale = util["time_s"] / new_time
+            util["time_s"] = new_time
+            for key in ("s_mbu", "s_mfu", "achieved_bandwidth_gbs", "achieved_tflops"):
+                util[key] *= scale
+        scale = rep["throughput"]["duration_s"] / old_duration
+        for key in ("run_seconds", "run_hours", "run_usd", "usd_per_1m_output_tokens", "usd_per_request"):
+            rep["cost"][key] *= scale
+        path.write_text(json.dumps(rec, indent=2))
+    return dst
+
+
+def slower(factor: float) -> Callable[[list[dict]], Callable[[float], float]]:
+    """Every interval of the run stretched by ``factor``: a uniformly slower system."""
+    return lambda passes: (lambda t: t * factor)
+
+
+def hiccup(share_of_duration: float) -> Callable[[list[dict]], Callable[[float], float]]:
+    """One decode pass in the middle of the run stalls; everything after it starts that much later."""
+    def warp_for(passes: list[dict]) -> Callable[[float], float]:
+        decode = [p for p in passes if p["phase"] == "decode"]
+        stalled = decode[len(decode) // 2]
+        run_s = max(p["end_s"] for p in passes) - min(p["start_s"] for p in passes)
+        delay = share_of_duration * run_s
+        return lambda t: t + delay if t > stalled["start_s"] else t
+    return warp_for
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_two_real_runs(two_runs, tmp_path):
+    """Two runs of the same suite through the real CLI (python -m moecap.compare): every cell matched and
+    compared on its traces, the deterministic quality figures unchanged, and no gated regression that
+    rests on noise. A strict exit 0 would be a timed assert on a shared machine: another process can
+    make the second run really slower, and then a flagged regression is the right answer; so the test
+    checks that any flagged regression is backed by a significant shift beyond its threshold."""
+    base, cur = two_runs
+    report = tmp_path / "report.md"
+    proc = subprocess.run([sys.executable, "-m", "moecap.compare", str(base), str(cur), "--report", str(report)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert report.read_text() == proc.stdout
+    assert proc.stdout.startswith("# moecap compare")
+    assert "| metric | gated | baseline | current | change |" in proc.stdout
+
+    proc = subprocess.run([sys.executable, "-m", "moecap.compare", str(base), str(cur), "--format", "json"],
+                          capture_output=True, text=True, timeout=300)
+    data = json.loads(proc.stdout)
+    assert data["exit_status"] == proc.returncode
+    assert [c["status"] for c in data["cells"]] == ["compared"] * 3
+    by_desc = {c["description"]: c for c in data["cells"]}
+    quality = next(c for d, c in by_desc.items() if "quality" in d)
+    assert {m["metric"] for m in quality["metrics"]} >= {"ppl:tiny-code", "ppl:tiny-prose", "ppl:tiny-c",
+                                                         "moecap_mc_code:acc"}
+    for m in quality["metrics"]:  # same model, same data, same seed: the same numbers
+        assert m["gated"] and m["verdict"] == "ok" and m["change"] == 0, m
+
+    for cell in data["cells"]:
+        if cell is quality:
+            continue
+        gated = {m["metric"]: m for m in cell["metrics"] if m["gated"]}
+        assert set(gated) == {"output_tokens_per_s", "ttft_ms_median", "ttft_ms_p99", "tpot_ms_median",
+                              "tpot_ms_p99", "s_mbu_prefill", "s_mbu_decode"}
+        for m in gated.values():  # every gated timing figure was judged on paired samples
+            sig = m["significance"]
+            assert sig["tested"] and sig["paired"] and sig["n_baseline"] >= MIN_SAMPLES, m
+            assert "paired bootstrap" in m["basis"]
+    regressions = [m for c in data["cells"] for m in c["metrics"] if m["verdict"] == "regression"]
+    for m in regressions:  # a real, consistent slowdown of the second run, never an outlier or jitter
+        assert m["significance"]["significant"], m
+        assert m["significance"]["ci"][0] > m["significance"]["threshold_time_ratio"], m
+    assert data["exit_status"] == (1 if regressions else 0)
+
+
+def test_injected_10_percent_slowdown_is_flagged(two_runs, tmp_path, capsys):
+    _, cur = two_runs
+    slow = retime(cur, tmp_path / "slow", slower(1.1))
+    for path in perf_records(slow):  # the injection is what it says: 10 % slower
+        rec = json.loads(path.read_text())
+        orig = json.loads((cur / SUITE / path.name).read_text())
+        assert rec["report"]["throughput"]["output_tokens_per_s"] == pytest.approx(
+            orig["report"]["throughput"]["output_tokens_per_s"] / 1.1)
+        assert rec["report"]["utilization"]["decode"]["s_mbu"] == pytest.approx(
+            orig["report"]["utilization"]["decode"]["s_mbu"] / 1.1)
+
+    report = tmp_path / "cmp.json"
+    rc, out, err = compare(capsys, cur, slow, "--format", "json", "--report", report)
+    assert rc == 1, out + err
+    data = json.loads(out)
+    assert json.loads(report.read_text()) == data and data["exit_status"] == 1
+    thr = rows(data, "output_tokens_per_s")
+    assert len(thr) == 2
+    for m in thr:
+        assert m["verdict"] == "regression" and m["gated"]
+        assert m["change"] == pytest.approx(1 / 1.1 - 1)
+        sig = m["significance"]
+        assert sig["paired"] and sig["significant"] and sig["time_ratio"] == pytest.approx(1.1)
+    for m in rows(data, "s_mbu_decode"):
+        assert m["verdict"] == "regression"
+    assert all(m["verdict"] == "ok" for m in rows(data, "ppl:tiny-code"))
+
+    rc, out, _ = compare(capsys, cur, slow)
+    assert rc == 1 and "**❌" in out and "## Regressions" in out
+    assert any(line.startswith("| output_tokens_per_s | yes |") and "❌ regression" in line
+               for line in out.splitlines())
+
+    # the gate is configurable: a wider threshold, or a gate on other metrics, lets it pass
+    rc, data = compare_json(capsys, cur, slow, "--gate", "output_tokens_per_s", "--threshold", "output_tokens_per_s=15")
+    assert rc == 0 and all(m["verdict"] == "ok" and m["threshold"] == 0.15 for m in rows(data, "output_tokens_per_s"))
+    rc, data = compare_json(capsys, cur, slow, "--gate", "none")
+    assert rc == 0 and all(m["verdict"] == "reported" and not m["gated"] for m in rows(data, "output_tokens_per_s"))
+    rc, data = compare_json(capsys, cur, slow, "--gate", "quality")
+    assert rc == 0
+    rc, data = compare_json(capsys, cur, slow, "--gate", "quality", "--gate", "throughput")
+    assert rc == 1 and all(m["verdict"] == "regression" for m in rows(data, "total_tokens_per_s"))
+    rc, data = compare_json(capsys, cur, slow, "--no-gate", "*")
+    assert rc == 0
+    rc, data = compare_json(capsys, cur, slow, "--no-gate", "all")
+    assert rc == 0
+    rc, data = compare_json(capsys, cur, slow, "--gate", "default", "--no-gate", "throughput", "--no-gate", "latency",
+                            "--no-gate", "utilization")
+    assert rc == 0 and all(m["verdict"] == "reported" for m in rows(data, "output_tokens_per_s"))
+    assert all(m["gated"] for m in rows(data, "ppl:tiny-code"))
+    rc, data = compare_json(capsys, cur, slow, "--gate", "ttft_ms_p50", "--threshold", "latency=5%")
+    assert rc == 1 and {m["metric"] for c in data["cells"] for m in c["metrics"] if m["verdict"] == "regression"} \
+        == {"ttft_ms_median"}
+    rc, data = compare_json(capsys, cur, slow, "--gate", "ppl:wikitext2")
+    assert rc == 0 and any("'ppl:wikitext2' matched no metric" in n for n in data["notes"])
+
+
+def test_improvement_is_not_flagged(two_runs, tmp_path, capsys):
+    _, cur = two_runs
+    slow = retime(cur, tmp_path / "slow", slower(1.1))
+    rc, data = compare_json(capsys, slow, cur)  # the current run is the faster one
+    assert rc == 0 and data["gated_regressions"] == 0
+    for m in rows(data, "output_tokens_per_s") + rows(data, "s_mbu_decode"):
+        assert m["verdict"] == "improved" and m["change"] == pytest.approx(0.1)
+    assert not [m for c in data["cells"] for m in c["metrics"] if m["icon"] != "✅"]
+
+
+def test_a_single_stalled_pass_is_noise(two_runs, tmp_path, capsys):
+    """One decode pass stalls for a fifth of the run: the throughput figure drops far past its threshold,
+    but the shift rests on one pass of many, and the paired bootstrap says so."""
+    _, cur = two_runs
+    stalled = retime(cur, tmp_path / "stalled", hiccup(0.25))
+    rc, data = compare_json(capsys, cur, stalled)
+    assert rc == 0, [m for c in data["cells"] for m in c["metrics"] if m["verdict"] == "regression"]
+    for metric in ("output_tokens_per_s", "s_mbu_decode"):
+        for m in rows(data, metric):
+            assert m["verdict"] == "noise" and m["change"] < -0.05, m
+            assert m["significance"]["tested"] and not m["significance"]["significant"]
+    rc, out, _ = compare(capsys, cur, stalled)
+    assert rc == 0 and "⚠️ beyond threshold, not significant" in out and "**✅ no gated regression**" in out
+
+
+def test_cell_that_failed_now_is_a_regression(two_runs, tmp_path, capsys):
+    _, cur = two_runs
+    broken = tmp_path / "broken"
+    shutil.copytree(cur, broken)
+    victim = perf_records(broken)[-1]
+    rec = json.loads(victim.read_text())
+    rec.update(status="failed", report={}, artifacts={},
+               error="Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory")
+    victim.write_text(json.dumps(rec))
+
+    rc, out, _ = compare(capsys, cur, broken)
+    assert rc == 1
+    assert "1 cell ok before and failed now" in out and "RuntimeError: CUDA out of memory" in out
+    rc, data = compare_json(capsys, cur, broken)
+    (failed,) = [c for c in data["cells"] if c["status"] == "failed_now"]
+    assert failed["cell_id"] == rec["cell_id"] and failed["failing"]
+
+    # the other way round the baseline is not ok: that cell is skipped, the others pass
+    rc, data = compare_json(capsys, broken, cur)
+    assert rc == 0
+    assert [c["status"] for c in data["cells"]].count("baseline_not_ok") == 1
+
+    # a cell missing from one side is reported, not failed
+    victim.unlink()
+    rc, data = compare_json(capsys, cur, broken)
+    assert rc == 0 and [c["status"] for c in data["cells"]].count("only_baseline") == 1
+
+
+def test_bad_inputs_exit_2_and_name_the_path(two_runs, tmp_path, capsys):
+    base, cur = two_runs
+    missing = tmp_path / "no-such-folder"
+    rc, out, err = compare(capsys, missing, cur)
+    assert rc == 2 and str(missing) in err and "does not exist" in err and "baseline" in err and out == ""
+    rc, _, err = compare(capsys, base, missing)
+    assert rc == 2 and str(missing) in err and "current" in err
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.json").write_text('{"not": "a record"}')
+    rc, _, err = compare(capsys, empty, cur)
+    assert rc == 2 and str(empty) in err and "no moecap records" in err
+
+    other = tmp_path / "other-suite"
+    shutil.copytree(cur, other)
+    for path in (other / SUITE).glob("*.json"):
+        rec = json.loads(path.read_text())
+        rec["suite"]["name"] = "renamed"
+        path.write_text(json.dumps(rec))
+    rc, _, err = compare(capsys, base, other)
+    assert rc == 2 and "no cell of current" in err and str(other) in err and "suites: renamed" in err
+
+    rc, _, err = compare(capsys, base)
+    assert rc == 2 and "BASELINE and CURRENT" in err
+
+    # a single record file is a valid side
+    one = sorted((cur / SUITE).glob("*.json"))[0]
+    rc, data = compare_json(capsys, base, one)
+    assert [c["status"] for c in data["cells"]].count("compared") == 1
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("throughput", "expected METRIC=PCT"),
+    ("=5", "expected METRIC=PCT"),
+    ("throughput=abc", "'abc' is not a number"),
+    ("no_such_metric=5", "unknown metric 'no_such_metric'"),
+    ("ttft_ms_p99=-5", "must be a finite percentage >= 0"),
+])
+def test_threshold_parse_errors_are_clear(arg, message, capsys, tmp_path):
+    rc, out, err = compare(capsys, tmp_path, tmp_path, "--threshold", arg)
+    assert rc == 2 and "argument --threshold" in err and message in err and arg in err, err
+
+
+def test_threshold_and_gate_parsing():
+    assert parse_threshold("output_tokens_per_s=7.5%") == ("output_tokens_per_s", 0.075)
+    assert parse_threshold("ttft_ms_*=25") == ("ttft_ms_*", 0.25)
+    assert parse_threshold(" accuracy = 3 ") == ("accuracy", 0.03)
+    assert parse_threshold("moecap_mc_code:acc=1") == ("moecap_mc_code:acc", 0.01)
+
+
+def test_gate_parse_error(capsys, tmp_path):
+    rc, _, err = compare(capsys, tmp_path, tmp_path, "--gate", "throughtput")
+    assert rc == 2 and "argument --gate" in err and "unknown metric 'throughtput'" in err
+
+
+def test_list_metrics(capsys):
+    rc, out, _ = compare(capsys, "--list-metrics")
+    assert rc == 0 and "output_tokens_per_s" in out and "ppl:<dataset>" in out and "s_mbu_decode" in out
+
+
+def test_shift_test_on_known_samples():
+    """The bootstrap itself, on samples whose answer is known (deterministic: seeded)."""
+    keys = [(i,) for i in range(40)]
+    base = Samples([1.0 + 0.01 * (i % 7) for i in range(40)], keys, "passes")
+    same = shift_test(base, base, "mean")
+    assert same.tested and same.paired and same.ratio == 1.0 and not same.beyond(1.05)
+    slow = shift_test(base, Samples([1.1 * v for v in base.values], keys, "passes"), "median")
+    assert slow.lo == pytest.approx(1.1) and slow.beyond(1.05) and not slow.beyond(1.2)
+    # unpaired (different passes): still clearly slower
+    other = Samples([1.2 + 0.01 * (i % 5) for i in range(30)], [(i, "x") for i in range(30)], "passes")
+    t = shift_test(base, other, "median")
+    assert not t.paired and t.beyond(1.1)
+    few = shift_test(Samples([1.0] * (MIN_SAMPLES - 1), keys[:MIN_SAMPLES - 1], "passes"),
+                     Samples([2.0] * (MIN_SAMPLES - 1), keys[:MIN_SAMPLES - 1], "passes"), "mean")
+    assert not few.tested and "too few" in few.describe()
+
+
+def test_import_is_light():
+    code = ("import sys, moecap.compare\n"
+            "print(','.join(m for m in ('torch', 'transformers', 'numpy', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""

@@ -20,6 +20,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except SuiteError as err:
         print(f"moecap: invalid suite\n{err}", file=sys.stderr)
         return 2
+    # executor flags: each says where it applies
+    given = {flag: value for flag, value in (
+        ("--isolate", args.isolate), ("--cell-timeout-s", args.cell_timeout_s), ("--max-retries", args.max_retries),
+        ("--address", args.address), ("--gpu-type", args.gpu_type), ("--cpus-per-cell", args.cpus_per_cell),
+        ("--memory-gb", args.memory_gb)) if value is not None}
+    ray_only = [f for f in ("--address", "--gpu-type", "--cpus-per-cell", "--memory-gb") if f in given]
+    problems = []
+    if args.force and args.resume:
+        problems.append("--force and --resume exclude each other: --force re-runs every cell, --resume only the "
+                        "cells an interrupted run did not finish")
+    if ray_only and args.executor != "ray":
+        problems.append(f"{', '.join(ray_only)} apply to --executor ray only (this run: --executor {args.executor})")
+    if args.executor == "inline" and set(given) & {"--isolate", "--cell-timeout-s", "--max-retries"}:
+        bad = ", ".join(f for f in ("--isolate", "--cell-timeout-s", "--max-retries") if f in given)
+        problems.append(f"{bad} need worker processes: use --executor local or ray (--executor inline runs every "
+                        "cell in this process)")
+    for flag, value, ok, allowed in (
+        ("--cell-timeout-s", args.cell_timeout_s, lambda v: v > 0, "a number of seconds > 0"),
+        ("--max-retries", args.max_retries, lambda v: v >= 0, "an integer >= 0"),
+        ("--cpus-per-cell", args.cpus_per_cell, lambda v: v >= 0, "a number >= 0"),
+        ("--memory-gb", args.memory_gb, lambda v: v > 0, "a number of GB > 0"),
+    ):
+        if value is not None and not ok(value):
+            problems.append(f"{flag} {value:g}: allowed {allowed}")
+    if args.executor == "ray" and not args.dry_run:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            problems.append("--executor ray needs Ray, which is not installed: pip install 'moecap[ray]'")
+    if problems:
+        print("moecap run: " + "\nmoecap run: ".join(problems), file=sys.stderr)
+        return 2
     cells = expand(suite)
     if args.dry_run:
         print(f"suite {suite.name} ({suite.source}): {len(cells)} cells -> {suite.output.dir}/{suite.name}/")
@@ -27,10 +59,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"  {i + 1:3d}. {cell.describe():60s} {cell.cell_id}")
         return 0
 
-    from moecap.executor import run_suite
+    from moecap.executor import ExecutorOptions, ResumeError, run_suite
     from moecap.report import format_rows, record_row
 
-    outcome = run_suite(suite, force=args.force)
+    options = ExecutorOptions(
+        isolate=args.isolate or "cell", cell_timeout_s=args.cell_timeout_s,
+        max_retries=1 if args.max_retries is None else args.max_retries, address=args.address,
+        gpu_type=args.gpu_type, cpus_per_cell=1.0 if args.cpus_per_cell is None else args.cpus_per_cell,
+        memory_gb=args.memory_gb,
+    )
+    try:
+        outcome = run_suite(suite, force=args.force, executor=args.executor, options=options, resume=args.resume)
+    except ResumeError as err:
+        print(f"moecap: {err}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit) as err:
+        code = 130 if isinstance(err, KeyboardInterrupt) else (err.code if isinstance(err.code, int) else 1)
+        print(f"\nmoecap: interrupted; finished cells are recorded in {suite.output.dir}/{suite.name}/. Continue "
+              f"the run with: moecap run {args.suite} --resume (and the same --set / -o options)", file=sys.stderr)
+        return code
     rows = []
     for o in outcome.outcomes:
         if o.record is not None:
@@ -45,9 +92,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 rows.append(row)
     print(format_rows(rows))
     n_failed = len(outcome.failed)
+    n_busy = sum(o.status == "busy" for o in outcome.outcomes)
     print(
-        f"\nrun {outcome.run_id}: {sum(o.status == 'ok' for o in outcome.outcomes)} ok, {n_failed} failed, "
-        f"{sum(o.status == 'skipped' for o in outcome.outcomes)} done before; records in "
+        f"\nrun {outcome.run_id}{' (resumed)' if outcome.resumed else ''}: "
+        f"{sum(o.status == 'ok' for o in outcome.outcomes)} ok, {n_failed} failed, "
+        f"{sum(o.status == 'skipped' for o in outcome.outcomes)} done before"
+        f"{f', {n_busy} being run by another moecap process' if n_busy else ''}; records in "
         f"{suite.output.dir}/{suite.name}/"
     )
     return 1 if n_failed else 0
@@ -445,12 +495,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a suite (a YAML file or a built-in suite name)")
+    r = sub.add_parser(
+        "run", help="run a suite (a YAML file or a built-in suite name)",
+        description="Run a suite's cells and write one record per cell into <output>/<suite>/ as each finishes. "
+        "Which cells run: those without an ok record (failed ones are retried); --force: all; --resume: those "
+        "the last interrupted run did not finish. Several moecap run processes may share one results folder: "
+        "each cell is claimed (a lock) by the process running it, so no cell runs twice and no record is left "
+        "half-written. A failed cell is recorded with its error and the suite goes on; the exit status is 1 "
+        "if any cell failed, 130 after Ctrl-C.")
     r.add_argument("suite", help="path to a suite YAML, or a built-in suite (e.g. quickstart)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a suite field, e.g. loads=[{batch_size: 2}]")
     r.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     r.add_argument("--force", action="store_true", help="re-run cells that already have an ok record")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the most recent interrupted run of this suite in this results folder (Ctrl-C, "
+                   "SIGTERM, a killed process or a lost machine): its run id is kept, and only its unfinished cells "
+                   "run: those with no record yet, or whose worker or node was lost. Every finished record is "
+                   "kept, failed ones included (a plain re-run retries those). The suite and --set options must "
+                   "give the same cells. If the last run finished, this is a plain run")
     r.add_argument("-o", "--output", help="results folder (default: the suite's output.dir)")
+    ex = r.add_argument_group("where cells run")
+    ex.add_argument("--executor", choices=["inline", "local", "ray"], default="local",
+                    help="local (default): worker subprocesses on this machine, one at a time; ray: tasks on a Ray "
+                    "cluster (pip install 'moecap[ray]'); inline: in this process (debugging; no timeout, a crash "
+                    "ends the run)")
+    ex.add_argument("--isolate", choices=["cell", "group"], default=None,
+                    help="local, ray: a fresh worker per cell (default; the model loads for every cell), or one "
+                    "worker per model x runner group that loads the model once for its cells")
+    ex.add_argument("--cell-timeout-s", type=float, metavar="S", default=None,
+                    help="local, ray: loading the model and each cell may take this long, then the worker (its "
+                    "whole process group) is killed and the cell recorded failed (timeout); default: no limit")
+    ex.add_argument("--max-retries", type=int, metavar="N", default=None,
+                    help="local, ray: run a cell again in a new worker when its worker died (crash, OOM kill, lost "
+                    "node) up to N times (default 1), then record it failed; cells that raise or time out are not "
+                    "retried")
+    rg = r.add_argument_group("Ray executor")
+    rg.add_argument("--address", help="the Ray cluster to join (host:port, auto, ray://...); default: a local "
+                    "cluster started for the run (or RAY_ADDRESS)")
+    rg.add_argument("--gpu-type", metavar="TYPE", help="cells that need GPUs run on this accelerator type (Ray's "
+                    "accelerator_type: H100, A100, L4, ...)")
+    rg.add_argument("--cpus-per-cell", type=float, metavar="N", default=None, help="CPUs each cell reserves (default 1)")
+    rg.add_argument("--memory-gb", type=float, metavar="GB", default=None,
+                    help="host memory each cell reserves (default: none reserved)")
     r.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="tabulate records")

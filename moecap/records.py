@@ -6,13 +6,30 @@ Layout under the suite's output folder::
     <dir>/<suite>/<cell_id>/passes.jsonl      per-pass trace (timings, expert counts, bytes, FLOPs)
     <dir>/<suite>/<cell_id>/requests.jsonl    per-request trace (send time, token timestamps)
 
-Loaders tolerate unknown keys, so older moecap versions read newer records.
+    <dir>/<suite>/.moecap/claims/<cell_id>.lock     a cell being run (an flock(2) lock, see ``Claim``)
+    <dir>/<suite>/.moecap/runs/<run_id>.json        a run's manifest (see ``RunManifest``)
+    <dir>/<suite>/.moecap/runs/<run_id>.lock        held by the live process driving that run
+
+Loaders tolerate unknown keys, so older moecap versions read newer records. Only the process that
+drives a run (``moecap run``) writes into the store, never a worker: each record lands atomically
+(temp file + rename) after its artifacts, so a record on disk always has its artifacts beside it.
+
+Concurrent writers: several ``moecap run`` processes may share one results folder. Before a cell is
+run, its driver takes the cell's *claim*, an exclusive ``flock`` on ``.moecap/claims/<cell_id>.lock``,
+and keeps it until the cell's record is written. A second process that cannot take the claim leaves
+the cell alone; one that can re-reads the cell's record first (it may have been finished meanwhile).
+The kernel drops the lock when its holder dies, however it dies (SIGKILL, node lost), so a dead
+process's claims are simply taken over: there is nothing stale to clean. Claim files are never removed
+(removing a lock file while another process opens it would let two holders in). On NFS the folder
+needs working locks (NFSv4).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +57,8 @@ class Record(BaseModel):
     environment: dict[str, Any] = Field(default_factory=dict)
     report: dict[str, Any] = Field(default_factory=dict)
     artifacts: dict[str, str] = Field(default_factory=dict)
+    # A failed record may carry ``failure``: {"kind": exception | timeout | worker_died | node_died |
+    # unschedulable, "attempts": N, ...} (moecap.executor says what each kind means); an extra key.
 
 
 def new_run_id() -> str:
@@ -93,13 +112,155 @@ class ResultStore:
         atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
         return path
 
+    def write_result(self, record: Record, files: dict[str, str]) -> Path:
+        """Write a cell's artifact files (paths relative to the store, text contents), then its record:
+        each atomically, the record last."""
+        root = self.dir.resolve()
+        for rel, text in files.items():
+            path = (self.dir / rel).resolve()
+            if root not in path.parents:
+                raise ValueError(f"artifact path {rel!r} leaves the results folder {self.dir}")
+            atomic_write_text(path, text)
+        return self.write(record)
+
+    # -- coordination between processes sharing the folder ---------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / ".moecap"
+
+    def claim(self, cell_id: str, run_id: str) -> "Claim | None":
+        """Take the cell's claim (non-blocking); None when a live process holds it."""
+        return Claim.acquire(self.state_dir / "claims" / f"{cell_id}.lock", {"cell_id": cell_id, "run_id": run_id})
+
+    def claim_holder(self, cell_id: str) -> dict[str, Any]:
+        """Who last took the cell's claim (pid, host, run_id), for messages; {} if unknown."""
+        return Claim.read(self.state_dir / "claims" / f"{cell_id}.lock")
+
+    def runs_dir(self) -> Path:
+        return self.state_dir / "runs"
+
+    def manifests(self) -> list["RunManifest"]:
+        """Every run manifest of this suite's folder, most recently started first."""
+        out = []
+        for path in self.runs_dir().glob("*.json"):
+            try:
+                out.append(RunManifest.model_validate_json(path.read_text(encoding="utf-8")))
+            except Exception as err:
+                log.warning("ignoring unreadable run manifest %s: %s", path, err)
+        return sorted(out, key=lambda m: (m.started_at, m.run_id), reverse=True)
+
+    def write_manifest(self, manifest: "RunManifest") -> Path:
+        manifest.updated_at = now_iso()
+        path = self.runs_dir() / f"{manifest.run_id}.json"
+        atomic_write_text(path, manifest.model_dump_json(indent=2) + "\n")
+        return path
+
+    def lock_run(self, run_id: str) -> "Claim | None":
+        """The lock its live driver holds on a run; None when a live process drives that run."""
+        return Claim.acquire(self.runs_dir() / f"{run_id}.lock", {"run_id": run_id})
+
+
+def _holder_info(extra: dict[str, Any]) -> dict[str, Any]:
+    return {**extra, "pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+
+
+class Claim:
+    """An exclusive, non-blocking ``flock(2)`` on a small file, held until ``release()`` or the holder's
+    death. The file's text says who took it last (for messages only: the lock is the truth)."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, path: Path, info: dict[str, Any]) -> "Claim | None":
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            data = json.dumps(_holder_info(info)).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        except OSError:  # the note is informative only
+            pass
+        return cls(path, fd)
+
+    @staticmethod
+    def read(path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8") or "{}")
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        fd, self._fd = self._fd, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class RunManifest(BaseModel):
+    """One ``moecap run`` of a suite into a results folder: which cells it set out to run and whether it
+    finished. Written atomically when the run starts, when it is resumed and when it ends. A run whose
+    status is not ``finished`` and whose lock (``ResultStore.lock_run``) no live process holds was
+    interrupted (Ctrl-C, SIGTERM, SIGKILL, a lost machine): ``moecap run --resume`` continues it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    manifest_version: int = 1
+    run_id: str
+    suite: str
+    source: str | None = None
+    cells: list[str]
+    """Every cell of the suite as run (ids)."""
+    todo: list[str]
+    """The cells this run set out to run (the others already had an ok record)."""
+    status: Literal["running", "finished", "interrupted"] = "running"
+    reason: str | None = None
+    started_at: str
+    updated_at: str | None = None
+    ended_at: str | None = None
+    executor: dict[str, Any] = Field(default_factory=dict)
+    drivers: list[dict[str, Any]] = Field(default_factory=list)
+    """Each process that drove the run (the first, then each ``--resume``): pid, host, argv, when."""
+
+    @staticmethod
+    def driver_info(argv: list[str]) -> dict[str, Any]:
+        return _holder_info({"argv": argv})
+
 
 def iter_record_files(root: str | Path) -> list[Path]:
     """Every record JSON under ``root`` (a file or a folder, searched recursively)."""
     root = Path(root)
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*.json") if not p.name.startswith("."))
+    # hidden files and folders (temp files, .moecap/ run state) are never records
+    return sorted(p for p in root.rglob("*.json") if not any(x.startswith(".") for x in p.relative_to(root).parts))
 
 
 def load_records(root: str | Path) -> list[tuple[Path, Record]]:

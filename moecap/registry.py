@@ -2,6 +2,13 @@
 
 Entries are ``"module:attribute"`` strings, imported on first use, so that ``import moecap`` stays
 free of torch, transformers, gradio, vllm and ray.
+
+Plugin runners: a suite's ``runners[i].type`` may also name a runner by import path,
+``"package.module:Attr"`` (any runner type containing ``:``), where ``Attr`` is a :class:`RunnerEntry`
+or a ``Runner`` subclass. For a class, the entry comes from its class attributes: ``args_model`` (its
+pydantic argument model; default: no arguments), ``loads`` (default: all load kinds), ``quality``,
+``traces_passes``, ``estimates_passes`` (default False). The module must be importable wherever the
+cells run (worker subprocesses inherit ``PYTHONPATH``; Ray workers need it on their nodes).
 """
 
 from __future__ import annotations
@@ -40,7 +47,59 @@ class ModelEntry:
     description: str
 
 
-RUNNERS: dict[str, RunnerEntry] = {
+def plugin_runner_entry(path: str) -> RunnerEntry:
+    """The entry of a runner named by import path (``"module:Class"``, see the module doc)."""
+    obj = load_object(path)
+    if isinstance(obj, RunnerEntry):
+        return obj if obj.name == path else RunnerEntry(**{**obj.__dict__, "name": path})
+    if not isinstance(obj, type):
+        raise TypeError(f"runner {path!r} is a {type(obj).__name__}, not a Runner class or a RunnerEntry")
+    args_model = getattr(obj, "args_model", None)
+    args = f"{args_model.__module__}:{args_model.__qualname__}" if args_model is not None else \
+        "moecap.runners.args:RunnerArgs"
+    doc = (obj.__doc__ or "").strip().splitlines()
+    return RunnerEntry(
+        name=path, cls=path, args=args,
+        loads=tuple(getattr(obj, "loads", ("batch", "concurrency", "rate"))),
+        description=doc[0] if doc else f"plugin runner {path}",
+        quality=bool(getattr(obj, "quality", False)),
+        traces_passes=bool(getattr(obj, "traces_passes", False)),
+        estimates_passes=bool(getattr(obj, "estimates_passes", False)),
+    )
+
+
+class _Runners(dict):
+    """The registered runners; a name with ``:`` resolves a plugin runner by import path on lookup
+    (not listed, not cached: ``moecap runners`` shows the registered ones)."""
+
+    def _plugin(self, key: Any) -> RunnerEntry | None:
+        if not isinstance(key, str) or ":" not in key:
+            return None
+        try:
+            return plugin_runner_entry(key)
+        except Exception as err:  # the suite validator then reports an unknown runner
+            import logging
+
+            logging.getLogger(__name__).warning("runner %r cannot be loaded: %s: %s", key, type(err).__name__, err)
+            return None
+
+    def __missing__(self, key: Any) -> RunnerEntry:
+        entry = self._plugin(key)
+        if entry is None:
+            raise KeyError(key)
+        return entry
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        entry = self._plugin(key)
+        return default if entry is None else entry
+
+    def __contains__(self, key: Any) -> bool:
+        return dict.__contains__(self, key) or self._plugin(key) is not None
+
+
+RUNNERS: dict[str, RunnerEntry] = _Runners({
     "hf": RunnerEntry(
         name="hf",
         cls="moecap.runners.hf:HFRunner",
@@ -121,7 +180,7 @@ RUNNERS: dict[str, RunnerEntry] = {
         traces_passes=False,
         estimates_passes=True,
     ),
-}
+})
 
 EMBEDDED_MODELS: dict[str, ModelEntry] = {
     "tiny-moe": ModelEntry(

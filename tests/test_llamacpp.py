@@ -72,8 +72,9 @@ def test_llamacpp_suite_records(llamacpp_run):
         reqs = [json.loads(line) for line in (out / "llamacpp-cpu" / cell / "requests.jsonl").read_text().splitlines()]
         assert len(reqs) == 6 and all(r["input_tokens"] == 40 and r["output_tokens"] == 12 for r in reqs)
         assert all(len(r["token_times_s"]) == 12 for r in reqs)
-    # the start-up (the launch command) is in exactly one cell's part, the first cell's
-    assert sum("$ " in log and "moecap.runners.llamacpp_server" in log for log in logs) == 1
+    # each cell ran in its own worker (the local executor's default), which launched its own server: every
+    # cell's log part starts with the launch command (with --isolate group only the first one would)
+    assert sum("$ " in log and "moecap.runners.llamacpp_server" in log for log in logs) == 3
     assert loads == {("concurrency", 1, None, None), ("concurrency", 4, None, None), ("rate", None, 4.0, "poisson")}
     table = moecap("report", str(out / "llamacpp-cpu"), check=0).stdout
     assert "llamacpp" in table and "conc=4" in table and "rate=4.0" in table

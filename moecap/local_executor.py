@@ -1,0 +1,257 @@
+"""The local executor: each unit of cells runs in a worker subprocess (``python -m moecap.worker``).
+
+Units: with ``isolate="cell"`` (the default) every cell gets a fresh worker, so no CUDA state, leaked
+memory or crash carries over from one cell to the next (the model loads per cell); with
+``isolate="group"`` one worker loads a model x runner group's model once and runs its cells in turn.
+Workers run one at a time (cells on one machine would contend for it).
+
+A worker starts in its own session; the driver reads its events from a pipe and tees its output
+(standard output and error) to this process's standard error, keeping the tail for failure records.
+
+* Timeout (``cell_timeout_s``): loading the model and each cell each get that long, counted from the
+  worker's event that starts them; past it the worker's process group gets SIGTERM (its runner stops
+  the servers it launched), then SIGKILL after ``kill_grace_s``. The cell (every cell the worker was
+  loading the model for, when it was loading) is recorded failed, ``failure.kind: timeout``; not retried.
+* A worker that dies (a signal, a non-zero exit, ``os._exit``) before its cells finished: the cell it
+  was running is charged (see :meth:`moecap.executor.Driver.charge`), retried in a new worker up to
+  ``max_retries`` times, then recorded failed (``worker_died``) with the exit status or signal and the
+  worker's output tail. Cells it had not started go to a new worker. The suite goes on.
+* Ctrl-C / SIGTERM of ``moecap run``: results already sent are written, the worker's group is torn
+  down as on a timeout, nothing is recorded for the interrupted cell, and the interrupt propagates.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from moecap.executor import CellResult, Driver, ExecutorOptions
+from moecap.suite import Cell
+
+TAIL_CHARS = 4000
+_EOF = object()
+
+
+def _describe_exit(rc: int | None) -> str:
+    if rc is None:
+        return "did not exit"
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"was killed by {name} (exit status {rc})"
+    return f"exited with status {rc}"
+
+
+class _Worker:
+    """One worker subprocess: its events queue, its output tail, its process group."""
+
+    def __init__(self, python: str, spec: dict[str, Any]):
+        rfd, wfd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [python, "-m", "moecap.worker", str(wfd)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, pass_fds=(wfd,), start_new_session=True,
+            )
+        except BaseException:
+            os.close(rfd)
+            os.close(wfd)
+            raise
+        os.close(wfd)
+        self.events: queue.Queue = queue.Queue()
+        self._tail: collections.deque[str] = collections.deque()
+        self._tail_len = 0
+        self._lock = threading.Lock()
+        self._ev_thread = threading.Thread(target=self._read_events, args=(rfd,), daemon=True)
+        self._out_thread = threading.Thread(target=self._read_output, daemon=True)
+        self._ev_thread.start()
+        self._out_thread.start()
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(spec).encode())
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):  # it died at once: its exit status tells why
+            pass
+
+    def _read_events(self, rfd: int) -> None:
+        with os.fdopen(rfd, "r", encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    self.events.put(json.loads(line))
+                except ValueError:
+                    self.events.put({"event": "garbled", "line": line[:200]})
+        self.events.put(_EOF)
+
+    def _read_output(self) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        while True:
+            chunk = out.read1(65536) if hasattr(out, "read1") else out.read(65536)
+            if not chunk:
+                return
+            text = chunk.decode("utf-8", errors="replace")
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            with self._lock:
+                self._tail.append(text)
+                self._tail_len += len(text)
+                while self._tail_len - len(self._tail[0]) > TAIL_CHARS and len(self._tail) > 1:
+                    self._tail_len -= len(self._tail.popleft())
+
+    def join_events(self, timeout: float) -> None:
+        self._ev_thread.join(timeout=timeout)
+
+    def tail(self) -> str:
+        self._out_thread.join(timeout=2)
+        with self._lock:
+            return "".join(self._tail)[-TAIL_CHARS:]
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait_exit(self, grace_s: float) -> int | None:
+        """Reap a worker whose events have ended (stopping it if it does not exit within ``grace_s``)."""
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.stop(grace_s)
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM to the worker's process group, SIGKILL after ``grace_s``; reap the worker."""
+        if self.proc.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        self.signal_group(signal.SIGKILL)  # anything left in its group (children it started)
+        return self.proc.wait()
+
+
+class LocalExecutor:
+    """Cells in worker subprocesses on this machine (see the module doc)."""
+
+    def __init__(self, options: ExecutorOptions | None = None, python: str = sys.executable, poll_s: float = 0.2):
+        self.options = options or ExecutorOptions()
+        self.python = python
+        self.poll_s = poll_s
+
+    def run(self, driver: Driver, groups: list[list[Cell]]) -> None:
+        units: collections.deque[list[Cell]] = collections.deque(
+            [[c] for g in groups for c in g] if self.options.isolate == "cell" else groups)
+        while units:
+            cells = driver.take(units.popleft())
+            if cells:
+                again = self._run_worker(driver, cells)
+                if again:
+                    units.appendleft(again)
+
+    def _run_worker(self, driver: Driver, cells: list[Cell]) -> list[Cell]:
+        """Run one worker over ``cells``; return the cells to run again in a new worker."""
+        opts = self.options
+        by_id = {c.cell_id: c for c in cells}
+        finished: set[str] = set()
+        phase: str | None = None  # "loading", or the cell_id running
+        deadline: float | None = None
+        timed_out: str | None = None
+        loaded = False
+        worker = _Worker(self.python, driver.spec(cells))
+        driver.status(f"starting a worker for {cells[0].describe()}")
+
+        def handle(ev: dict[str, Any]) -> None:
+            nonlocal phase, deadline, loaded
+            kind = ev.get("event")
+            now = time.monotonic()
+            if kind == "loading":
+                phase = "loading"
+                driver.status(f"loading {cells[0].model.display_name}")
+            elif kind == "loaded":
+                loaded, phase = True, None
+            elif kind == "start" and ev.get("cell_id") in by_id:
+                phase = ev["cell_id"]
+                driver.started(by_id[phase])
+            elif kind == "result" and ev.get("cell_id") in by_id:
+                driver.deliver(by_id[ev["cell_id"]], CellResult.from_dict(ev))
+                finished.add(ev["cell_id"])
+                phase = None
+            else:
+                return
+            deadline = now + opts.cell_timeout_s if (opts.cell_timeout_s and phase) else None
+
+        try:
+            while True:
+                try:
+                    ev = worker.events.get(timeout=self.poll_s)
+                except queue.Empty:
+                    if deadline is not None and timed_out is None and time.monotonic() > deadline:
+                        timed_out = phase
+                        driver.log(f"moecap: {'loading the model' if phase == 'loading' else 'cell ' + str(phase)} "
+                                   f"ran past --cell-timeout-s {opts.cell_timeout_s:g}: stopping its worker")
+                        worker.stop(opts.kill_grace_s)
+                    continue
+                if ev is _EOF:
+                    break
+                handle(ev)
+            rc = worker.wait_exit(opts.kill_grace_s)  # it exits by itself once its events end
+        except BaseException:  # an interrupt: keep what finished, tear the worker down, record nothing else
+            self._drain(worker, handle)
+            worker.stop(opts.kill_grace_s)
+            worker.join_events(timeout=5)
+            self._drain(worker, handle)
+            raise
+
+        unfinished = [c for c in cells if c.cell_id not in finished]
+        if not unfinished:
+            return []
+        tail = worker.tail()
+        loading = (timed_out or phase) == "loading" or not loaded
+        in_flight = by_id.get(timed_out or phase or "")
+        if timed_out is not None:
+            error = (f"timed out after {opts.cell_timeout_s:g} s (--cell-timeout-s): the worker's process group "
+                     f"was killed")
+            kind, info = "timeout", {"timeout_s": opts.cell_timeout_s}
+        else:
+            error = f"the worker process {_describe_exit(rc)}"
+            kind, info = "worker_died", {"exit_status": rc}
+            if rc is not None and rc < 0:
+                info["signal"] = _signal_name(-rc)
+        if tail.strip():
+            error += f"\n--- the worker's output (last {TAIL_CHARS} characters) ---\n{tail}"
+        return driver.charge(unfinished, in_flight, loading, kind, error, opts.max_retries, **info)
+
+    @staticmethod
+    def _drain(worker: _Worker, handle: Any) -> None:
+        """Write the results a worker already sent (never lose a finished record)."""
+        while True:
+            try:
+                ev = worker.events.get_nowait()
+            except queue.Empty:
+                return
+            if ev is not _EOF and ev.get("event") == "result":
+                handle(ev)
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)

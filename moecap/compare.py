@@ -297,6 +297,7 @@ class Settings:
     confidence: float = 0.95
     resamples: int = 2000
     seed: int = 0
+    noise_factor: float = 2.0  # with --history: the threshold is at least this times the run-to-run spread
 
     def threshold(self, spec: MetricSpec) -> float:
         thr = spec.threshold
@@ -313,7 +314,7 @@ class Settings:
         return {"thresholds": [f"{p}={v * 100:g}" for p, v in self.thresholds],
                 "gate": self.gate if self.gate is not None else ["default"], "no_gate": self.no_gate,
                 "confidence": self.confidence, "resamples": self.resamples, "seed": self.seed,
-                "min_samples": MIN_SAMPLES}
+                "min_samples": MIN_SAMPLES, "noise_factor": self.noise_factor}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -660,8 +661,23 @@ def time_ratio_bound(spec: MetricSpec, threshold: float) -> float:
     return 1.0 / (1.0 - threshold) if threshold < 1 else math.inf
 
 
+def run_to_run_spread(values: Sequence[float]) -> float | None:
+    """The largest relative deviation from their median among a figure's values in earlier runs of the
+    same cell (the history and the baseline): how far identical runs of this cell wander on this machine.
+    None with fewer than two values."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if len(vals) < 2:
+        return None
+    ordered = sorted(vals)
+    mid = len(ordered) // 2
+    med = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    if med == 0:
+        return None
+    return max(abs(v - med) for v in vals) / abs(med)
+
+
 def compare_metric(name: str, fb: Figure | None, fc: Figure | None, sampling: "_CellSampling",
-                   settings: Settings) -> MetricResult:
+                   settings: Settings, history: Sequence[float] = ()) -> MetricResult:
     """The verdict on one figure: a regression when it moved beyond its threshold in the bad direction
     AND, when the traces allow a test, the samples behind it moved significantly beyond the threshold
     too (the bootstrap interval of their ratio lies wholly past it). Requiring the interval to clear the
@@ -672,11 +688,21 @@ def compare_metric(name: str, fb: Figure | None, fc: Figure | None, sampling: "_
     thr = settings.threshold(spec)
     base = fb.value if fb else None
     cur = fc.value if fc else None
+    noise_note = ""
+    if not spec.absolute and history and fb is not None:
+        # run-to-run noise, seen in earlier runs of this cell: within-run samples cannot show a shift that
+        # moves a whole run (another tenant on the machine, clocks, memory placement)
+        spread = run_to_run_spread([*history, base])
+        if spread is not None:
+            allowance = settings.noise_factor * spread
+            noise_note = (f"; run-to-run spread over {len(history) + 1} earlier runs ±{spread * 100:.1f}%"
+                          + (f" widens the threshold to {settings.noise_factor:g}× that" if allowance > thr else ""))
+            thr = max(thr, allowance)
     bound = None if spec.absolute else time_ratio_bound(spec, thr)
 
     def result(verdict: str, change: float | None, basis: str, test: ShiftTest | None = None) -> MetricResult:
         return MetricResult(name, spec.description, spec.higher_is_better, gated, spec.absolute, base, cur,
-                            change, thr, verdict, basis, test, bound)
+                            change, thr, verdict, basis + noise_note, test, bound)
 
     if fb is None:
         return result(NEW, None, "no baseline figure")
@@ -733,21 +759,37 @@ class _CellSampling:
         return f"threshold only: {self.why or 'no ' + sources + ' samples on both sides'}"
 
 
-def compare_records(pb: Path, rb: Record, pc: Path, rc: Record, settings: Settings) -> list[MetricResult]:
-    """Every metric either record has, in the catalogue's order (then quality figures by name)."""
+def compare_records(pb: Path, rb: Record, pc: Path, rc: Record, settings: Settings,
+                    history: Sequence[Record] = ()) -> list[MetricResult]:
+    """Every metric either record has, in the catalogue's order (then quality figures by name).
+    ``history``: ok records of the same cell from earlier runs (their run-to-run spread widens thresholds)."""
     fbs, fcs = record_figures(rb), record_figures(rc)
+    fhs = [record_figures(h) for h in history]
     sampling = _CellSampling(pb, rb, pc, rc, settings)
     names = [s.name for s in STATIC_METRICS if s.name in fbs or s.name in fcs]
     names += sorted((set(fbs) | set(fcs)) - set(STATIC_BY_NAME))
-    return [compare_metric(name, fbs.get(name), fcs.get(name), sampling, settings) for name in names]
+    return [compare_metric(name, fbs.get(name), fcs.get(name), sampling, settings,
+                           [f[name].value for f in fhs if name in f]) for name in names]
 
 
-def compare_paths(baseline: str | Path, current: str | Path, settings: Settings | None = None) -> Comparison:
-    """Match the cells of two result sets and judge every figure (raises CompareInputError on bad input)."""
+def compare_paths(baseline: str | Path, current: str | Path, settings: Settings | None = None,
+                  history: Sequence[str | Path] = ()) -> Comparison:
+    """Match the cells of two result sets and judge every figure (raises CompareInputError on bad input).
+    ``history``: result sets of earlier runs of the same suite, older than the baseline; each figure's
+    threshold is at least ``settings.noise_factor`` times its run-to-run spread over them and the baseline."""
     settings = settings or Settings()
     base_index, n_base, notes = _index(baseline, "baseline")
     cur_index, n_cur, notes_c = _index(current, "current")
     notes += notes_c
+    past: dict[tuple[str, str], list[Record]] = {}
+    for h in history:
+        h_index, n_h, _ = _index(h, "history")
+        used = 0
+        for key, (_, rec) in h_index.items():
+            if rec.status == "ok" and key in base_index:
+                past.setdefault(key, []).append(rec)
+                used += 1
+        notes.append(f"history {str(h)!r}: {used} of {n_h} records match a baseline cell")
     if not set(base_index) & set(cur_index):
         def suites(ix: dict[tuple[str, str], Any]) -> str:
             return ", ".join(sorted({k[0] for k in ix}))
@@ -779,7 +821,7 @@ def compare_paths(baseline: str | Path, current: str | Path, settings: Settings 
         elif c[1].status != "ok":
             cell.status, cell.note = "not_ok_now", f"ok in baseline, {c[1].status} now: not compared"
         else:
-            cell.metrics = compare_records(b[0], b[1], c[0], c[1], settings)
+            cell.metrics = compare_records(b[0], b[1], c[0], c[1], settings, past.get(key, []))
         cells.append(cell)
     # a pattern that names nothing in these records is most likely a typo: say so
     met = {spec.name: spec for c in cells if c.status == "compared"
@@ -938,6 +980,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", action="append", type=parse_threshold, default=[], metavar="METRIC=PCT",
                         help="noise threshold in percent (accuracy: points) for a metric, pattern or group, e.g. "
                              "output_tokens_per_s=3 or latency=25 (repeatable; the last match wins)")
+    parser.add_argument("--history", action="append", default=[], metavar="PATH",
+                        help="an earlier run of the same suite, older than BASELINE (repeatable; e.g. the nights "
+                             "before): each figure's threshold becomes at least --noise-factor times how far it "
+                             "wandered between those runs and the baseline. Without it, only the noise within "
+                             "each run is seen, not a shift of a whole run (another tenant on the machine)")
+    parser.add_argument("--noise-factor", type=float, default=2.0,
+                        help="with --history: the threshold is at least this times the run-to-run spread (default 2)")
     parser.add_argument("--confidence", type=float, default=0.95,
                         help="confidence of the bootstrap interval and of the accuracy bound (default 0.95)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000; seeded)")
@@ -963,10 +1012,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.resamples < 100:
         print(f"moecap compare: --resamples {args.resamples}: expected at least 100", file=sys.stderr)
         return 2
+    if not args.noise_factor > 0:
+        print(f"moecap compare: --noise-factor {args.noise_factor}: expected a number > 0, e.g. 2", file=sys.stderr)
+        return 2
     settings = Settings(thresholds=list(args.threshold or []), gate=args.gate, no_gate=list(args.no_gate or []),
-                        confidence=args.confidence, resamples=args.resamples)
+                        confidence=args.confidence, resamples=args.resamples, noise_factor=args.noise_factor)
     try:
-        cmp = compare_paths(args.baseline, args.current, settings)
+        cmp = compare_paths(args.baseline, args.current, settings, history=list(args.history or []))
     except CompareInputError as err:
         print(f"moecap compare: {err}", file=sys.stderr)
         return 2

@@ -237,6 +237,35 @@ def test_injected_10_percent_slowdown_is_flagged(two_runs, tmp_path, capsys):
     assert rc == 0 and any("'ppl:wikitext2' matched no metric" in n for n in data["notes"])
 
 
+def test_history_widens_thresholds_to_the_run_to_run_spread(two_runs, tmp_path, capsys):
+    """A whole run shifted by the machine (another tenant) moves every pass alike, which no within-run
+    test can tell from a regression. Earlier runs of the same cell (--history) show how far identical
+    runs wander: thresholds widen to --noise-factor times that spread, and a shift inside it passes,
+    while one well beyond it is still caught."""
+    from moecap.compare import run_to_run_spread
+
+    assert run_to_run_spread([100.0]) is None
+    assert run_to_run_spread([100.0, 110.0, 90.0]) == pytest.approx(0.1)
+    _, cur = two_runs
+    past = [retime(cur, tmp_path / f"past{i}", slower(f)) for i, f in enumerate((1.06, 0.95))]
+    slow = retime(cur, tmp_path / "slow", slower(1.1))
+    rc, data = compare_json(capsys, cur, slow)
+    assert rc == 1  # alone, a 10 % slower run is a regression
+    history = [a for p in past for a in ("--history", str(p))]
+    rc, data = compare_json(capsys, cur, slow, *history)
+    assert rc == 0, [m for c in data["cells"] for m in c["metrics"] if m["verdict"] == "regression"]
+    for m in rows(data, "output_tokens_per_s"):  # spread of 1, 1/1.06, 1/0.95 around their median
+        assert m["threshold"] == pytest.approx(2 * (1 - 1 / 1.06), rel=1e-6)
+        assert "run-to-run spread over 3 earlier runs" in m["basis"] and m["verdict"] in ("noise", "ok")
+    much_slower = retime(cur, tmp_path / "much", slower(1.3))
+    rc, data = compare_json(capsys, cur, much_slower, *history)
+    assert rc == 1 and all(m["verdict"] == "regression" for m in rows(data, "output_tokens_per_s"))
+    rc, data = compare_json(capsys, cur, slow, *history, "--noise-factor", "0.5")
+    assert rc == 1  # a smaller factor keeps the default 5 % threshold: caught again
+    rc, out, err = compare(capsys, cur, slow, "--history", str(tmp_path / "nope"))
+    assert rc == 2 and "nope" in err
+
+
 def test_improvement_is_not_flagged(two_runs, tmp_path, capsys):
     _, cur = two_runs
     slow = retime(cur, tmp_path / "slow", slower(1.1))

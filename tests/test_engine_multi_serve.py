@@ -158,14 +158,16 @@ def test_moecap_serve_runner_multi_tenant_suite(tmp_path, tiny_moe_dir):
     assert proc.returncode == 2 and "no such file" in proc.stderr
 
 
-def test_runner_perplexity_equals_in_process(tmp_path, tiny_moe_dir):
-    """Perplexity scored over HTTP (echo + logprobs) equals the in-process `hf` runner's on the same
-    windows: the quality of what is served is measured, not assumed."""
+def test_runner_quality_equals_in_process(tmp_path, tiny_moe_dir):
+    """Perplexity and lm-eval accuracy scored over HTTP (echo + logprobs, greedy generation) equal the
+    in-process `hf` runner's on the same windows and questions: the quality of what is served is
+    measured, not assumed."""
     from moecap.executor import run_suite
     from moecap.suite import parse_suite
 
     child = str(tiny_moe_dir.parent / "prose")
-    q = {"name": "q", "perplexity": {"datasets": ["tiny-prose"], "context_length": 64, "max_windows": 6}}
+    q = {"name": "q", "perplexity": {"datasets": ["tiny-prose"], "context_length": 64, "max_windows": 6},
+         "lm_eval": {"tasks": ["moecap_mc_prose"], "limit": 20}}
     raw = {
         "name": "ppl", "models": [{"id": child, "name": "prose"}],
         "runners": [{"type": "hf", "args": {"dtype": "float32"}},
@@ -179,6 +181,10 @@ def test_runner_perplexity_equals_in_process(tmp_path, tiny_moe_dir):
     hf, served = (o.record.report["quality"]["perplexity"]["tiny-prose"] for o in out.outcomes)
     assert served["predicted_tokens"] == hf["predicted_tokens"] == 6 * 63
     assert served["perplexity"] == pytest.approx(hf["perplexity"], rel=1e-4)
+    hf, served = (o.record.report["quality"]["lm_eval"]["tasks"]["moecap_mc_prose"]["metrics"] for o in out.outcomes)
+    assert set(hf) == set(served) and "acc" in hf
+    for metric in hf:
+        assert served[metric]["value"] == pytest.approx(hf[metric]["value"], abs=1e-9), metric
 
 
 def test_runner_args_name_what_is_wrong():

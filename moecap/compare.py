@@ -36,6 +36,7 @@ from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
 from moecap.records import Record, load_records
+from moecap.report import dig
 
 log = logging.getLogger(__name__)
 
@@ -180,14 +181,6 @@ class Figure:
     n: int | None = None
 
 
-def _get(d: Any, path: Sequence[str]) -> Any:
-    for k in path:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
 def _number(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -200,7 +193,7 @@ def record_figures(rec: Record) -> dict[str, Figure]:
     report = rec.report or {}
     out: dict[str, Figure] = {}
     for spec in STATIC_METRICS:
-        v = _number(spec.getter(rec, report) if spec.getter else _get(report, spec.path))
+        v = _number(spec.getter(rec, report) if spec.getter else dig(report, spec.path))
         if v is not None:
             out[spec.name] = Figure(spec, v)
     quality = report.get("quality") or {}
@@ -210,7 +203,7 @@ def record_figures(rec: Record) -> dict[str, Figure]:
             out[f"ppl:{ds}"] = Figure(_perplexity_spec(ds), v)
     for task, res in sorted(((quality.get("lm_eval") or {}).get("tasks") or {}).items()):
         res = res or {}
-        n = _number(_get(res, ("n_samples", "effective")))
+        n = _number(dig(res, ("n_samples", "effective")))
         for metric, m in sorted((res.get("metrics") or {}).items()):
             value, stderr = (m.get("value"), m.get("stderr")) if isinstance(m, dict) else (m, None)
             v = _number(value)

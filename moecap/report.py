@@ -37,7 +37,8 @@ COLUMNS: list[tuple[str, str, tuple[str, ...], str]] = [
 ]
 
 
-def _get(d: Any, path: Sequence[str]) -> Any:
+def dig(d: Any, path: Sequence[str]) -> Any:
+    """``d[path[0]][path[1]]...``, or None where a level is missing or not a dict."""
     for k in path:
         if not isinstance(d, dict) or k not in d:
             return None
@@ -46,7 +47,7 @@ def _get(d: Any, path: Sequence[str]) -> Any:
 
 
 def _load_str(rec: dict[str, Any]) -> str | None:
-    load = _get(rec, ("config", "load")) or {}
+    load = dig(rec, ("config", "load")) or {}
     for key, prefix in (("batch_size", "bs="), ("concurrency", "conc="), ("rate", "rate=")):
         if load.get(key) is not None:
             return f"{prefix}{load[key]}"
@@ -54,7 +55,7 @@ def _load_str(rec: dict[str, Any]) -> str | None:
 
 
 def _peak_mem(rec: dict[str, Any]) -> float | None:
-    mem = _get(rec, ("report", "memory")) or {}
+    mem = dig(rec, ("report", "memory")) or {}
     v = mem.get("device_peak_allocated_bytes") or mem.get("host_rss_peak_bytes") or mem.get("host_peak_rss_process_bytes")
     return v / 2**30 if v else None
 
@@ -62,7 +63,7 @@ def _peak_mem(rec: dict[str, Any]) -> float | None:
 def _quality_columns(d: dict[str, Any]) -> dict[str, Any]:
     """``ppl:<dataset>`` (token perplexity) and ``<task>:<metric>`` (lm-eval) columns of a record."""
     out: dict[str, Any] = {}
-    quality = _get(d, ("report", "quality")) or {}
+    quality = dig(d, ("report", "quality")) or {}
     for ds, res in (quality.get("perplexity") or {}).items():
         out[f"ppl:{ds}"] = res.get("perplexity")
     for task, res in (quality.get("lm_eval") or {}).get("tasks", {}).items():
@@ -83,7 +84,7 @@ def record_row(rec: Record | dict[str, Any]) -> dict[str, Any]:
         elif fmt == "mem":
             row[col] = _peak_mem(d)
         else:
-            row[col] = _get(d, path)
+            row[col] = dig(d, path)
     row.update(_quality_columns(d))
     return row
 

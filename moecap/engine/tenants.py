@@ -13,14 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moecap.records import load_records
-
-
-def _get(d: Any, *path: str) -> Any:
-    for p in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(p)
-    return d
+from moecap.report import dig
 
 
 def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
@@ -29,18 +22,18 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, dict[str,
     rows: list[dict[str, Any]] = []
     quality: dict[str, dict[str, float]] = {}
     for _, rec in load_records(root):
-        runner = _get(rec.config, "runner") or {}
+        runner = dig(rec.config, ("runner",)) or {}
         if rec.status != "ok" or runner.get("type") != "moecap-serve":
             continue
         label = runner.get("display_name") or runner.get("name") or "?"
         args = runner.get("resolved_args") or runner.get("args") or {}
         rep = rec.report
-        per_q = _get(rep, "quality", "per_model")
+        per_q = dig(rep, ("quality", "per_model"))
         if per_q:
             own = {}
             for child, q in per_q.items():
                 domain = "tiny-" + child.removeprefix("tiny-moe-")
-                value = _get(q, "perplexity", domain, "perplexity")
+                value = dig(q, ("perplexity", domain, "perplexity"))
                 if value is not None:
                     own[child] = value
             quality[label] = own
@@ -53,18 +46,18 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, dict[str,
         experts = mem.get("expert_bytes")
         if experts is None and "expert_bytes_fast" in mem:
             experts = mem["expert_bytes_fast"] + mem.get("expert_bytes_host", 0)
-        load = _get(rec.config, "load") or {}
+        load = dig(rec.config, ("load",)) or {}
         load_s = f"rate={load['rate']:g}" if load.get("rate") else (
             f"conc={load.get('concurrency')}" if load.get("concurrency") else f"batch={load.get('batch_size')}")
         for child, fig in per.items():
             rows.append({
                 "runner": label, "backend": args.get("backend", "separate"), "load": load_s, "child": child,
                 "requests": fig.get("requests"),
-                "e2el_p50_ms": _get(fig, "latency", "e2el_ms", "median"),
-                "e2el_p90_ms": _get(fig, "latency", "e2el_ms", "p90"),
-                "ttft_p50_ms": _get(fig, "latency", "ttft_ms", "median"),
+                "e2el_p50_ms": dig(fig, ("latency", "e2el_ms", "median")),
+                "e2el_p90_ms": dig(fig, ("latency", "e2el_ms", "p90")),
+                "ttft_p50_ms": dig(fig, ("latency", "ttft_ms", "median")),
                 "switches": server.get("switches"),
-                "switch_ms_mean": _get(server, "switch_ms", "mean"),
+                "switch_ms_mean": dig(server, ("switch_ms", "mean")),
                 "expert_mib": None if experts is None else experts / 2**20,
                 "expert_fast_mib": None if "expert_bytes_fast" not in mem else mem["expert_bytes_fast"] / 2**20,
             })

@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Any
 
-from moecap.executor import CellResult, Driver, ExecutorOptions
+from moecap.executor import CellResult, DeferredSignals, Driver, ExecutorOptions
 from moecap.suite import Cell
 
 TAIL_CHARS = 4000
@@ -158,12 +158,14 @@ class LocalExecutor:
     def run(self, driver: Driver, groups: list[list[Cell]]) -> None:
         units: collections.deque[list[Cell]] = collections.deque(
             [[c] for g in groups for c in g] if self.options.isolate == "cell" else groups)
-        while units:
-            cells = driver.take(units.popleft())
-            if cells:
-                again = self._run_worker(driver, cells)
-                if again:
-                    units.appendleft(again)
+        with DeferredSignals() as self._signals:  # Ctrl-C / SIGTERM: raised by the loop, between polls
+            while units:
+                self._signals.check()
+                cells = driver.take(units.popleft())
+                if cells:
+                    again = self._run_worker(driver, cells)
+                    if again:
+                        units.appendleft(again)
 
     def _run_worker(self, driver: Driver, cells: list[Cell]) -> list[Cell]:
         """Run one worker over ``cells``; return the cells to run again in a new worker."""
@@ -199,6 +201,7 @@ class LocalExecutor:
 
         try:
             while True:
+                self._signals.check()
                 try:
                     ev = worker.events.get(timeout=self.poll_s)
                 except queue.Empty:

@@ -52,7 +52,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from moecap.executor import CellResult, Driver, ExecutorOptions, cells_of_spec, run_unit, session_of_spec
+from moecap.executor import (
+    CellResult,
+    DeferredSignals,
+    Driver,
+    ExecutorOptions,
+    cells_of_spec,
+    run_unit,
+    session_of_spec,
+)
 from moecap.suite import Cell
 
 
@@ -407,17 +415,20 @@ class RayExecutor:
                     except Exception as err:
                         driver.log(f"moecap: could not stop it: {err}")
 
+        signals = DeferredSignals()
         try:
-            for group in groups:
-                for unit_cells in ([[c] for c in group] if opts.isolate == "cell" else [group]):
-                    submit(unit_cells)
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=self.poll_s)
-                poll_progress()
-                for ref in ready:
-                    if ref in pending:
-                        handle(ref)
-                check_timeouts()
+            with signals:  # Ctrl-C / SIGTERM: raised by the loop, between polls
+                for group in groups:
+                    for unit_cells in ([[c] for c in group] if opts.isolate == "cell" else [group]):
+                        submit(unit_cells)
+                while pending:
+                    signals.check()
+                    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=self.poll_s)
+                    poll_progress()
+                    for ref in ready:
+                        if ref in pending:
+                            handle(ref)
+                    check_timeouts()
         except BaseException:
             self._teardown(ray, driver, pending, deliver)
             raise

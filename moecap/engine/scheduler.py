@@ -574,10 +574,13 @@ class Scheduler:
             lp = torch.log_softmax(logits[i, longest - n:longest - 1].float(), dim=-1)  # predicts tokens 1..n-1
             target = torch.tensor(r.req.prompt_ids[1:], dtype=torch.long, device=lp.device)
             chosen = lp.gather(-1, target[:, None])[:, 0].tolist()
-            scored: list[TokenLogprob | None] = [None]
-            for j, value in enumerate(chosen):
-                scored.append((float(value), self._top(lp[j], r.p.logprobs)))
-            r.req.prompt_logprobs = scored
+            k = min(r.p.logprobs, lp.shape[-1])
+            if k > 0 and chosen:  # every position's alternatives in one call
+                values, ids = lp.topk(k, dim=-1)
+                tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+            else:
+                tops = [{} for _ in chosen]
+            r.req.prompt_logprobs = [None, *((float(v), t) for v, t in zip(chosen, tops))]
 
     def _token_logprobs(self, rows: list[_Row], logits: Any, tokens: list[int]) -> list[TokenLogprob | None]:
         """For rows that asked for ``logprobs``: the chosen token's log-probability (raw logits) and the top N."""

@@ -117,13 +117,14 @@ def plot(rows: list[dict[str, Any]], quality: dict[str, dict[str, float]], path:
         ax.bar(j, total, color=f"C{j}", alpha=0.35)
         ax.bar(j, fast if fast is not None else total, color=f"C{j}")
         own = quality.get(runner)
-        if own:
-            ax.annotate("ppl " + " / ".join(f"{own[c]:.1f}" for c in children if c in own), (j, total),
-                        ha="center", va="bottom", fontsize=7)
+        if own:  # one line per child, above the bar
+            ax.annotate("\n".join(f"{c.removeprefix('tiny-moe-')} {own[c]:.1f}" for c in children if c in own),
+                        (j, total), ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 1.35 * max((m[0] or 0) for m in mem.values()) or 1)
     ax.set_xticks(range(len(runners)))
     ax.set_xticklabels(runners, rotation=20, fontsize=8)
     ax.set_ylabel("expert MiB (solid: on the fast device)")
-    ax.set_title("expert memory; own-domain perplexity")
+    ax.set_title("expert memory; own-domain perplexity above")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")

@@ -82,7 +82,6 @@ class MoecapServeRunner(ServedRunner):
         return [f"{self.served_model}={self.model_argument(model)}"]
 
     def load(self, model: Any) -> None:
-        self._specs = None
         self._model = model
         super().load(model)
         self._get_tokenizer()  # the quality API reads runner.tokenizer
@@ -111,7 +110,6 @@ class MoecapServeRunner(ServedRunner):
         if missing:
             raise ValueError(f"runner {self.name}: the server serves {served}, not {missing} "
                              "(runner args models / model must name served models)")
-        self.served_names = served
 
     def storage_bytes(self) -> tuple[float | None, float]:
         """Bytes per weight and per KV element: the dtype's (float32 on a CPU, bfloat16 on a GPU for auto)."""

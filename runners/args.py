@@ -18,6 +18,12 @@ class RunnerArgs(BaseModel):
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
+def _check_device(v: str | None) -> str | None:
+    if v is not None and not _DEVICE_RE.match(v):
+        raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N; got {v!r}")
+    return v
+
+
 class HFRunnerArgs(RunnerArgs):
     """Hugging Face transformers, in-process."""
 
@@ -36,9 +42,7 @@ class HFRunnerArgs(RunnerArgs):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str | None) -> str | None:
-        if v is not None and not _DEVICE_RE.match(v):
-            raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N; got {v!r}")
-        return v
+        return _check_device(v)
 
     @field_validator("warmup_batches")
     @classmethod
@@ -513,9 +517,7 @@ class MoecapServeRunnerArgs(_LaunchArgs):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str | None) -> str | None:
-        if v is not None and not _DEVICE_RE.match(v):
-            raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N; got {v!r}")
-        return v
+        return _check_device(v)
 
     @model_validator(mode="after")
     def _backend_options(self) -> "MoecapServeRunnerArgs":

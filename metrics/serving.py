@@ -18,11 +18,15 @@ estimated from what the client saw, and every such figure is labelled ``estimate
   that shared the prefill's passes.
 
 Context per request is taken as the pass's mean context ``C/B`` for sliding-window clamping.
+
+:func:`server_window` is the other server-side figure: what a server that records its own batches
+(``moecap serve``'s ``/stats``) did over the measured window, switches between models included.
 """
 
 from __future__ import annotations
 
 import math
+from statistics import fmean, median
 from typing import Any, Sequence
 
 import numpy as np
@@ -164,4 +168,44 @@ def estimated_decode_utilization(
     out["achieved_tflops"] = flops["total"] / t / 1e12 if ok else math.nan
     out["s_mbu"] = bytes_out["total"] / t / peak_bandwidth_Bps if ok and peak_bandwidth_Bps else None
     out["s_mfu"] = flops["total"] / t / peak_flops if ok and peak_flops else None
+    return out
+
+
+def server_window(raw: dict[str, Any]) -> dict[str, Any]:
+    """A server's own figures over a measured window, from the raw batches its scheduler recorded
+    (``moecap serve``'s ``/stats``; see ``runners/moecap_serve.py``): batches and their sizes, the
+    switches between models (a batch of another model than the one before) and what each cost, prefill
+    and decode time, per model, and the backend's memory. A raw record that says it is not available
+    passes through."""
+    if "batches" not in raw:
+        return dict(raw)
+    batches = raw["batches"]
+    prev = raw.get("previous_model")
+    switch_s: list[float] = []
+    per_model: dict[str, dict[str, Any]] = {}
+    for b in batches:
+        m = per_model.setdefault(b["model"], {"batches": 0, "requests": 0, "switches_to": 0})
+        m["batches"] += 1
+        m["requests"] += b["size"]
+        if b["model"] != prev:
+            m["switches_to"] += 1
+            switch_s.append(float(b["switch_s"]))
+        prev = b["model"]
+    sizes = [b["size"] for b in batches]
+    out: dict[str, Any] = {
+        "backend": raw.get("backend"),
+        "batches": len(batches),
+        "batches_failed": sum(1 for b in batches if b.get("error")),
+        "batch_size_mean": fmean(sizes) if sizes else None,
+        "prefill_s": sum(b["prefill_s"] for b in batches),
+        "decode_s": sum(b["decode_s"] for b in batches),
+        "switches": len(switch_s),
+        "switch_s_total": sum(switch_s),
+        "per_model": per_model,
+        "config": raw.get("config"),
+        "memory": raw.get("memory"),
+    }
+    if switch_s:
+        out["switch_ms"] = {"mean": 1e3 * fmean(switch_s), "median": 1e3 * median(switch_s),
+                            "max": 1e3 * max(switch_s), "min": 1e3 * min(switch_s)}
     return out

@@ -379,27 +379,14 @@ def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
                   log=lambda s: print(s, file=sys.stderr))
         print(f"records and curve.json / curve.png in {Path(args.output) / 'consolidation'}")
         return 0
-    from transformers import AutoTokenizer
-
-    from moecap.engine.consolidate import _load, format_plan, make_plan, measure_similarity
-    from moecap.engine.consolidate_eval import child_texts
-    from moecap.engine.consolidate import expert_sizes
-    from moecap.metrics.perplexity import windows as cut
+    from moecap.engine.consolidate import format_plan, make_plan
+    from moecap.engine.consolidate_eval import measure_children
     from moecap.models import local_path_for
 
     if args.threshold is None and args.budget_mb is None:
         print("moecap: give --threshold, --budget-mb or --curve", file=sys.stderr)
         return 2
-    base_dir = Path(local_path_for(args.base))
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    models, calib = {}, {}
-    for c, p in children.items():
-        d = Path(local_path_for(p))
-        calib[c] = cut(tok(child_texts(d)[0], add_special_tokens=False)["input_ids"], 256, 8)
-        models[c] = _load(d)
-    base = _load(base_dir)
-    sim = measure_similarity(base, models, calib)
-    sizes = expert_sizes(base)
+    sim, sizes = measure_children(local_path_for(args.base), {c: local_path_for(p) for c, p in children.items()})
     plan = make_plan(sim, sizes, args.threshold, args.budget_mb * 2**20 if args.budget_mb else None)
     print(format_plan(plan))
     out = Path(args.plan_out)

@@ -142,7 +142,9 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
     if trace.extra.get("errors"):
         report["errors"] = dict(trace.extra["errors"])
     if trace.extra.get("server"):  # what the server itself recorded over the window (moecap serve's /stats)
-        report["server"] = trace.extra["server"]
+        from moecap.metrics.serving import server_window
+
+        report["server"] = server_window(trace.extra["server"])
     models = sorted({r.model for r in trace.requests if getattr(r, "model", None)})
     if len(models) > 1 or trace.extra.get("models"):  # a multi-model workload: each model's own figures
         slo = trace.extra.get("goodput_slo_ms") or None

@@ -7,9 +7,11 @@ multi-model workload (``models: {child: share}``) each request picks its child, 
 ``per_model`` section holds each child's turnaround (E2E latency), TTFT and throughput on the same trace.
 
 What only this server can tell a client is added to the record as ``report.server``: from its ``/stats``
-over the measured window (after the warm-up requests), the batches the scheduler ran (sizes, per model), the model switches and the
-time each one took (the consolidated backend swaps a child's non-expert layers; the others switch for
-free), the prefill and decode time, and the backend's memory (pooled expert bytes, fast/host tiers).
+over the measured window (after the warm-up requests; the runner keeps the raw batches, and
+``metrics.serving.server_window`` computes the figures), the batches the scheduler ran (sizes, per
+model), the model switches and the time each one took (the consolidated backend swaps a child's
+non-expert layers; the others switch for free), the prefill and decode time, and the backend's memory
+(pooled expert bytes, fast/host tiers).
 
 Quality (perplexity, lm-eval) is measured through the server too (echo + logprobs scoring), once per
 served model of a multi-model workload: the figures are those of exactly what was served.
@@ -18,7 +20,6 @@ served model of a multi-model workload: the figures are those of exactly what wa
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import urllib.request
 from typing import Any
@@ -32,40 +33,18 @@ def _get_json(url: str, timeout_s: float = 30) -> Any:
         return json.loads(resp.read())
 
 
-def window_stats(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """What the scheduler did between two ``/stats`` snapshots: batches, switches and their cost."""
+def server_window(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The raw record of what the scheduler did between two ``/stats`` snapshots: the batches it ran in
+    between, the model active before them, the backend and its memory (``metrics.serving.server_window``
+    turns it into the record's figures)."""
     first = max((b["index"] for b in before.get("batches", [])), default=-1)
-    batches = [b for b in after.get("batches", []) if b["index"] > first]
-    prev = next((b["model"] for b in reversed(before.get("batches", []))), before.get("active_model"))
-    switch_s: list[float] = []
-    per_model: dict[str, dict[str, Any]] = {}
-    for b in batches:
-        m = per_model.setdefault(b["model"], {"batches": 0, "requests": 0, "switches_to": 0})
-        m["batches"] += 1
-        m["requests"] += b["size"]
-        if b["model"] != prev:
-            m["switches_to"] += 1
-            switch_s.append(float(b["switch_s"]))
-        prev = b["model"]
-    sizes = [b["size"] for b in batches]
-    out: dict[str, Any] = {
+    return {
         "backend": after.get("backend"),
-        "batches": len(batches),
-        "batches_failed": sum(1 for b in batches if b.get("error")),
-        "batch_size_mean": statistics.fmean(sizes) if sizes else None,
-        "prefill_s": sum(b["prefill_s"] for b in batches),
-        "decode_s": sum(b["decode_s"] for b in batches),
-        "switches": len(switch_s),
-        "switch_s_total": sum(switch_s),
-        "per_model": per_model,
         "config": after.get("config"),
         "memory": after.get("memory"),
+        "previous_model": next((b["model"] for b in reversed(before.get("batches", []))), before.get("active_model")),
+        "batches": [b for b in after.get("batches", []) if b["index"] > first],
     }
-    if switch_s:
-        ordered = sorted(switch_s)
-        out["switch_ms"] = {"mean": 1e3 * statistics.fmean(switch_s), "median": 1e3 * statistics.median(switch_s),
-                            "max": 1e3 * ordered[-1], "min": 1e3 * ordered[0]}
-    return out
 
 
 class MoecapServeRunner(ServedRunner):
@@ -130,7 +109,7 @@ class MoecapServeRunner(ServedRunner):
         try:
             if self._before is None:
                 raise RuntimeError("no /stats snapshot at the start of the measured window")
-            trace.extra["server"] = window_stats(self._before, _get_json(self.base_url + "/stats"))
+            trace.extra["server"] = server_window(self._before, _get_json(self.base_url + "/stats"))
         except Exception as err:  # the figures above stand without the server's own
             trace.extra["server"] = {"available": False, "reason": f"{type(err).__name__}: {err}"}
         return trace

@@ -190,6 +190,10 @@ class OpenAIRunner(Runner):
     score_max_tokens = 1
     quality_model: str | None = None  # the served model scored (None: ``served_model``)
 
+    def _auth(self) -> dict[str, str]:
+        """The endpoint's bearer token, as the streaming client sends it."""
+        return {"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else {}
+
     def quality_models(self) -> list[str]:
         """The served models whose quality a cell measures (several for a multi-model workload)."""
         return list(self.args.models) if self.args.models else [self.served_model]
@@ -200,7 +204,8 @@ class OpenAIRunner(Runner):
         if getattr(self, "_max_model_len", None) is None:
             import urllib.request
 
-            with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=30) as resp:
+            req = urllib.request.Request(f"{self.base_url}/v1/models", headers=self._auth())
+            with urllib.request.urlopen(req, timeout=30) as resp:
                 cards = json.loads(resp.read())["data"]
             target = self.quality_model or self.served_model
             card = next((c for c in cards if c.get("id") == target), cards[0] if cards else {})
@@ -214,8 +219,7 @@ class OpenAIRunner(Runner):
         async def one(session: Any, sem: asyncio.Semaphore, ids: list[int]) -> list[tuple[float, float]]:
             body = {"model": self.quality_model or self.served_model, "prompt": ids, "echo": True,
                     "logprobs": top, "max_tokens": self.score_max_tokens, "temperature": 0.0}
-            headers = {"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else None
-            async with sem, session.post(f"{self.base_url}/v1/completions", json=body, headers=headers) as resp:
+            async with sem, session.post(f"{self.base_url}/v1/completions", json=body, headers=self._auth()) as resp:
                 text = await resp.text()
                 if resp.status != 200:
                     raise RuntimeError(f"runner {self.name}: scoring request failed: HTTP {resp.status}: {text[:500]}")
@@ -262,7 +266,7 @@ class OpenAIRunner(Runner):
         body = {"model": self.quality_model or self.served_model, "prompt": prompt, "max_tokens": max_new_tokens,
                 "temperature": 0.0, "return_token_ids": True}
         req = urllib.request.Request(f"{self.base_url}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **self._auth()})
         with urllib.request.urlopen(req, timeout=self.args.request_timeout_s) as resp:
             choice = json.loads(resp.read())["choices"][0]
         ids = choice.get("token_ids")

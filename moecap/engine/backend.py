@@ -163,6 +163,14 @@ def _ids(value: Any) -> set[int]:
     return {int(v) for v in value if v is not None}
 
 
+def eos_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """Every token id that ends a sequence: the tokenizer's and the generation config's."""
+    eos = _ids(tokenizer.eos_token_id)
+    if generation_config is not None:
+        eos |= _ids(getattr(generation_config, "eos_token_id", None))
+    return sorted(eos)
+
+
 def module_memory(module: Any) -> tuple[int, int]:
     """(parameter bytes, buffer bytes) of a torch module, counting shared tensors once."""
     seen: set[int] = set()
@@ -229,14 +237,10 @@ class SeparateModelsBackend:
             ctx = config_context_length(model.config)
             if max_model_len:
                 ctx = min(ctx, int(max_model_len))
-            eos = _ids(tokenizer.eos_token_id)
-            gen = getattr(model, "generation_config", None)
-            if gen is not None:
-                eos |= _ids(getattr(gen, "eos_token_id", None))
             self._models[name] = model
             self._tokenizers[name] = tokenizer
             self._context[name] = ctx
-            self._eos[name] = sorted(eos)
+            self._eos[name] = eos_ids(tokenizer, getattr(model, "generation_config", None))
             self._sources[name] = path
         self._torch = torch
 

@@ -43,6 +43,23 @@ def child_texts(child_dir: Path, dataset: str | None = None) -> tuple[str, str, 
 
 
 @torch.inference_mode()
+def measure_children(base_dir: str | Path, child_dirs: dict[str, str | Path], dtype: torch.dtype = torch.float32,
+                     context: int = 256, calibration_windows: int = 8) -> tuple[Any, Any]:
+    """(similarity, the base's per-expert sizes) of children of one base, each measured on the first
+    ``calibration_windows`` windows of its own calibration text (see :func:`child_texts`): what
+    :func:`moecap.engine.consolidate.make_plan` takes. The models are loaded on the CPU and released."""
+    from transformers import AutoTokenizer
+
+    from moecap.metrics.perplexity import windows as cut
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    calib = {c: cut(tok(child_texts(Path(d))[0], add_special_tokens=False)["input_ids"], context, calibration_windows)
+             for c, d in child_dirs.items()}
+    base_model = _load(base_dir, "cpu", dtype)
+    children = {c: _load(d, "cpu", dtype) for c, d in child_dirs.items()}
+    return measure_similarity(base_model, children, calib), expert_sizes(base_model)
+
+
 def perplexity_of(model: torch.nn.Module, wins: Sequence[Sequence[int]]) -> dict[str, float]:
     from moecap.metrics.perplexity import perplexity
 

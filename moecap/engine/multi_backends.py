@@ -22,6 +22,7 @@ from moecap.engine.backend import (
     SeparateModelsBackend,
     config_context_length,
     device_memory,
+    eos_ids,
     resolve_device,
     resolve_dtype,
 )
@@ -46,6 +47,16 @@ def _base_of(children: dict[str, str], base: str | None) -> Path:
     return parents.pop()
 
 
+def _generation_config(model_dir: str) -> Any:
+    """A child's generation config (its extra end-of-sequence ids), None when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        return None
+
+
 class ConsolidatedBackend:
     """Children of one base served from one consolidated model."""
 
@@ -56,10 +67,8 @@ class ConsolidatedBackend:
         import torch
         from transformers import AutoTokenizer
 
-        from moecap.engine.consolidate import ConsolidatedModel, ConsolidationPlan, _load, make_plan, measure_similarity
-        from moecap.engine.consolidate_eval import child_texts
-        from moecap.engine.consolidate import expert_sizes
-        from moecap.metrics.perplexity import windows as cut
+        from moecap.engine.consolidate import ConsolidatedModel, ConsolidationPlan, make_plan
+        from moecap.engine.consolidate_eval import measure_children
         from moecap.models import local_path_for
 
         if len(models) < 2:
@@ -73,18 +82,13 @@ class ConsolidatedBackend:
             if set(self.plan.children) != set(dirs):
                 raise BackendError(f"plan {plan} covers {self.plan.children}, the served models are {list(dirs)}")
         else:
-            tok = AutoTokenizer.from_pretrained(base_dir)
-            calib = {n: cut(tok(child_texts(Path(d))[0], add_special_tokens=False)["input_ids"], 256,
-                            calibration_windows) for n, d in dirs.items()}
-            base_model = _load(base_dir, "cpu", self._dtype)
-            sizes = expert_sizes(base_model)
-            sim = measure_similarity(base_model, {n: _load(d, "cpu", self._dtype) for n, d in dirs.items()}, calib)
+            sim, sizes = measure_children(base_dir, dirs, self._dtype, calibration_windows=calibration_windows)
             self.plan = make_plan(sim, sizes, threshold=threshold)
-            del base_model
         self.cm = ConsolidatedModel(base_dir, dirs, self.plan, str(self._device), self._dtype,
                                     non_expert_on_device=non_expert_on_device, shared=shared,
                                     fast_budget_bytes=None if fast_budget_gb is None else fast_budget_gb * 1e9)
         self._tok = {n: AutoTokenizer.from_pretrained(d) for n, d in dirs.items()}
+        self._eos = {n: eos_ids(self._tok[n], _generation_config(d)) for n, d in dirs.items()}
         ctx = config_context_length(self.cm.model.config)
         self._ctx = min(ctx, int(max_model_len)) if max_model_len else ctx
         self._torch = torch
@@ -120,8 +124,7 @@ class ConsolidatedBackend:
         return self._device
 
     def eos_token_ids(self, model: str) -> list[int]:
-        eos = self.tokenizer(model).eos_token_id
-        return [] if eos is None else [int(eos)]
+        return list(self._eos[self._check(model)])
 
     def memory(self) -> dict[str, int]:
         mem = dict(self.cm.memory())

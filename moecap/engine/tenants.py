@@ -43,9 +43,7 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, dict[str,
             continue
         server = rep.get("server") or {}
         mem = server.get("memory") or {}
-        experts = mem.get("expert_bytes")
-        if experts is None and "expert_bytes_fast" in mem:
-            experts = mem["expert_bytes_fast"] + mem.get("expert_bytes_host", 0)
+        experts = mem.get("expert_bytes")  # every backend reports it
         load = dig(rec.config, ("load",)) or {}
         load_s = f"rate={load['rate']:g}" if load.get("rate") else (
             f"conc={load.get('concurrency')}" if load.get("concurrency") else f"batch={load.get('batch_size')}")

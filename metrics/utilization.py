@@ -164,3 +164,67 @@ def utilization(
         ph["s_mfu"] = ph["flops"]["total"] / t / peak_flops if t > 0 else math.nan
         ph["mean_active_experts_per_layer"] = sum(act) / len(act) if act else None
     return phases, rows
+
+
+def tier_traffic(
+    passes: Sequence[Any],
+    acc: Any,
+    moe_layers: Sequence[int],
+    weight_bytes_per_param: float,
+    kv_bytes_per_elem: float,
+    expert_bytes: dict[int, Sequence[float]],
+    placements: dict[int, Sequence[str]],
+    peaks: dict[str, Any],
+    expanded_mla: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Per phase, a pass's bytes split by where they were read (an engine with host-memory experts):
+
+    - ``fast``: everything the fast device read (non-expert weights, KV, resident experts, and host
+      experts computed there after a copy);
+    - ``link``: host experts copied to the fast device in the pass (``PassTrace.host_calls`` mode
+      ``copy``; a copy still cached is not moved again);
+    - ``host``: host experts computed by the host (mode ``cpu``).
+
+    Each tier's achieved bandwidth is Σ bytes / Σ pass time, and its utilization is against its own
+    ceiling in ``peaks`` (``fast_Bps``, ``host_Bps``, ``link_Bps``; a missing ceiling leaves the figure
+    out). The phase's ``s_mbu`` (:func:`utilization`) stays the combined figure: every tier's bytes over
+    the fast device's peak."""
+    out: dict[str, dict[str, Any]] = {}
+    row_of = {layer: i for i, layer in enumerate(moe_layers)}
+    for p in passes:
+        cost = pass_cost(p, acc, moe_layers, weight_bytes_per_param, kv_bytes_per_elem, expanded_mla, expert_bytes)
+        modes = {(int(c[0]), int(c[1])): str(c[2]) for c in (p.host_calls or [])}
+        host = link = 0.0
+        for layer, row_i in row_of.items():
+            where = placements.get(layer)
+            sizes = expert_bytes.get(layer)
+            if where is None or sizes is None or p.expert_counts is None:
+                continue
+            for e, c in enumerate(p.expert_counts[row_i]):
+                if c <= 0 or where[e] != "host":
+                    continue
+                mode = modes.get((layer, e), "cpu")
+                if mode == "cpu":
+                    host += sizes[e]
+                elif mode == "copy":  # over the link, then read again where it is computed (fast)
+                    link += sizes[e]
+        fast = cost["bytes"]["total"] - host
+        ph = out.setdefault(p.phase, {"time_s": 0.0, "fast": 0.0, "host": 0.0, "link": 0.0})
+        ph["time_s"] += p.time_s
+        ph["fast"] += fast
+        ph["host"] += host
+        ph["link"] += link
+    result: dict[str, dict[str, Any]] = {}
+    for phase, ph in out.items():
+        t = ph["time_s"]
+        row: dict[str, Any] = {}
+        for tier in ("fast", "link", "host"):
+            b = ph[tier]
+            entry: dict[str, Any] = {"bytes": b, "achieved_gbs": b / t / 1e9 if t > 0 else math.nan}
+            peak = peaks.get(f"{tier}_Bps")
+            if peak:
+                entry["peak_gbs"] = peak / 1e9
+                entry["utilization"] = b / t / peak if t > 0 else math.nan
+            row[tier] = entry
+        result[phase] = row
+    return result

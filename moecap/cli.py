@@ -321,12 +321,13 @@ def _cmd_engine_pareto(args: argparse.Namespace) -> int:
     if bad:
         print(f"moecap: --precisions {bad}: allowed int8, int4, int3, int2", file=sys.stderr)
         return 2
-    configs = grid(precisions, args.quantize, args.offload)
+    configs = grid(precisions, args.quantize, args.offload, args.mixed)
     raw = pareto_suite(args.model, configs, dataset=args.dataset, windows=args.windows,
                        input_tokens=args.input_tokens, output_tokens=args.output_tokens,
                        num_prompts=args.num_prompts, batch_size=args.batch_size, device=args.device,
                        dtype=args.dtype, output_dir=args.output, fast_budget_gb=args.fast_budget_gb,
-                       group_size=args.group_size, profile_windows=args.profile_windows)
+                       group_size=args.group_size, profile_windows=args.profile_windows,
+                       calibration=args.calibration)
     try:
         suite = parse_suite(raw, "moecap engine pareto")
     except SuiteError as err:
@@ -585,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--quantize", type=_floats, default=[0, 0.25, 0.5, 0.75, 1.0],
                     help="shares of experts quantized (comma-separated, 0..1)")
     ep.add_argument("--offload", type=_floats, default=[0, 0.5, 1.0], help="shares of experts in host memory")
+    ep.add_argument("--mixed", type=_floats, default=[0.6, 0.4, 0.25, 0.1],
+                    help="mixtures of precisions: fast-memory budgets as shares of all experts' full-precision "
+                         "bytes (comma-separated, 0..1; empty string: none)")
+    ep.add_argument("--calibration", help="calibration text for profiles: 'embedded' (default), a .txt/.jsonl file")
     ep.add_argument("--fast-budget-gb", type=float, help="fast-device memory for experts, GB")
     ep.add_argument("--dataset", default="tiny-code", help="perplexity data set (tiny-code, tiny-prose, tiny-c, wikitext2, ...)")
     ep.add_argument("--windows", type=int, default=16, help="perplexity windows per configuration")
@@ -640,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg = sub.add_parser("export-gguf", help="write a Mixtral-family (or Llama) model as GGUF for llama.cpp")
     eg.add_argument("model", help="an embedded model name (tiny-moe, ...) or a local Hugging Face model directory")
     eg.add_argument("-o", "--output", help="the .gguf file (default: <model dir name>-<weight type>.gguf here)")
-    eg.add_argument("--weight-type", default="f32", choices=["f32", "f16", "bf16", "q8_0"])
+    eg.add_argument("--weight-type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0"])
     eg.set_defaults(func=_cmd_export_gguf)
 
     sub.add_parser("models", help="list embedded models and built-in architectures").set_defaults(func=_cmd_models)

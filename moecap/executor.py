@@ -184,6 +184,23 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
         }
         if trace.expert_bytes:
             report["utilization"]["expert_bytes"] = {str(k): v for k, v in trace.expert_bytes.items()}
+        if trace.expert_bytes and trace.expert_placements:
+            from moecap.metrics.utilization import tier_traffic
+
+            tier_peaks = dict((trace.extra.get("engine") or {}).get("tier_peaks") or {})
+            tier_peaks["fast_Bps"] = peaks.mem_bandwidth_Bps
+            if not tier_peaks.get("split"):  # one memory: the host tier is the same DRAM as the fast one
+                tier_peaks.setdefault("host_Bps", peaks.mem_bandwidth_Bps)
+            tiers = tier_traffic(trace.passes, acc, trace.moe_layers, trace.weight_bytes_per_param,
+                                 trace.kv_bytes_per_elem, trace.expert_bytes, trace.expert_placements, tier_peaks,
+                                 expanded_mla=trace.kv_cache_expanded_mla)
+            for phase, row in tiers.items():
+                report["utilization"][phase]["tiers"] = row
+            report["utilization"]["tiers_basis"] = (
+                "bytes by where they were read: fast (non-expert weights, KV, resident experts, copied host "
+                "experts), link (host experts copied in the pass), host (host experts computed by the host); "
+                "each against its own peak; s_mbu stays the combined figure (all bytes over the fast peak)")
+            report["utilization"]["expert_placements"] = {str(k): v for k, v in trace.expert_placements.items()}
     elif trace.requests and acc is not None and trace.weight_bytes_per_param > 0 and acc.moe_layers:
         report["utilization"] = _estimated_utilization(trace, acc, peaks)
     else:

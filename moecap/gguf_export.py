@@ -14,8 +14,8 @@ directly, so it needs neither torch nor transformers and reads one tensor at a t
   ``gpt2`` vocabulary with pre-tokenizer ``gpt-2`` (what llama.cpp's converter cannot recognise for a
   locally trained tokenizer, whose hash it does not know).
 
-Weight types: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (norms and the router stay f32, as llama.cpp's
-converter keeps 1-D tensors). Other tokenizers (SentencePiece) and architectures: use llama.cpp's
+Weight types: ``f32``, ``f16``, ``bf16``, ``q8_0`` or ``q4_0`` (1-D tensors such as norms stay f32, as
+llama.cpp's converter keeps them; a matrix whose rows do not divide into 32-weight blocks stays f32). Other tokenizers (SentencePiece) and architectures: use llama.cpp's
 ``convert_hf_to_gguf.py``.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 FAMILIES = ("mixtral", "llama", "mistral")
-WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0")
+WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 class GGUFExportError(ValueError):
@@ -153,6 +153,7 @@ def _qtype(weight_type: str) -> Any:
         "f16": gguf.GGMLQuantizationType.F16,
         "bf16": gguf.GGMLQuantizationType.BF16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q4_0": gguf.GGMLQuantizationType.Q4_0,
     }[weight_type]
 
 
@@ -164,11 +165,12 @@ def _file_type(weight_type: str) -> Any:
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }[weight_type]
 
 
 def _encode(arr: np.ndarray, weight_type: str) -> tuple[np.ndarray, Any]:
-    """``arr`` (float32) stored as ``weight_type``; 1-D tensors, and rows q8_0 cannot block, stay f32."""
+    """``arr`` (float32) stored as ``weight_type``; 1-D tensors, and rows a block type cannot block, stay f32."""
     import gguf
 
     if arr.ndim == 1 or weight_type == "f32":

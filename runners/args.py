@@ -154,7 +154,7 @@ class LlamaCppRunnerArgs(_LaunchArgs):
     """llama-cpp-python's server takes text prompts only."""
     gguf: str | None = None
     """An existing GGUF file to serve; unset: export the suite model (cached under ``<cache>/gguf``)."""
-    weight_type: Literal["f32", "f16", "bf16", "q8_0"] = "f32"
+    weight_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f32"
     """Weight storage of the export (ignored with ``gguf``)."""
     n_ctx: int = Field(default=0, ge=0)
     """Context size; 0: the model's training context."""
@@ -425,7 +425,9 @@ ENGINE_PRESETS = ("resident", "offload-all", "int8-all", "int4-all")
 
 
 class EnginePlanSpec(RunnerArgs):
-    """A plan described by fractions (see ``moecap.engine.planner.make_plan``)."""
+    """A plan described by fractions (``moecap.engine.planner.make_plan``), or, with ``precisions``, a
+    mixture of precisions under a fast-memory budget (``moecap.engine.planner.mixed_plan``: every expert
+    its own precision and tier, by activation frequency x quantization sensitivity)."""
 
     quantize_fraction: float = Field(default=0.0, ge=0, le=1)
     """Share of all routed experts quantized (cheapest first: activation frequency x sensitivity)."""
@@ -434,6 +436,48 @@ class EnginePlanSpec(RunnerArgs):
     """Share of all routed experts placed in host memory (least used first)."""
     fast_budget_gb: float | None = Field(default=None, gt=0)
     """Fast-device memory for experts, GB (1e9 B); more experts go to host memory until they fit."""
+    precisions: list[Literal["int8", "int4", "int3", "int2"]] | None = None
+    """Mixed plan: the precisions an expert may step down to (below full), e.g. [int8, int4]; needs a
+    budget (``fast_budget_gb`` or ``fast_budget_fraction``)."""
+    fast_budget_fraction: float | None = Field(default=None, gt=0, le=1)
+    """Mixed plan: the budget as a share of all routed experts' bytes at full precision."""
+    max_error: float | None = Field(default=None, ge=0)
+    """Mixed plan: the most expected output error quantization may add (activation-weighted mean relative
+    squared error of expert outputs); what does not fit then goes to host memory."""
+
+    @model_validator(mode="after")
+    def _modes(self) -> "EnginePlanSpec":
+        if self.precisions is not None:
+            if not self.precisions:
+                raise ValueError("precisions must name at least one of int8, int4, int3, int2")
+            if self.quantize_fraction or self.offload_fraction:
+                raise ValueError("a mixed plan (precisions) is sized by its budget: drop quantize_fraction and "
+                                 "offload_fraction")
+            if (self.fast_budget_gb is None) == (self.fast_budget_fraction is None):
+                raise ValueError("a mixed plan (precisions) needs exactly one of fast_budget_gb, fast_budget_fraction")
+        elif self.fast_budget_fraction is not None or self.max_error is not None:
+            raise ValueError("fast_budget_fraction and max_error belong to a mixed plan: set precisions too, "
+                             "e.g. precisions: [int8, int4]")
+        return self
+
+
+class CalibrationSpec(RunnerArgs):
+    """Calibration text: a local file (``path``) or a data set through ``datasets`` (``dataset``)."""
+
+    path: str | None = None
+    """A .txt, .jsonl or .json file."""
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    field: str = "text"
+    """The text field of each record (jsonl, json, data set)."""
+    max_documents: int = Field(default=2000, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> "CalibrationSpec":
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("calibration needs exactly one of path (a local file) or dataset (an id for `datasets`)")
+        return self
 
 
 class EngineSelect(RunnerArgs):
@@ -448,11 +492,13 @@ class EngineSelect(RunnerArgs):
 
 
 class EngineRunnerArgs(HFRunnerArgs):
-    """moecap's engine: the Hugging Face model with its MoE blocks replaced by the expert store."""
+    """moecap's engine: its own decoder, streamed from the checkpoint into an expert placement plan
+    (``moecap.engine.model``); ``attn_implementation`` does not apply (the engine has its own attention)."""
 
     plan: str | EnginePlanSpec = "resident"
     """A preset (resident, offload-all, int8-all, int4-all), a plan JSON file (``moecap engine pareto``
-    writes them), or fractions: ``{quantize_fraction, precision, offload_fraction, fast_budget_gb}``."""
+    writes them), fractions ``{quantize_fraction, precision, offload_fraction, fast_budget_gb}``, or a
+    mixture of precisions ``{precisions: [int8, int4], fast_budget_gb | fast_budget_fraction, max_error}``."""
     group_size: int = Field(default=64, gt=0)
     """Quantization group size (weights per scale along the input dimension)."""
     offload_mode: Literal["auto", "cpu", "copy"] = "auto"
@@ -469,6 +515,9 @@ class EngineRunnerArgs(HFRunnerArgs):
     profile_windows: int = Field(default=8, ge=0)
     """Calibration windows (of ``profile_tokens`` tokens) for activation frequency and sensitivity."""
     profile_tokens: int = Field(default=128, ge=8)
+    calibration: str | CalibrationSpec = "embedded"
+    """What the plan is calibrated on: ``embedded`` (the embedded corpora's train splits), a local
+    .txt/.jsonl/.json file, or ``{dataset, config, split, field}`` (through ``datasets``)."""
     select: EngineSelect | None = None
     """Take the plan from a measured frontier under a constraint (replaces ``plan``)."""
 

@@ -28,6 +28,10 @@ class PassTrace:
     # expert_counts[i][e]: tokens routed to expert e in MoE layer moe_layers[i] during this pass;
     # None when the runner could not trace the router
     expert_counts: list[list[int]] | None = None
+    # host_calls: [layer, expert, mode] for each host-memory expert the pass ran (our engine): mode "cpu"
+    # (computed by the host), "copy" (copied over the link, then computed on the fast device) or
+    # "copy_cached" (a copy already on the fast device); None when the runner has no host tier
+    host_calls: list[list[Any]] | None = None
 
     @property
     def time_s(self) -> float:
@@ -81,6 +85,9 @@ class RunTrace:
     # bytes of each routed expert as stored, per MoE layer (quantized / mixed-precision experts);
     # None: every expert is stored like the rest of the weights (weight_bytes_per_param)
     expert_bytes: dict[int, list[float]] | None = None
+    # where each routed expert is stored, per MoE layer: "fast" or "host" (our engine's placement plan);
+    # None: every weight is on the fast device
+    expert_placements: dict[int, list[str]] | None = None
 
 
 class Runner(ABC):

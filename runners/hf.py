@@ -101,6 +101,16 @@ class HFRunner(Runner):
     def _forward(self, input_ids, cache):
         return self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
 
+    def _host_calls(self) -> list[list[Any]] | None:
+        """The host-memory experts the last pass ran and how (engines with a host tier)."""
+        return None
+
+    def _new_cache(self, batch: int, capacity: int):
+        """A KV cache for ``batch`` sequences of up to ``capacity`` tokens."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
     def _run_batch(
         self,
         prompts: list[list[int]],
@@ -114,11 +124,10 @@ class HFRunner(Runner):
         progress: Any = None,
     ) -> None:
         import torch
-        from transformers import DynamicCache
 
         bsz, plen = len(prompts), len(prompts[0])
         ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache(bsz, plen + output_tokens)
         tracer = self.tracer if passes is not None else None
         reqs = [RequestTrace(id=first_id + i, input_tokens=plen, send_s=0.0, batch=batch_idx) for i in range(bsz)]
         done = [False] * bsz
@@ -143,6 +152,7 @@ class HFRunner(Runner):
             t1 = time.perf_counter()
             # prefill counts now; decode passes are counted together after the batch (off the timed path)
             counts = tracer.end_pass(defer=phase == "decode") if tracer else None
+            host_calls = self._host_calls()
             if passes is not None:
                 passes.append(
                     PassTrace(
@@ -155,6 +165,7 @@ class HFRunner(Runner):
                         start_s=t0 - origin,
                         end_s=t1 - origin,
                         expert_counts=counts,
+                        host_calls=host_calls,
                     )
                 )
             context = [c + new for c in context]
@@ -324,12 +335,11 @@ class HFRunner(Runner):
     ) -> list[int]:
         """Greedy continuation of one prompt; ``stop(tokens) -> bool`` ends it early; EOS ends it."""
         import torch
-        from transformers import DynamicCache
 
         eos = getattr(self.model.config, "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         prompt = prompt[-max(1, self.max_length - max_new_tokens) :]
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache(1, len(prompt) + max_new_tokens)
         step = torch.tensor([prompt], dtype=torch.long, device=self.device)
         new: list[int] = []
         with torch.inference_mode():

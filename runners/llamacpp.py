@@ -21,7 +21,7 @@ from typing import Any
 
 from moecap.runners.openai_runner import ServedRunner
 
-BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 class LlamaCppRunner(ServedRunner):
@@ -94,7 +94,7 @@ class LlamaCppRunner(ServedRunner):
     def compute_dtype(self) -> str:
         if self.args.gguf:
             return "float32"  # llama.cpp computes in f32 on a CPU whatever the file stores
-        return {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "int8"}[self.args.weight_type]
+        return {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "int8", "q4_0": "int4"}[self.args.weight_type]
 
     def info(self) -> dict[str, Any]:
         out = super().info()

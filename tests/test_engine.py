@@ -78,10 +78,7 @@ def test_byte_accounting_is_real_storage(tiny_moe_dir):
     stores = install(m, plan, "cpu")
     for store in stores:
         for e, ex in enumerate(store.experts):
-            real = 0
-            for w in (ex.gate_up, ex.down):
-                tensors = [w] if isinstance(w, torch.Tensor) else [w.packed, w.scale] + ([w.zero] if w.zero is not None else [])
-                real += sum(t.untyped_storage().nbytes() for t in tensors)
+            real = sum(w.storage_nbytes() for w in (ex.gate_up, ex.down))
             assert ex.nbytes() == real == predicted["per_expert"][store.layer][e], (store.layer, e)
     tiers = {"fast": sum(s.tier_nbytes()["fast"] for s in stores), "host": sum(s.tier_nbytes()["host"] for s in stores)}
     assert tiers == predicted["tiers"]
@@ -217,18 +214,25 @@ def test_engine_pareto_cli(tmp_path, tiny_moe_dir):
 
     out = tmp_path / "res"
     proc = moecap("engine", "pareto", str(tiny_moe_dir), "--device", "cpu", "--precisions", "int2",
-                  "--quantize", "0,1", "--offload", "0,1", "--windows", "2", "--num-prompts", "1",
+                  "--quantize", "0,1", "--offload", "0,1", "--mixed", "0.5", "--windows", "2", "--num-prompts", "1",
                   "--output-tokens", "4", "--input-tokens", "16", "--profile-windows", "1", "-o", str(out), check=0)
     folder = next(out.iterdir())
-    assert len(list(folder.glob("*.json"))) == 4 + 1  # 4 records + frontier.json
+    assert len(list(folder.glob("*.json"))) == 5 + 1  # 5 records + frontier.json
     points = load_frontier(folder)
-    assert {p.name for p in points} == {"full-off0", "full-off1", "q1-int2-off0", "q1-int2-off1"}
+    assert {p.name for p in points} == {"full-off0", "full-off1", "q1-int2-off0", "q1-int2-off1", "mixed-b0.5"}
     by = {p.name: p for p in points}
     assert all(p.ok() for p in points)
     # quantizing every expert to 2 bits costs perplexity; offloading costs none; both shrink the fast tier
     assert by["q1-int2-off0"].perplexity > by["full-off0"].perplexity
     assert by["full-off1"].perplexity == pytest.approx(by["full-off0"].perplexity, rel=1e-6)
     assert by["full-off1"].fast_bytes < by["q1-int2-off0"].fast_bytes < by["full-off0"].fast_bytes
+    # the mixture: half the experts' bytes, so some experts at 2 bits and the rest at full precision, all resident
+    mixed = by["mixed-b0.5"]
+    assert mixed.plan_detail["notes"]["mixed"] and mixed.host_bytes == 0
+    counts = mixed.plan_detail["notes"]["precision_counts"]
+    assert counts["int2"] > 0 and counts["full"] > 0, counts
+    assert by["q1-int2-off0"].fast_bytes < mixed.fast_bytes < by["full-off0"].fast_bytes
+    assert by["full-off0"].perplexity < mixed.perplexity < by["q1-int2-off0"].perplexity
     assert any(p.frontier for p in points)
     assert (folder / "frontier.png").stat().st_size > 10_000 and "plotly" in (folder / "frontier.html").read_text()
     assert "frontier:" in proc.stdout

@@ -1,7 +1,8 @@
 """The throughput / perplexity frontier of expert placements (``moecap engine pareto``).
 
 Configurations are a grid of (share of experts quantized, their precision, share placed in host memory),
-optionally under a fast-memory budget. Each becomes an ``engine`` runner of one generated suite, run by
+optionally under a fast-memory budget, plus mixtures of precisions (every expert its own precision and
+tier under a budget, by activation frequency x quantization sensitivity). Each becomes an ``engine`` runner of one generated suite, run by
 the ordinary executor: one validated record per configuration, with decode throughput, perplexity on
 the chosen data set, S-MBU, and the bytes per tier. The frontier is the set of configurations that no
 other beats on both throughput (higher) and perplexity (lower); along it, sorted by throughput,
@@ -39,29 +40,36 @@ class Point:
         return self.status == "ok" and self.tokens_per_s is not None and self.perplexity is not None
 
 
-def grid(precisions: Sequence[str], quantize: Sequence[float], offload: Sequence[float]) -> list[tuple[str, dict[str, Any]]]:
-    """(name, plan fractions) for every combination; a configuration with nothing quantized appears once."""
+def grid(precisions: Sequence[str], quantize: Sequence[float], offload: Sequence[float],
+         mixed: Sequence[float] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """(name, plan spec) for every combination of fractions (a configuration with nothing quantized
+    appears once), plus one mixture of precisions (every expert its own precision, by frequency x
+    sensitivity) per budget in ``mixed``, a share of all experts' bytes at full precision."""
     out: dict[str, dict[str, Any]] = {}
     for off in offload:
         for q in quantize:
             for prec in precisions if q > 0 else precisions[:1]:
                 name = f"q{q:g}-{prec}-off{off:g}" if q > 0 else f"full-off{off:g}"
                 out[name] = {"quantize_fraction": float(q), "precision": prec, "offload_fraction": float(off)}
+    for b in mixed:
+        out[f"mixed-b{b:g}"] = {"precisions": list(precisions), "fast_budget_fraction": float(b)}
     return list(out.items())
 
 
 def pareto_suite(model: str, configs: Sequence[tuple[str, dict[str, Any]]], *, dataset: str, windows: int,
                  input_tokens: int, output_tokens: int, num_prompts: int, batch_size: int, device: str,
                  dtype: str, output_dir: str, fast_budget_gb: float | None = None, group_size: int = 64,
-                 profile_windows: int = 8, name: str | None = None) -> dict[str, Any]:
+                 profile_windows: int = 8, name: str | None = None, calibration: Any = None) -> dict[str, Any]:
     """The generated suite (a plain dict, validated by ``moecap.suite.parse_suite``)."""
     runners = []
     for cname, spec in configs:
         plan = dict(spec)
-        if fast_budget_gb is not None:
+        if fast_budget_gb is not None and "precisions" not in plan:
             plan["fast_budget_gb"] = fast_budget_gb
-        runners.append({"type": "engine", "name": cname, "args": {
-            "dtype": dtype, "plan": plan, "group_size": group_size, "profile_windows": profile_windows}})
+        args = {"dtype": dtype, "plan": plan, "group_size": group_size, "profile_windows": profile_windows}
+        if calibration is not None:
+            args["calibration"] = calibration
+        runners.append({"type": "engine", "name": cname, "args": args})
     slug = Path(model).name if "/" in model else model
     return {
         "name": name or f"pareto-{slug}",

@@ -122,13 +122,32 @@ def _unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.reshape(rows, -1)[:, :n].to(torch.uint8)
 
 
-def _to_fp16_round_up(x: torch.Tensor) -> torch.Tensor:
-    """float32 ``x >= 0`` → the smallest float16 that is ``>= x`` (ValueError if that overflows)."""
-    h = x.to(torch.float16)
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``x >= 0`` → the smallest ``dtype`` (float16 or bfloat16) value that is ``>= x``."""
+    h = x.to(dtype)
     low = h.float() < x
-    # for non-negative finite float16, the next representable value up is the next bit pattern
-    bumped = (h.view(torch.int16) + 1).view(torch.float16)
-    h = torch.where(low, bumped, h)
+    # for non-negative finite 16-bit floats, the next representable value up is the next bit pattern
+    bumped = (h.view(torch.int16) + 1).view(dtype)
+    return torch.where(low, bumped, h)
+
+
+def _to_fp16_round_up(x: torch.Tensor, grid: str = "float16") -> torch.Tensor:
+    """float32 ``x >= 0`` → the smallest float16 that is ``>= x`` (ValueError if that overflows).
+
+    ``grid="bfloat16"``: the smallest value ``>= x`` that float16 *and* bfloat16 both hold exactly (so
+    that kernels taking bfloat16 scales use the stored scale itself); alternating round-ups reach it
+    in a few steps, since each only raises the value and powers of two lie on both grids."""
+    h = _round_up(x, torch.float16)
+    if grid == "bfloat16":
+        for _ in range(8):
+            b = _round_up(h.float(), torch.bfloat16).float()
+            if bool((b == h.float()).all()):
+                break
+            h = _round_up(b, torch.float16)
+        else:  # pragma: no cover - the alternation settles in 2-3 steps
+            raise ValueError("could not put scales on both the float16 and the bfloat16 grid")
+    elif grid != "float16":
+        raise ValueError(f"scale_grid={grid!r}: allowed float16, bfloat16")
     if not bool(torch.isfinite(h).all()):
         raise ValueError("weights are non-finite or too large for float16 scales (|w| beyond ~65504 per step)")
     return h
@@ -205,11 +224,14 @@ class QuantizedTensor:
         return self.packed.device
 
 
-def quantize(w: torch.Tensor, bits: int, group_size: int = 64, symmetric: bool | None = None) -> QuantizedTensor:
+def quantize(w: torch.Tensor, bits: int, group_size: int = 64, symmetric: bool | None = None,
+             scale_grid: str = "float16") -> QuantizedTensor:
     """Round-to-nearest group-wise quantization of a 2-D weight ``[out, in]``.
 
     ``symmetric`` defaults to True at 8 bits and False (min/max with a zero point) at 4, 3 and 2 bits.
     ``group_size`` must divide ``in_features``. Computation is float32 whatever ``w.dtype``.
+    ``scale_grid="bfloat16"`` rounds each scale up to a value bfloat16 also holds exactly (the engine's
+    fused kernels take bfloat16 scales); the storage stays float16 and the bound stays ``scale / 2``.
     """
     _check_bits(bits)
     if w.dim() != 2:
@@ -225,7 +247,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = 64, symmetric: bool |
 
     if symmetric:
         qmax = (1 << (bits - 1)) - 1
-        scale16 = _to_fp16_round_up(x.abs().amax(dim=-1) / qmax)
+        scale16 = _to_fp16_round_up(x.abs().amax(dim=-1) / qmax, scale_grid)
         scale = scale16.float().unsqueeze(-1)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round(x / safe), -qmax, qmax) + (1 << (bits - 1))
@@ -234,7 +256,7 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = 64, symmetric: bool |
         qmax = (1 << bits) - 1
         lo = x.amin(dim=-1).clamp(max=0.0)
         hi = x.amax(dim=-1).clamp(min=0.0)
-        scale16 = _to_fp16_round_up((hi - lo) / qmax)
+        scale16 = _to_fp16_round_up((hi - lo) / qmax, scale_grid)
         scale = scale16.float()
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero16 = torch.where(scale > 0, -lo / safe, torch.zeros_like(lo)).to(torch.float16)

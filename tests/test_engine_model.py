@@ -1,0 +1,343 @@
+"""The engine's own decoder (moecap.engine.model) and kernels (moecap.engine.kernels): it computes what
+transformers computes for every family the engine serves, streams checkpoints into a plan, and its
+quantized experts stay within the per-element bound of their stored form."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moecap.engine.kernels import (
+    DenseLinear,
+    DequantLinear,
+    Int4Linear,
+    Int8Linear,
+    compute_dtype,
+    cpu_has_fast_bf16,
+    make_linear,
+)
+from moecap.engine.model import CheckpointError, EngineModel, KVCache, RandomSource, build, load_engine_model
+from moecap.engine.quant import expected_nbytes, quantize
+from moecap.engine.store import ExpertPlan, PlanError, Slot, quantize_weight, weight_nbytes
+
+FAMILIES = {
+    "mixtral": dict(num_local_experts=6, num_experts_per_tok=2),
+    # Qwen2-MoE: shared expert + sigmoid gate, qkv bias, a dense layer, no renormalisation
+    "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=96,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1]),
+    # Qwen3-MoE: per-head q/k norms, renormalised top-k, explicit head_dim
+    "qwen3_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[], head_dim=16),
+    # OLMoE: whole-projection q/k norms, clip_qkv
+    "olmoe": dict(num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=2.0),
+}
+
+
+def hf_model(family: str, layers: int = 3, seed: int = 0, **over):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(FAMILIES[family], **over)
+    cfg = AutoConfig.for_model(family, vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    for p in model.parameters():  # transformers leaves some MoE tensors at zero until weights load
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def uniform(placement: str = "fast", precision: str = "full"):
+    return lambda arch: ExpertPlan.uniform(arch.experts_per_layer(), placement, precision)
+
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+# ------------------------------------------------------------------------------ equal to transformers
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_full_precision_equals_transformers(family):
+    ref = hf_model(family)
+    em = EngineModel.from_hf(ref, uniform(), "cpu")
+    with torch.no_grad():
+        want = ref(IDS).logits
+        got = em(IDS, use_cache=False).logits
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        # prefill + one token at a time through the preallocated cache
+        cache = em.new_cache(2, 8)  # grows when the sequence outgrows it
+        steps = [em(IDS[:, :16], past_key_values=cache).logits]
+        steps += [em(IDS[:, t:t + 1], past_key_values=cache).logits for t in range(16, 24)]
+        torch.testing.assert_close(torch.cat(steps, 1), want, atol=2e-5, rtol=1e-4)
+        assert cache.length == 24 and cache.capacity >= 24
+        # a chunk after a cached prefix (explicit causal mask)
+        cache = em.new_cache(2, 32)
+        chunks = [em(IDS[:, :10], past_key_values=cache).logits, em(IDS[:, 10:], past_key_values=cache).logits]
+        torch.testing.assert_close(torch.cat(chunks, 1), want, atol=2e-5, rtol=1e-4)
+        # left padding through attention_mask, as transformers takes it
+        mask = torch.ones(2, 24, dtype=torch.long)
+        mask[1, :5] = 0
+        torch.testing.assert_close(em(IDS, attention_mask=mask, use_cache=False).logits[1, 5:],
+                                   ref(IDS, attention_mask=mask).logits[1, 5:], atol=2e-5, rtol=1e-4)
+        # greedy tokens identical to transformers' generate
+        gen = ref.generate(IDS[:1, :12], max_new_tokens=16, do_sample=False)
+        cache = em.new_cache(1, 28)
+        out, toks = em(IDS[:1, :12], past_key_values=cache, logits_to_keep=1), []
+        for _ in range(16):
+            nxt = out.logits[:, -1].argmax(-1)
+            toks.append(int(nxt))
+            out = em(nxt[:, None], past_key_values=cache, logits_to_keep=1)
+        assert toks == gen[0, 12:].tolist()
+
+
+def test_sliding_window_equals_transformers():
+    ref = hf_model("mixtral", sliding_window=6)
+    em = EngineModel.from_hf(ref, uniform(), "cpu")
+    with torch.no_grad():
+        want = ref(IDS).logits
+        torch.testing.assert_close(em(IDS, use_cache=False).logits, want, atol=2e-5, rtol=1e-4)
+        cache = em.new_cache(2, 24)
+        steps = [em(IDS[:, :12], past_key_values=cache).logits]
+        steps += [em(IDS[:, t:t + 1], past_key_values=cache).logits for t in range(12, 24)]
+        torch.testing.assert_close(torch.cat(steps, 1), want, atol=2e-5, rtol=1e-4)
+
+
+def test_foreign_cache_is_refused():
+    from transformers import DynamicCache
+
+    em = EngineModel.from_hf(hf_model("mixtral", layers=1), uniform(), "cpu")
+    with pytest.raises(TypeError, match="new_cache"):
+        em(IDS, past_key_values=DynamicCache())
+
+
+# ------------------------------------------------------------------------------ streaming from disk
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_streamed_checkpoint_equals_model_in_memory(family, tmp_path):
+    ref = hf_model(family)
+    ref.save_pretrained(tmp_path)
+    names = json.dumps(list(__import__("safetensors").safe_open(str(tmp_path / "model.safetensors"), "pt").keys()))
+    assert "experts.0." in names  # transformers writes per-expert names: the loader reads them one by one
+    streamed = load_engine_model(tmp_path, uniform(), "cpu", torch.float32)
+    assert streamed.load_info["streamed"] and streamed.load_info["bytes_read"] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(IDS, use_cache=False).logits, ref(IDS).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_fused_expert_checkpoint_and_shards(tmp_path):
+    """A checkpoint that stores transformers 5's fused expert tensors, split over two shards."""
+    from safetensors.torch import save_file
+
+    ref = hf_model("qwen3_moe")
+    ref.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    keys = sorted(state)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for f, ks in shards.items():
+        save_file({k: state[k] for k in ks}, str(tmp_path / f))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in keys)
+    em = load_engine_model(tmp_path, uniform(), "cpu", torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(em(IDS, use_cache=False).logits, ref(IDS).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_checkpoint_errors_name_what_is_missing(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = hf_model("mixtral", layers=1)
+    ref.config.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_engine_model(tmp_path, uniform(), "cpu", torch.float32)
+
+    state = {k: v.contiguous() for k, v in ref.state_dict().items() if "q_proj" not in k}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="q_proj"):
+        load_engine_model(tmp_path, uniform(), "cpu", torch.float32)
+    with pytest.raises(PlanError, match="slots"):
+        build(ref.config, RandomSource(ref.config), ExpertPlan({0: [Slot()] * 3}), "cpu", torch.float32)
+    with pytest.raises(CheckpointError, match="model_type"):
+        from transformers import AutoConfig
+
+        build(AutoConfig.for_model("llama"), RandomSource(ref.config), uniform(), "cpu", torch.float32)
+
+
+def test_random_source_draws_each_tensor_reproducibly():
+    ref = hf_model("qwen2_moe", layers=2)
+    a = build(ref.config, RandomSource(ref.config, seed=3), uniform(), "cpu", torch.float32)
+    b = build(ref.config, RandomSource(ref.config, seed=3), uniform(), "cpu", torch.float32)
+    c = build(ref.config, RandomSource(ref.config, seed=4), uniform(), "cpu", torch.float32)
+    with torch.no_grad():
+        la, lb, lc = (m(IDS, use_cache=False).logits for m in (a, b, c))
+    assert torch.equal(la, lb) and not torch.equal(la, lc)
+    src = RandomSource(ref.config)
+    assert float(src.get("model.norm.weight").min()) == 1.0  # norms 1, matrices N(0, initializer_range)
+    w = src.get("model.layers.0.self_attn.q_proj.weight")
+    assert abs(float(w.std()) - ref.config.initializer_range) < 0.1 * ref.config.initializer_range
+
+
+# ------------------------------------------------------------------------------ quantized experts
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("precision", ["int8", "int4", "int2"])
+def test_quantized_experts_stay_within_the_bound(family, precision):
+    """Every stored expert matrix, read back through its own kernel (x = I gives W_stored^T), is within
+    the per-element bound of its stored form of the original weight; the model's outputs move by little."""
+    ref = hf_model(family)
+    em = EngineModel.from_hf(ref, uniform("fast", precision), "cpu")
+    fused = {i: (b.mlp.experts.gate_up_proj.detach(), b.mlp.experts.down_proj.detach())
+             for i, b in enumerate(ref.model.layers) if hasattr(b.mlp, "experts")}
+    for store in em.stores:
+        gu_all, dn_all = fused[store.layer]
+        for e, ex in enumerate(store.experts):
+            for lin, w in ((ex.gate_up, gu_all[e]), (ex.down, dn_all[e])):
+                eye = torch.eye(lin.in_features, dtype=lin.act_dtype)
+                w_stored = lin(eye).float().T
+                # the kernel's bf16 output rounds each read-back element once more (2**-8 relative)
+                tol = lin.max_abs_error_bound() + float(w_stored.abs().max()) * 2 ** -8 + 1e-7
+                assert float((w_stored - w).abs().max()) <= tol, (store.layer, e, lin.kernel)
+    with torch.no_grad():
+        want, got = ref(IDS).logits, em(IDS, use_cache=False).logits
+    rel = float((got - want).norm() / want.norm())
+    assert rel < {"int8": 0.01, "int4": 0.15, "int2": 0.8}[precision], rel
+
+
+def test_kernels_per_precision_and_exact_bytes():
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    cpu = torch.device("cpu")
+    act = compute_dtype(cpu)
+    kernels = {}
+    for precision in ("full", "int8", "int4", "int3", "int2"):
+        q = w if precision == "full" else quantize_weight(w, precision, 64)
+        lin = make_linear(q, cpu, act_dtype=act)
+        kernels[precision] = lin.kernel
+        predicted = weight_nbytes((256, 512), precision, 64, 4)
+        assert lin.nbytes() == lin.storage_nbytes() == predicted, precision
+        if precision != "full":
+            assert predicted == expected_nbytes((256, 512), int(precision[3:]), 512 if precision == "int8" else 64,
+                                                precision == "int8")
+    assert kernels["int3"] == kernels["int2"] == "dequant"
+    if cpu_has_fast_bf16():
+        assert kernels["int8"] == "int8pack" and kernels["int4"] == "int4pack-cpu" and act == torch.bfloat16
+    else:  # the fused kernels run ~50x slower without BF16: the engine dequantizes instead
+        assert kernels["int8"] == kernels["int4"] == "dequant" and act is None
+    # shapes or groups the fused kernels do not take fall back to dequantize, labelled
+    odd = make_linear(quantize(torch.randn(24, 64), 4, 32, scale_grid="bfloat16"), cpu, act_dtype=torch.bfloat16)
+    assert isinstance(odd, DequantLinear)  # 24 rows: the CPU int4 kernel needs multiples of 16
+    grouped8 = make_linear(quantize(w, 8, 64, scale_grid="bfloat16"), cpu, act_dtype=torch.bfloat16)
+    assert isinstance(grouped8, DequantLinear)  # int8 with groups: the kernel takes one scale a row
+    assert make_linear(torch.randn(8, 8), cpu).kernel == "aten.linear"  # too small to gain from packing
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="the fused CPU kernels need BF16")
+def test_fused_kernels_match_dequantized_reference():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(512, 1024, generator=g) * 0.02
+    x = torch.randn(3, 1024, generator=g)
+    for precision, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
+        q = quantize_weight(w, precision, 64)
+        lin = make_linear(q, "cpu", act_dtype=torch.bfloat16)
+        assert isinstance(lin, cls)
+        xb = x.to(torch.bfloat16)
+        ref = xb.float() @ q.dequantize(torch.float32).T
+        y = lin(xb).float()
+        # bf16 activations and output; the int4 offset rounded to bf16 (within max_abs_error_bound)
+        bound = lin.max_abs_error_bound() - float(q.scale.float().max()) / 2
+        tol = float(ref.abs().max()) * 2 ** -7 + float(xb.float().abs().sum(-1).max()) * bound + 1e-4
+        assert float((y - ref).abs().max()) <= tol, precision
+
+
+def test_dense_kernel_reads_back_its_weight_and_moves():
+    w = torch.randn(1024, 512, generator=torch.Generator().manual_seed(3))
+    lin = DenseLinear(w)
+    assert torch.equal(lin.dense(), w)
+    moved = lin.to("cpu")
+    assert moved is lin
+
+
+def test_scales_on_both_grids():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4)) * 1e-3  # small groups: tiny scales
+    for bits in (8, 4):
+        q = quantize(w, bits, 128 if bits == 8 else 64, scale_grid="bfloat16")
+        s = q.scale.float()
+        assert torch.equal(s.to(torch.bfloat16).float(), s)  # the kernels' bf16 scales are the stored ones
+        err = (q.dequantize() - w).abs().max()
+        assert err <= s.max() / 2 + 1e-9
+    with pytest.raises(ValueError, match="scale_grid"):
+        quantize(w, 4, 64, scale_grid="fp8")
+
+
+def test_kv_cache_grows_and_keeps_what_it_held():
+    ref = hf_model("mixtral", layers=1)
+    em = EngineModel.from_hf(ref, uniform(), "cpu")
+    cache = em.new_cache(1, 4)
+    with torch.no_grad():
+        em(IDS[:1, :4], past_key_values=cache)
+        before = cache.k[0][:, :4].clone()
+        em(IDS[:1, 4:10], past_key_values=cache)
+    assert isinstance(cache, KVCache) and cache.capacity >= 10 and cache.length == 10
+    assert torch.equal(cache.k[0][:, :4], before)
+
+
+# ------------------------------------------------------------------------------ bounded memory
+LOAD_SCRIPT = textwrap.dedent("""
+    import json, sys, threading, time
+    import torch
+    path, mode = sys.argv[1], sys.argv[2]
+
+    def anon():
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    from moecap.engine.model import load_engine_model
+    from moecap.engine.store import ExpertPlan
+    from transformers import AutoModelForCausalLM
+    base = anon()
+    peak = [base]
+    done = threading.Event()
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], anon())
+            time.sleep(0.002)
+    t = threading.Thread(target=watch, daemon=True); t.start()
+    if mode == "engine":
+        m = load_engine_model(path, lambda a: ExpertPlan.uniform(a.experts_per_layer(), "fast", "int4"), "cpu", torch.float32)
+        footprint = m.non_expert_bytes() + sum(s.tier_nbytes()["fast"] + s.tier_nbytes()["host"] for s in m.stores)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        footprint = sum(p.numel() * p.element_size() for p in m.parameters())
+    done.set(); t.join()
+    peak[0] = max(peak[0], anon())
+    print(json.dumps({"peak_growth": peak[0] - base, "footprint": footprint}))
+""")
+
+
+def test_streaming_load_peak_memory_is_the_plan_plus_one_layer(tmp_path):
+    """An all-int4 plan is loaded from disk with a peak (anonymous memory, sampled every 2 ms in a fresh
+    process) within the plan's footprint + one layer's experts at full precision + 48 MiB; transformers'
+    own load of the same checkpoint holds the whole full-precision model."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)
+    with torch.device("cpu"):
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    layer_full = 8 * 3 * 512 * 1024 * 4  # one layer's experts at float32
+    runs = {}
+    for mode in ("engine", "transformers"):
+        out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path), mode], capture_output=True, text=True,
+                             check=True)
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    eng, hf = runs["engine"], runs["transformers"]
+    allowance = 48 * 2**20
+    assert eng["peak_growth"] <= eng["footprint"] + layer_full + allowance, (eng, layer_full)
+    # the int4 plan is a fraction of the full model, and so is the engine's peak against transformers'
+    assert eng["footprint"] < 0.3 * hf["footprint"]
+    assert eng["peak_growth"] < 0.6 * hf["peak_growth"], runs

@@ -57,6 +57,7 @@ KERNEL_NAMES = {
     "int8pack": "torch.ops.aten._weight_int8pack_mm",
     "int4pack-cpu": "torch.ops.aten._weight_int4pack_mm_for_cpu",
     "int4pack-cuda": "torch.ops.aten._weight_int4pack_mm",
+    "int4pack-cuda|dequant": "torch.ops.aten._weight_int4pack_mm once copied to the GPU; dequantize when computed by the host",
     "dequant": "moecap dequantize-on-the-fly + torch.nn.functional.linear",
 }
 
@@ -297,7 +298,8 @@ class Int4Linear(Linear):
         self.layout = layout
         self.act_dtype = scale_and_offset.dtype
         self._bound = bound
-        self.kernel = {"cpu": "int4pack-cpu", "cuda": "int4pack-cuda", "nibbles": "int4pack-cuda"}[layout]
+        # nibbles: torch's CUDA kernel once copied to the GPU; computed by the host, dequantize
+        self.kernel = {"cpu": "int4pack-cpu", "cuda": "int4pack-cuda", "nibbles": "int4pack-cuda|dequant"}[layout]
 
     @classmethod
     def supports(cls, q: QuantizedTensor, act_dtype: torch.dtype | None, device: torch.device) -> bool:
@@ -342,9 +344,21 @@ class Int4Linear(Linear):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.sz)
         elif self.layout == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.sz)
-        else:  # nibbles: repack where it lies (a copy that reached the GPU)
+        elif self.packed.device.type == "cuda":  # nibbles that reached the GPU: repack where they lie
             y = torch.ops.aten._weight_int4pack_mm(x2, _cuda_pack(self.packed), self.group_size, self.sz)
+        else:  # a host expert computed by the host: torch's CPU kernel takes another layout, dequantize
+            y = F.linear(x2, self.dequantize(x2.dtype))
         return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The stored weight [N, K] of the ``nibbles`` layout: ``(code - 8) * s + m`` per group."""
+        if self.layout != "nibbles":
+            raise ValueError(f"only the nibbles layout dequantizes here, not {self.layout!r}")
+        n, k = self.out_features, self.in_features
+        codes = torch.stack([self.packed >> 4, self.packed & 0xF], dim=-1).reshape(n, k).float()
+        s = self.sz[..., 0].float().T.repeat_interleave(self.group_size, dim=1)
+        m = self.sz[..., 1].float().T.repeat_interleave(self.group_size, dim=1)
+        return ((codes - 8) * s + m).to(dtype)
 
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.sz.numel() * self.sz.element_size()

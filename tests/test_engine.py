@@ -4,6 +4,7 @@ storage, plans follow the profile, and the ``engine`` runner measures like ``hf`
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,10 @@ def test_engine_runner_cells(tmp_path, tiny_moe_dir):
     from moecap.executor import run_suite
     from moecap.suite import parse_suite
 
+    from moecap.corpus import domain_splits
+
+    calib = tmp_path / "calib.jsonl"  # the user's own calibration data
+    calib.write_text("".join(json.dumps({"body": doc}) + "\n" for doc in domain_splits("prose")["train"].split("\n\n")[:200]))
     raw = {
         "name": "engine",
         "models": [{"id": str(tiny_moe_dir), "name": "tiny"}],
@@ -144,6 +149,10 @@ def test_engine_runner_cells(tmp_path, tiny_moe_dir):
             {"type": "engine", "name": "mixed", "args": {"dtype": "float32", "profile_windows": 2,
                                                          "plan": {"quantize_fraction": 0.5, "precision": "int4",
                                                                   "offload_fraction": 0.5}}},
+            {"type": "engine", "name": "mixture", "args": {"dtype": "float32", "profile_windows": 2,
+                                                           "calibration": {"path": str(calib), "field": "body"},
+                                                           "plan": {"precisions": ["int8", "int4"],
+                                                                    "fast_budget_fraction": 0.2}}},
         ],
         "workloads": [{"name": "w", "input_tokens": 16, "output_tokens": 6, "num_prompts": 2}],
         "loads": [{"batch_size": 2}],
@@ -167,6 +176,24 @@ def test_engine_runner_cells(tmp_path, tiny_moe_dir):
     plan = recs["mixed"].config["runner"]["plan"]
     assert plan["host_experts"] == plan["experts"] // 2 and plan["int4_experts"] == plan["experts"] // 2
     assert mixed["utilization"]["expert_bytes"]
+    # bytes by tier: on a CPU the host experts are read by the host, nothing crosses a link
+    tiers = mixed["utilization"]["decode"]["tiers"]
+    assert tiers["host"]["bytes"] > 0 and tiers["link"]["bytes"] == 0
+    assert tiers["fast"]["bytes"] + tiers["host"]["bytes"] == pytest.approx(mixed["utilization"]["decode"]["bytes"]["total"])
+    assert "tiers" in res["utilization"]["decode"] and res["utilization"]["decode"]["tiers"]["host"]["bytes"] == 0
+    passes = [json.loads(line) for line in (tmp_path / "results" / "engine" / recs["mixed"].artifacts["passes"]).read_text().splitlines()]
+    assert any(p["host_calls"] for p in passes) and all(c[2] == "cpu" for p in passes for c in p["host_calls"] or [])
+    # which kernel ran each precision, in which dtype; how the model was loaded; where the plan came from
+    info = recs["mixed"].config["runner"]
+    kernels = info["kernels"]["experts"]
+    assert set(kernels) == {"full", "int4"} and kernels["full"]["act_dtype"] == "float32"
+    assert info["load"]["streamed"] and info["load"]["bytes_read"] > 0
+    assert info["plan_origin"]["kind"] == "fractions"
+    mixture = recs["mixture"].config["runner"]
+    assert mixture["plan_origin"]["kind"] == "mixed" and "calib.jsonl" in mixture["profile"]["source"]
+    notes = mixture["plan_detail"]["notes"]
+    assert notes["mixed"] and notes["expert_bytes_fast"] <= notes["fast_budget_bytes"] and notes["expert_bytes_host"] == 0
+    assert set(notes["precision_counts"]) <= {"full", "int8", "int4"} and len(notes["precision_counts"]) >= 2
 
 
 # ------------------------------------------------------------------------------------ Pareto search

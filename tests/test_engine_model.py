@@ -402,3 +402,43 @@ def test_cuda_engine_matches_transformers_and_offloads(family):
     assert float((got - want).norm() / want.norm()) < 0.2
     calls = {k: sum(s.calls[k] for s in off.stores) for k in off.stores[0].calls}
     assert calls["cpu"] + calls["copy"] + calls["copy_cached"] > 0 and calls["fast"] > 0
+
+
+SHRINK = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "head_dim": 16, "vocab_size": 512, "intermediate_size": 96}
+RANDOM_CONFIGS = {
+    "mixtral-8x7b": {},
+    "olmoe-1b-7b": {},
+    "qwen1.5-moe-a2.7b": {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 64},
+    "qwen3-30b-a3b": {"moe_intermediate_size": 32},
+}
+
+
+def test_engine_runner_on_every_family_from_real_configs(tmp_path):
+    """The engine streams random weights (RandomSource) onto each built-in architecture config the engine
+    serves, under a mixed plan with host experts; an unsupported family fails its cell with a clear error."""
+    from moecap.executor import run_suite
+    from moecap.suite import parse_suite
+
+    models = [{"id": f"random:{name}", "overrides": {**SHRINK, **extra}} for name, extra in RANDOM_CONFIGS.items()]
+    models.append({"id": "random:deepseek-v2-lite", "overrides": {"num_hidden_layers": 2}})
+    raw = {"name": "families", "models": models,
+           "runners": [{"type": "engine", "args": {"dtype": "float32", "profile_windows": 1, "profile_tokens": 16,
+                                                   "plan": {"quantize_fraction": 0.5, "precision": "int8",
+                                                            "offload_fraction": 0.25}}}],
+           "workloads": [{"name": "w", "input_tokens": 8, "output_tokens": 4, "num_prompts": 1}],
+           "loads": [{"batch_size": 1}],
+           "hardware": {"device": "cpu", "peaks": {"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0}},
+                        "calibrate": "never"},
+           "output": {"dir": str(tmp_path)}}
+    out = run_suite(parse_suite(raw, "test"), log=lambda s: None)
+    by = {o.cell.model.id: o.record for o in out.outcomes}
+    for name in RANDOM_CONFIGS:
+        rec = by[f"random:{name}"]
+        assert rec.status == "ok", (name, rec.error)
+        runner = rec.config["runner"]
+        assert runner["plan"]["int8_experts"] > 0 and runner["plan"]["host_experts"] > 0
+        assert "random token ids" in runner["profile"]["source"]
+        assert rec.report["utilization"]["decode"]["tiers"]["host"]["bytes"] >= 0
+    bad = by["random:deepseek-v2-lite"]
+    assert bad.status == "failed" and "deepseek_v2" in bad.error and "mixtral" in bad.error

@@ -513,17 +513,28 @@ class CheckpointSource(TensorSource):
         else:
             raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json "
                                   "(the engine streams safetensors checkpoints)")
-        self._handles = {}
+        self._open = safe_open
+        self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
         for f in files:
             fp = self.path / f
             if not fp.is_file():
                 raise CheckpointError(f"{fp}: named by the checkpoint index but missing")
-            h = safe_open(str(fp), framework="pt")
-            self._handles[f] = h
-            for k in h.keys():
+            for k in self._handle(f).keys():
                 self._where[k] = f
+        self.release()
         self.bytes_read = 0
+
+    def _handle(self, f: str) -> Any:
+        h = self._handles.get(f)
+        if h is None:
+            h = self._handles[f] = self._open(str(self.path / f), framework="pt")
+        return h
+
+    def release(self) -> None:
+        """Unmap the files: pages read so far leave the process (they stay in the page cache). The loader
+        calls it after each layer, so mapped pages never exceed about one layer."""
+        self._handles.clear()
 
     def has(self, name: str) -> bool:
         return name in self._where
@@ -538,12 +549,12 @@ class CheckpointSource(TensorSource):
 
     def get(self, name: str) -> torch.Tensor:
         key = self._alias(name)
-        t = self._handles[self._where[key]].get_tensor(key)
+        t = self._handle(self._where[key]).get_tensor(key)
         self.bytes_read += t.numel() * t.element_size()
         return t
 
     def _slice(self, name: str, e: int) -> torch.Tensor:
-        t = self._handles[self._where[name]].get_slice(name)[e]
+        t = self._handle(self._where[name]).get_slice(name)[e]
         self.bytes_read += t.numel() * t.element_size()
         return t
 
@@ -625,12 +636,19 @@ def build(config: Any, src: TensorSource, plan: ExpertPlan | Callable[[Arch], Ex
     act = _act(arch.act)
     t0 = time.perf_counter()
 
+    def own(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        # a checkpoint's tensors are views of its memory-mapped file: keep a copy, never the mapping
+        return t.clone() if t.data_ptr() == source.data_ptr() else t
+
     def w(name: str) -> torch.Tensor:
-        return src.get(name).to(device=fast, dtype=dtype)
+        t = src.get(name)
+        return own(t.to(device=fast, dtype=dtype), t)
 
     def lin(*names: str) -> Linear:
-        ts = [src.get(n).to(dtype=dtype) for n in names]
-        return make_linear(ts[0] if len(ts) == 1 else torch.cat(ts), fast)
+        ts = [src.get(n) for n in names]
+        if len(ts) == 1:
+            return make_linear(own(ts[0].to(dtype=dtype), ts[0]), fast)
+        return make_linear(torch.cat(ts).to(dtype=dtype), fast)
 
     def rq(t: torch.Tensor) -> torch.Tensor:
         return interleave_rotary(t, arch.heads, arch.head_dim)
@@ -667,13 +685,16 @@ def build(config: Any, src: TensorSource, plan: ExpertPlan | Callable[[Arch], Ex
                 s = p + "mlp.shared_expert."
                 shared = MLP(lin(s + "gate_proj.weight", s + "up_proj.weight"), lin(s + "down_proj.weight"), act)
                 gate = _GateLogit(w(p + "mlp.shared_expert_gate.weight"))
-            router = Router(src.router(i).to(device=fast, dtype=dtype))
+            r = src.router(i)
+            router = Router(own(r.to(device=fast, dtype=dtype), r))
             mlp: nn.Module = EngineMoeBlock(None, store, arch.family, arch.top_k, arch.norm_topk, gate=router,
                                             shared_expert=shared, shared_expert_gate=gate)
         else:
             m = p + "mlp."
             mlp = MLP(lin(m + "gate_proj.weight", m + "up_proj.weight"), lin(m + "down_proj.weight"), act)
         layers.append(DecoderLayer(arch, attn, mlp, w(p + "input_layernorm.weight"), w(p + "post_attention_layernorm.weight")))
+        if isinstance(src, CheckpointSource):
+            src.release()
         if progress is not None:
             progress(f"layer {i + 1}/{arch.layers}")
     if arch.tie or not src.has("lm_head.weight"):

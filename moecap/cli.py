@@ -352,6 +352,28 @@ def _cmd_engine_pareto(args: argparse.Namespace) -> int:
     return 1 if any(p.status == "failed" for p in points) else 0
 
 
+def _cmd_engine_rates(args: argparse.Namespace) -> int:
+    import torch
+
+    from moecap.engine.rates import measured_cost_model, rates_path
+
+    dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("moecap: --device cuda asked for, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    print(f"measuring (once; cached in {rates_path()}) ...", file=sys.stderr)
+    cm = measured_cost_model(dev, getattr(torch, args.dtype), refresh=args.refresh)
+    print(f"host expert kernels ({torch.get_num_threads()} threads, full precision in {args.dtype}):")
+    for prec, r in cm.details["host"].items():
+        print(f"  {prec:5s} {r['kernel']:14s} {r['act_dtype']:9s} one token {r['Bps'] / 1e9:7.1f} GB/s   "
+              f"64 tokens {r['flops'] / 1e9:8.1f} GFLOP/s")
+    link = cm.details["link"]
+    print(f"link: {link['Bps'] / 1e9:.1f} GB/s pinned host-to-device ({link['device']})" if link
+          else "link: none (no GPU: host experts are computed where they lie)")
+    print(f"source: {cm.source}")
+    return 0
+
+
 def _children_arg(items: list[str]) -> dict[str, str]:
     """CHILD arguments: NAME=PATH, or an embedded name / directory (named after itself)."""
     from pathlib import Path
@@ -594,8 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--dataset", default="tiny-code", help="perplexity data set (tiny-code, tiny-prose, tiny-c, wikitext2, ...)")
     ep.add_argument("--windows", type=int, default=16, help="perplexity windows per configuration")
     ep.add_argument("--input-tokens", type=int, default=64)
-    ep.add_argument("--output-tokens", type=int, default=32)
-    ep.add_argument("--num-prompts", type=int, default=4)
+    ep.add_argument("--output-tokens", type=int, default=64)
+    ep.add_argument("--num-prompts", type=int, default=8)
     ep.add_argument("--batch-size", type=int, default=1)
     ep.add_argument("--device", default="auto")
     ep.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -606,6 +628,14 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("-o", "--output", default="results")
     ep.add_argument("--force", action="store_true", help="re-run configurations that already have records")
     ep.set_defaults(func=_cmd_engine_pareto)
+
+    er = eng.add_parser("rates", help="measure (once, then cached) the rates the engine's cost model uses: host "
+                        "expert kernels per precision, the host-to-device link")
+    er.add_argument("--device", default="auto", help="the fast device whose link is measured (cuda; cpu: host only)")
+    er.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the model's dtype (full-precision host experts)")
+    er.add_argument("--refresh", action="store_true", help="measure again")
+    er.set_defaults(func=_cmd_engine_rates)
 
     em = eng.add_parser("merge", help="merge fine-tuned children of one base into one model (average, "
                         "task_arithmetic, ties, dare): a baseline for consolidation")

@@ -442,3 +442,15 @@ def test_engine_runner_on_every_family_from_real_configs(tmp_path):
         assert rec.report["utilization"]["decode"]["tiers"]["host"]["bytes"] >= 0
     bad = by["random:deepseek-v2-lite"]
     assert bad.status == "failed" and "deepseek_v2" in bad.error and "mixtral" in bad.error
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                   "rope_theta": 10000.0}])
+def test_rope_scaling_comes_from_transformers(rope):
+    """The rotary table is computed by the family's own transformers class: scaled ropes agree too."""
+    ref = hf_model("qwen3_moe", rope_parameters=rope)
+    em = EngineModel.from_hf(ref, uniform(), "cpu")
+    ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(em(ids, use_cache=False).logits, ref(ids).logits, atol=2e-5, rtol=1e-4)

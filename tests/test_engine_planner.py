@@ -158,9 +158,10 @@ def test_cost_model_with_measured_host_rates():
     assert fast_cpu.to_dict()["host_Bps"] == {"full": 100e9}
 
 
-def test_measured_host_rates_are_cached(monkeypatch, _isolated_cache):
+def test_measured_host_rates_are_cached(monkeypatch, tmp_path):
     from moecap.engine import rates
 
+    monkeypatch.setenv("MOECAP_CACHE_DIR", str(tmp_path))  # fake figures stay out of the session's cache
     calls = []
 
     def fake(precision, dtype, budget_s=1.5):
@@ -210,3 +211,13 @@ def test_tier_traffic_splits_bytes_by_where_they_were_read():
     assert tiers["link"]["achieved_gbs"] == pytest.approx(100.0 / 0.5 / 1e9)
     assert "utilization" not in tier_traffic([p], acc, [0, 1], 4.0, 4.0, sizes, where, {"fast_Bps": 1.0})["decode"]["link"]
     assert not math.isnan(tiers["fast"]["utilization"])
+
+
+def test_engine_rates_cli():
+    from test_e2e_cli import moecap
+
+    proc = moecap("engine", "rates", "--device", "cpu", check=0)
+    assert "int4" in proc.stdout and "GB/s" in proc.stdout and "link: none" in proc.stdout
+    again = moecap("engine", "rates", "--device", "cpu", check=0)
+    assert "measured" in again.stdout  # the second call reads the cache (same figures)
+    assert again.stdout.splitlines()[1] == proc.stdout.splitlines()[1]

@@ -89,6 +89,32 @@ def onednn_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def fused_kernel_works(kind: str, device_type: str) -> bool:
+    """Whether torch's fused ``int8`` / ``int4`` weight-only kernel runs on ``device_type`` in this build
+    (private operators whose signatures have moved between releases: probed once, never assumed)."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False
+    dev = torch.device(device_type)
+    try:
+        x = torch.ones(1, 64, dtype=torch.bfloat16, device=dev)
+        if kind == "int8":
+            w = torch.ones(16, 64, dtype=torch.int8, device=dev)
+            y = torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(16, dtype=torch.bfloat16, device=dev))
+        elif device_type == "cpu":
+            codes = torch.full((16, 64), 9, dtype=torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            sz = torch.stack([torch.ones(2, 16), torch.zeros(2, 16)], -1).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
+        else:
+            nib = torch.full((16, 32), 0x99, dtype=torch.uint8, device=dev)
+            sz = torch.stack([torch.ones(2, 16), torch.zeros(2, 16)], -1).to(torch.bfloat16).to(dev)
+            y = torch.ops.aten._weight_int4pack_mm(x, _cuda_pack(nib), 32, sz)
+        return bool(torch.allclose(y.float().cpu(), torch.full((1, 16), 64.0)))
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
 def compute_dtype(device: torch.device | str) -> torch.dtype | None:
     """The activation dtype the fused low-bit kernels run in on ``device``; None where they have no fast
     path (a CPU without BF16, a GPU below compute capability 8.0): quantized weights then dequantize."""
@@ -166,10 +192,9 @@ class DenseLinear(Linear):
         return F.linear(x, self.weight)
 
     def dense(self) -> torch.Tensor:
-        """The weight as an ordinary tensor (a copy out of oneDNN's layout when packed)."""
+        """The weight as an ordinary tensor (oneDNN reorders its packed layout back, exactly)."""
         if self._packed is not None:
-            eye = torch.eye(self.in_features, dtype=self.act_dtype)
-            return torch.ops.mkldnn._linear_pointwise(eye, self._packed, None, "none", [], "").T.contiguous()
+            return self._packed.to_dense()
         return self.weight
 
     def nbytes(self) -> int:
@@ -246,7 +271,8 @@ class Int8Linear(Linear):
     @classmethod
     def supports(cls, q: QuantizedTensor, act_dtype: torch.dtype | None) -> bool:
         return (act_dtype is not None and q.bits == 8 and q.symmetric and q.group_size == q.shape[1]
-                and bool(torch.equal(q.scale.to(act_dtype).to(q.scale.dtype), q.scale)))
+                and bool(torch.equal(q.scale.to(act_dtype).to(q.scale.dtype), q.scale))
+                and fused_kernel_works("int8", q.device.type))
 
     @classmethod
     def from_quantized(cls, q: QuantizedTensor, act_dtype: torch.dtype) -> "Int8Linear":
@@ -307,9 +333,10 @@ class Int4Linear(Linear):
             return False
         n, k = q.shape
         if device.type == "cpu":
-            return n % 16 == 0 and k % q.group_size == 0 and k % 2 == 0
+            return n % 16 == 0 and k % q.group_size == 0 and k % 2 == 0 and fused_kernel_works("int4", "cpu")
         if device.type == "cuda":  # tinygemm: k in whole 2-tile blocks (innerKTiles 2 x 16), n in 8-row tiles
-            return n % 8 == 0 and k % 32 == 0 and act_dtype == torch.bfloat16
+            return (n % 8 == 0 and k % 32 == 0 and act_dtype == torch.bfloat16 and torch.cuda.is_available()
+                    and fused_kernel_works("int4", "cuda"))
         return False
 
     @staticmethod
@@ -424,7 +451,7 @@ def make_linear(weight: torch.Tensor | QuantizedTensor, device: torch.device | s
     target = torch.device("cuda") if movable else device
     if Int4Linear.supports(q, act_dtype, target):
         return Int4Linear.from_quantized(q, act_dtype, device, layout="nibbles" if movable else None)
-    return DequantLinear(q, act_dtype or q.dtype)
+    return DequantLinear(q, q.dtype)  # no fused kernel: dequantize into the model's dtype
 
 
 def describe(kernel: str) -> str:

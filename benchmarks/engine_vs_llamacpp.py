@@ -137,6 +137,58 @@ class LlamaDecoder(Decoder):
         return self.last
 
 
+def decode_traffic(model: Any, steps: int, decoder: TorchDecoder, prompt: list[int]) -> dict[str, float]:
+    """Bytes one batch-1 decode step of the engine reads, by tier, over ``steps`` logged steps: the
+    non-expert weights (one embedding row, the whole LM head), and for every expert each step ran, its
+    stored bytes; host experts split into those the host computed and those copied over the link."""
+    stores = model.stores
+    for s in stores:
+        s.log_passes = True
+        s.take_pass_log()
+    emb = model.embed
+    non_expert = model.non_expert_bytes() - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+    used = {"fast": 0.0, "host": 0.0, "link": 0.0}
+    counts = {s.layer: [0] * s.num_experts for s in stores}
+
+    def pre(store: Any):
+        def hook(_m: Any, args: tuple) -> None:
+            for e in args[1].reshape(-1).tolist():
+                counts[store.layer][e] += 1
+        return hook
+
+    handles = [s.register_forward_pre_hook(pre(s)) for s in stores]
+    try:
+        decoder.prefill(prompt)
+        for s in stores:
+            s.take_pass_log()
+        counts = {k: [0] * len(v) for k, v in counts.items()}
+        for _ in range(steps):
+            decoder.step()
+    finally:
+        for h in handles:
+            h.remove()
+    for s in stores:
+        modes = {}
+        for e, mode in s.take_pass_log():
+            modes.setdefault(e, []).append(mode)
+        sizes = s.expert_nbytes()
+        where = s.expert_placements()
+        for e, n in enumerate(counts[s.layer]):
+            if not n:
+                continue
+            if where[e] == "fast":
+                used["fast"] += n * sizes[e]
+            for mode in modes.get(e, []):
+                used["host" if mode == "cpu" else "fast"] += sizes[e]
+                if mode == "copy":
+                    used["link"] += sizes[e]
+        s.log_passes = False
+    out = {k: v / steps for k, v in used.items()}
+    out["fast"] += non_expert
+    out["total_read"] = out["fast"] + out["host"]
+    return out
+
+
 # ------------------------------------------------------------------------------------- breakdown
 class _Timed:
     """A stand-in for one of the engine's kernel objects that adds its call time to ``acc[key]``."""
@@ -256,10 +308,16 @@ def main() -> int:
     per = arch.experts_per_layer()
     prompt = torch.randint(5, arch.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
 
+    cost = None
+    if args.device.startswith("cuda"):  # host experts: the measured link and host kernels decide (cached)
+        from moecap.engine.rates import measured_cost_model
+
+        cost = measured_cost_model(torch.device(args.device), dtype)
+
     def engine(plan: Any) -> Any:
         if random_model:
-            return build(config, RandomSource(config), plan, args.device, dtype)
-        return load_engine_model(path, plan, args.device, dtype)
+            return build(config, RandomSource(config), plan, args.device, dtype, cost)
+        return load_engine_model(path, plan, args.device, dtype, cost)
 
     decoders: list[Decoder] = []
     notes: dict[str, Any] = {}
@@ -335,6 +393,29 @@ def main() -> int:
         result["greedy_full_equals_transformers"] = tokens["engine full"] == tokens["transformers"]
     if all(k in med for k in ("engine full", "engine int8", "engine int4")):
         result["int4 < int8 < full"] = med["engine int4"] < med["engine int8"] < med["engine full"]
+    # bytes per decode step and the bandwidth they imply: S-MBU (all bytes over the fast device's peak) and,
+    # with host experts copied to a GPU, the share of the link bound reached
+    from moecap.hardware import detect_hardware, resolve_peaks
+
+    try:
+        peak = resolve_peaks(detect_hardware(args.device), args.dtype, calibrate_if_missing=True).mem_bandwidth_Bps
+    except Exception as err:  # no peaks: bytes and GB/s still print
+        print(f"no bandwidth peak for {args.device}: {err}", file=sys.stderr)
+        peak = None
+    traffic = {}
+    for d in decoders:
+        if isinstance(d, TorchDecoder) and d.name.startswith("engine"):
+            tr = decode_traffic(d.model, min(args.steps, 64), d, prompt)
+            t = med[d.name] / 1e3
+            tr["achieved_gbs"] = tr["total_read"] / t / 1e9
+            if peak:
+                tr["s_mbu_est"] = tr["total_read"] / t / peak
+            cost = d.model.stores[0].cost if d.model.stores else None
+            if tr["link"] and cost is not None:
+                tr["link_bound_ms"] = tr["link"] / cost.link_Bps * 1e3
+                tr["share_of_link_bound"] = tr["link_bound_ms"] / med[d.name]
+            traffic[d.name] = tr
+    result["decode_traffic"] = traffic
     if args.breakdown:
         bd = {}
         for d in decoders:
@@ -355,6 +436,14 @@ def main() -> int:
     for k in ("greedy_full_equals_transformers", "int4 < int8 < full"):
         if k in result:
             print(f"{k}: {result[k]}")
+    if traffic:
+        print("\nbytes one decode step reads (MB) and what they imply:")
+        for name, tr in traffic.items():
+            extra = f"  S-MBU {tr['s_mbu_est']:.3f}" if "s_mbu_est" in tr else ""
+            if "share_of_link_bound" in tr:
+                extra += f"  link {tr['link'] / 1e6:.1f} MB: {tr['share_of_link_bound']:.2f} of the link bound"
+            print(f"  {name:18s} fast {tr['fast'] / 1e6:7.1f}  host {tr['host'] / 1e6:6.1f}  "
+                  f"-> {tr['achieved_gbs']:6.1f} GB/s{extra}")
     if "per_layer_us" in result:
         print("\nper decode step, per layer (us):")
         for name, row in result["per_layer_us"].items():

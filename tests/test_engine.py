@@ -4,7 +4,6 @@ storage, plans follow the profile, and the ``engine`` runner measures like ``hf`
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

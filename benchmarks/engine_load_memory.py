@@ -21,57 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
-
-CHILD = textwrap.dedent("""
-    import json, sys, threading, time
-    import torch
-    path, mode = sys.argv[1], sys.argv[2]
-
-    def status():
-        out = {}
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(("RssAnon:", "VmRSS:")):
-                    out[line.split(":")[0]] = int(line.split()[1]) * 1024
-        return out
-
-    def anon():
-        return status().get("RssAnon", 0)
-
-    from moecap.engine.model import load_engine_model
-    from moecap.engine.store import ExpertPlan
-    from transformers import AutoModelForCausalLM
-    base, base_rss = anon(), status().get("VmRSS", 0)
-    peak, peak_rss = [base], [base_rss]
-    done = threading.Event()
-    def watch():
-        while not done.is_set():
-            st = status()
-            peak[0] = max(peak[0], st.get("RssAnon", 0))
-            peak_rss[0] = max(peak_rss[0], st.get("VmRSS", 0))
-            time.sleep(0.002)
-    t = threading.Thread(target=watch, daemon=True); t.start()
-    t0 = time.perf_counter()
-    if mode == "engine":
-        m = load_engine_model(path, lambda a: ExpertPlan.uniform(a.experts_per_layer(), "fast", "int4"), "cpu",
-                              torch.float32)
-        footprint = m.non_expert_bytes() + sum(s.tier_nbytes()["fast"] + s.tier_nbytes()["host"] for s in m.stores)
-        kernels = m.kernels()["experts"]
-    else:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        footprint = sum(p.numel() * p.element_size() for p in m.parameters())
-        kernels = None
-    seconds = time.perf_counter() - t0
-    done.set(); t.join()
-    peak[0] = max(peak[0], anon())
-    print(json.dumps({"peak_growth": peak[0] - base, "rss_peak_growth": peak_rss[0] - base_rss, "footprint": footprint,
-                      "seconds": seconds, "kernels": kernels}))
-""")
 
 # ~1.1 B parameters: 12 layers of 8 experts (hidden 1024, intermediate 3584), vocab 32000
 CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=12, num_attention_heads=16,
@@ -141,29 +93,29 @@ def main() -> int:
           file=sys.stderr)
     layer_full = cfg["num_local_experts"] * 3 * cfg["hidden_size"] * cfg["intermediate_size"] * 4
     result = {"checkpoint": str(path), "params": params, "one_layer_experts_full_bytes": layer_full}
+    from moecap.engine.loadmem import measure_load
+
     for mode in ("engine", "transformers"):
         if mode == "transformers" and args.skip_transformers:
             continue
-        out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], capture_output=True, text=True)
-        if out.returncode:
-            print(out.stderr[-2000:], file=sys.stderr)
-            return 1
-        result[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        result[mode] = measure_load(str(path), mode)
     eng = result["engine"]
-    bound = eng["footprint"] + layer_full + 48 * 2**20
+    bound = eng["footprint_bytes"] + layer_full + 48 * 2**20
     result["engine_bound"] = bound
-    result["engine_within_bound"] = eng["peak_growth"] <= bound
+    result["engine_within_bound"] = eng["peak_anon_growth_bytes"] <= bound
     mib = 2**20
-    print(f"engine (all int4, streamed): peak +{eng['peak_growth'] / mib:.0f} MiB anonymous "
-          f"(+{eng['rss_peak_growth'] / mib:.0f} MiB with mapped file pages), footprint {eng['footprint'] / mib:.0f} MiB, "
+    print(f"engine (all int4, streamed): peak +{eng['peak_anon_growth_bytes'] / mib:.0f} MiB anonymous "
+          f"(+{eng['peak_rss_growth_bytes'] / mib:.0f} MiB with mapped file pages), "
+          f"footprint {eng['footprint_bytes'] / mib:.0f} MiB, "
           f"bound {bound / mib:.0f} MiB (footprint + one layer {layer_full / mib:.0f} MiB + 48 MiB), {eng['seconds']:.1f} s "
           f"-> {'within' if result['engine_within_bound'] else 'OVER'} the bound")
     if "transformers" in result:
         hf = result["transformers"]
-        print(f"transformers (float32):      peak +{hf['peak_growth'] / mib:.0f} MiB anonymous "
-              f"(+{hf['rss_peak_growth'] / mib:.0f} MiB with mapped file pages), footprint {hf['footprint'] / mib:.0f} MiB, "
-              f"{hf['seconds']:.1f} s; engine / transformers: {eng['peak_growth'] / hf['peak_growth']:.2f} anonymous, "
-              f"{eng['rss_peak_growth'] / hf['rss_peak_growth']:.2f} with file pages")
+        print(f"transformers (float32):      peak +{hf['peak_anon_growth_bytes'] / mib:.0f} MiB anonymous "
+              f"(+{hf['peak_rss_growth_bytes'] / mib:.0f} MiB with mapped file pages), "
+              f"footprint {hf['footprint_bytes'] / mib:.0f} MiB, {hf['seconds']:.1f} s; engine / transformers: "
+              f"{eng['peak_anon_growth_bytes'] / hf['peak_anon_growth_bytes']:.2f} anonymous, "
+              f"{eng['peak_rss_growth_bytes'] / hf['peak_rss_growth_bytes']:.2f} with file pages")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if result["engine_within_bound"] else 1

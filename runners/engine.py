@@ -169,8 +169,9 @@ class EngineRunner(HFRunner):
         dtype = self.torch_dtype
         self.cost = self._cost_model(dtype)
         plan, spec = self._plan(arch, dtype)
-        rss0 = _rss()
-        with torch.inference_mode():
+        from moecap.engine.loadmem import PeakMemory
+
+        with torch.inference_mode(), PeakMemory() as peak:
             if plan is not None:
                 self.model = build(config, src, plan, self.device, dtype, self.cost, self.args.cache_size)
             else:
@@ -188,7 +189,8 @@ class EngineRunner(HFRunner):
                 plan = self._plan_from(spec, arch.layout(dtype), self.profile)
                 replace_plan(self.model, plan)
         self.plan = plan
-        self.model.load_info["host_rss_growth_bytes"] = max(0, _rss() - rss0)
+        # peak host memory over the load (profiling included): the plan's footprint plus about one layer
+        self.model.load_info.update(peak.result())
         if self.args.prefetch and self.device.startswith("cuda") and self.profile is not None:
             for n, store in enumerate(self.stores[:-1]):
                 nxt = self.stores[n + 1]
@@ -307,12 +309,3 @@ class EngineRunner(HFRunner):
             out["profile"] = {"tokens": self.profile.tokens, "source": self.profile.source}
         return out
 
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            import os
-
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0

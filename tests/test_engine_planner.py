@@ -164,7 +164,7 @@ def test_measured_host_rates_are_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("MOECAP_CACHE_DIR", str(tmp_path))  # fake figures stay out of the session's cache
     calls = []
 
-    def fake(precision, dtype, budget_s=1.5):
+    def fake(precision, dtype, budget_s=1.5, movable=False):
         calls.append(precision)
         return {"Bps": 1e10, "median_Bps": 1e10, "flops": 1e11, "kernel": "k", "act_dtype": "float32",
                 "matrices": 2, "bytes_each": 1, "date": "now"}
@@ -184,6 +184,9 @@ def test_host_kernel_measurement_runs():
 
     r = measure_host_kernel("int4", torch.float32, budget_s=0.2)
     assert r["Bps"] > 1e8 and r["flops"] > 1e8 and r["matrices"] >= 2
+    # beside a GPU a host int4 expert keeps the nibbles it is copied in: the host dequantizes it
+    m = measure_host_kernel("int4", torch.float32, budget_s=0.2, movable=True)
+    assert m["kernel"] == "int4pack-cuda|dequant" or m["kernel"] == "dequant"
 
 
 # ------------------------------------------------------------------------------ tier accounting

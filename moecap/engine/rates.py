@@ -57,14 +57,17 @@ def _write(data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps({**data, "schema_version": SCHEMA}, indent=2, sort_keys=True) + "\n")
 
 
-def _host_key(precision: str, dtype: torch.dtype) -> str:
+def _host_key(precision: str, dtype: torch.dtype, movable: bool) -> str:
     d = str(dtype).removeprefix("torch.")
-    return f"{precision}:{d}:threads={torch.get_num_threads()}:torch={torch.__version__}"
+    layout = ":movable" if movable else ""
+    return f"{precision}:{d}{layout}:threads={torch.get_num_threads()}:torch={torch.__version__}"
 
 
 @torch.inference_mode()
-def measure_host_kernel(precision: str, dtype: torch.dtype, budget_s: float = 1.5) -> dict[str, Any]:
-    """Bytes/s (one token) and FLOP/s (64 tokens) of the CPU kernel ``precision`` runs with."""
+def measure_host_kernel(precision: str, dtype: torch.dtype, budget_s: float = 1.5, movable: bool = False) -> dict[str, Any]:
+    """Bytes/s (one token) and FLOP/s (64 tokens) of the CPU kernel ``precision`` runs with. ``movable``:
+    in the layout host experts keep beside a GPU (copied on demand; see ``make_linear``), which the host
+    computes with other kernels than resident CPU experts."""
     from moecap.engine.kernels import compute_dtype, make_linear
     from moecap.engine.store import quantize_weight
 
@@ -74,13 +77,14 @@ def measure_host_kernel(precision: str, dtype: torch.dtype, budget_s: float = 1.
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(_HOST_SHAPE, generator=g) * 0.02).to(dtype)
     first = make_linear(w if precision == "full" else quantize_weight(w, precision, 64), cpu,
-                        act_dtype=compute_dtype(cpu))
+                        act_dtype=compute_dtype(cpu), movable=movable)
     per = first.nbytes()
     want = max(4 * (_l3_cache_bytes() or 32 << 20), 64 << 20)
     count = max(2, min(64, want // per)) if first.kernel != "dequant" else 4
     lins = [first] + [make_linear((torch.randn(_HOST_SHAPE, generator=g) * 0.02).to(dtype) if precision == "full"
                                   else quantize_weight((torch.randn(_HOST_SHAPE, generator=g) * 0.02).to(dtype),
-                                                       precision, 64), cpu, act_dtype=compute_dtype(cpu))
+                                                       precision, 64), cpu, act_dtype=compute_dtype(cpu),
+                                  movable=movable)
                       for _ in range(count - 1)]
     x1 = torch.randn(1, _HOST_SHAPE[1], generator=g).to(first.act_dtype)
     x64 = torch.randn(64, _HOST_SHAPE[1], generator=g).to(first.act_dtype)
@@ -124,16 +128,16 @@ def measure_link(device: torch.device, nbytes: int = 256 << 20) -> dict[str, Any
 
 
 def host_rates(dtype: torch.dtype, precisions: tuple[str, ...] = ("full", "int8", "int4", "int3", "int2"),
-               refresh: bool = False) -> dict[str, dict[str, Any]]:
+               refresh: bool = False, movable: bool = False) -> dict[str, dict[str, Any]]:
     """Per precision, the measured host-kernel rates (cached; ``refresh`` measures again)."""
     data = _read()
     host = dict(data.get("host") or {})
     out = {}
     changed = False
     for p in precisions:
-        key = _host_key(p, dtype)
+        key = _host_key(p, dtype, movable)
         if refresh or key not in host:
-            host[key] = measure_host_kernel(p, dtype)
+            host[key] = measure_host_kernel(p, dtype, movable=movable)
             changed = True
         out[p] = host[key]
     if changed:
@@ -157,8 +161,10 @@ def measured_cost_model(fast: torch.device, dtype: torch.dtype, mode: str = "aut
                         refresh: bool = False) -> CostModel:
     """The cost model of this machine: host kernels at ``dtype`` (full precision) and every quantized
     width, and the link to ``fast`` when it is a GPU (else the experts never travel)."""
-    rates = host_rates(dtype, refresh=refresh)
-    link = link_rate(torch.device(fast), refresh=refresh)
+    fast = torch.device(fast)
+    # beside a GPU, host experts keep the layouts they are copied in: measure the kernels those run
+    rates = host_rates(dtype, refresh=refresh, movable=fast.type == "cuda")
+    link = link_rate(fast, refresh=refresh)
     parts = [f"host kernels measured {rates['full']['date']} ({torch.get_num_threads()} threads)"]
     if link is not None:
         parts.append(f"link measured {link['date']} ({link['device']}, pinned copy)")

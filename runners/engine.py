@@ -29,6 +29,7 @@ class EngineRunner(HFRunner):
         self.profile = None
         self.cost = None
         self.plan_origin: dict[str, Any] = {}
+        self._has_host = False
 
     @property
     def stores(self) -> list[Any]:
@@ -189,6 +190,7 @@ class EngineRunner(HFRunner):
                 plan = self._plan_from(spec, arch.layout(dtype), self.profile)
                 replace_plan(self.model, plan)
         self.plan = plan
+        self._has_host = plan.count(placement="host") > 0
         # peak host memory over the load (profiling included): the plan's footprint plus about one layer
         self.model.load_info.update(peak.result())
         if self.args.prefetch and self.device.startswith("cuda") and self.profile is not None:
@@ -215,10 +217,12 @@ class EngineRunner(HFRunner):
         return self.model.new_cache(batch, capacity)
 
     def _host_calls(self) -> list[list[Any]] | None:
+        if not self._has_host:
+            return None
         out = []
         for s in self.stores:
             out += [[s.layer, e, mode] for e, mode in s.take_pass_log()]
-        return out if any(p.placement == "host" for s in self.plan.layers.values() for p in s) else None
+        return out
 
     # -------------------------------------------------------------------------- accounting
     def expert_bytes(self) -> dict[int, list[float]]:

@@ -22,8 +22,8 @@ int3, int2    ``dequant``: the weight is dequantized on every   moecap's bit-pac
 
 The fused low-bit kernels take activations in a 16-bit *compute dtype* (:func:`compute_dtype`): bfloat16
 where the device has a fast path for it (a CPU with AVX512-BF16 or AMX, a CUDA GPU of compute capability
->= 8.0), else the kernels are slow (a CPU without BF16 runs them ~50x slower than fp32) and the engine
-falls back to ``dequant`` in the model's dtype. ``Linear.__call__`` takes and returns the dtype named
+>= 8.0); elsewhere they are slow (fed float32 activations they ran ~50x slower than a float32 matmul
+on the development CPU) and the engine falls back to ``dequant`` in the model's dtype. ``Linear.__call__`` takes and returns the dtype named
 by ``Linear.act_dtype``.
 
 Mapping moecap's format onto torch's kernels (exact, no re-quantization):
@@ -454,14 +454,13 @@ def make_linear(weight: torch.Tensor | QuantizedTensor, device: torch.device | s
     return DequantLinear(q, q.dtype)  # no fused kernel: dequantize into the model's dtype
 
 
-def describe(kernel: str) -> str:
-    return KERNEL_NAMES.get(kernel, kernel)
-
-
 def kernel_summary(linears: Any) -> dict[str, dict[str, Any]]:
-    """Per precision: which kernels ran its matrices (name -> count) and the activation dtype."""
+    """Per precision: which kernels ran its matrices (name -> count, and the operator each name is) and
+    the activation dtype they computed in."""
     out: dict[str, dict[str, Any]] = {}
     for lin in linears:
-        row = out.setdefault(lin.precision, {"kernels": {}, "act_dtype": str(lin.act_dtype).removeprefix("torch.")})
+        row = out.setdefault(lin.precision, {"kernels": {}, "ops": {},
+                                             "act_dtype": str(lin.act_dtype).removeprefix("torch.")})
         row["kernels"][lin.kernel] = row["kernels"].get(lin.kernel, 0) + 1
+        row["ops"][lin.kernel] = KERNEL_NAMES.get(lin.kernel, lin.kernel)
     return out

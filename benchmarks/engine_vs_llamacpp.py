@@ -281,7 +281,7 @@ def main() -> int:
 
     from moecap.engine.calibration import calibration_windows
     from moecap.engine.model import Arch, RandomSource, build, load_engine_model
-    from moecap.engine.planner import full_expert_bytes, mixed_plan, profile
+    from moecap.engine.planner import full_expert_bytes, make_plan, mixed_plan, profile
     from moecap.engine.store import ExpertPlan
     from moecap.paths import cache_dir
 
@@ -337,11 +337,10 @@ def main() -> int:
             decoders.append(TorchDecoder(f"engine {c}", m, lambda n, m=m: m.new_cache(1, n), True, args.device))
             notes[f"engine {c}"] = m.kernels()
         elif c == "int4-host":
-            budget = (args.fast_budget_gb or 8.0) * 1e9
-            full = engine(ExpertPlan.uniform(per, "host", "full", name="profiling"))
-            plan = mixed_plan(full, None, budget, ["int4"])
-            del full
-            m = engine(ExpertPlan(plan.layers, plan.group_size, "int4-host", plan.notes))
+            # every expert int4; those beyond the fast-memory budget in host memory (shapes decide, no profile)
+            plan = make_plan(arch.layout(dtype), None, quantize_fraction=1.0, precision="int4",
+                             fast_budget_bytes=(args.fast_budget_gb or 8.0) * 1e9, name="int4-host")
+            m = engine(plan)
             decoders.append(TorchDecoder("engine int4 host", m, lambda n, m=m: m.new_cache(1, n), True, args.device))
             notes["engine int4 host"] = {"plan": m.plan.summary(), "kernels": m.kernels()}
         elif c == "mixed":

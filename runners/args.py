@@ -505,9 +505,10 @@ class EngineRunnerArgs(HFRunnerArgs):
     """Host experts: ``cpu`` computes them on the CPU (activations travel), ``copy`` moves the expert to
     the fast device, ``auto`` picks per call from the token count (the cost model)."""
     host_gflops: float | None = Field(default=None, gt=0)
-    """CPU matmul rate for the cost model; unset: the calibrated CPU peak when cached, else 200."""
-    link_gbs: float = Field(default=25.0, gt=0)
-    """Host-to-device bandwidth for the cost model, GB/s."""
+    """CPU matmul rate for the cost model (GFLOP/s); unset: measured on the machine on first use and
+    cached (``moecap engine rates``), with each precision's host-kernel bandwidth."""
+    link_gbs: float | None = Field(default=None, gt=0)
+    """Host-to-device bandwidth for the cost model, GB/s; unset: the pinned copy measured on first use."""
     cache_size: int = Field(default=2, ge=0)
     """Host experts kept on the fast device per layer after a copy or prefetch."""
     prefetch: int = Field(default=2, ge=0)

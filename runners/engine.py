@@ -141,25 +141,30 @@ class EngineRunner(HFRunner):
 
     # -------------------------------------------------------------------------- lifecycle
     def _cost_model(self, dtype: Any) -> Any:
+        """Where host experts run (beside a GPU): measured rates (cached), or those the args give."""
         import torch
 
         from moecap.engine.store import CostModel
 
         dev = torch.device(self.device)
-        if self.args.host_gflops or dev.type != "cuda":
-            # on a CPU-only machine host experts are computed where they lie: no choice to model
-            cm = CostModel(host_flops=(self.args.host_gflops or 200) * 1e9, link_Bps=self.args.link_gbs * 1e9,
-                           mode=self.args.offload_mode,
-                           source="given in the runner args" if self.args.host_gflops else "not used (one memory)")
-            return cm
+        if dev.type != "cuda":  # one memory: host experts are computed where they lie, nothing to choose
+            return CostModel(mode=self.args.offload_mode, source="not used (one memory: no host-to-device link)")
         from moecap.engine.rates import measured_cost_model
 
-        return measured_cost_model(dev, dtype, mode=self.args.offload_mode)
+        cm = measured_cost_model(dev, dtype, mode=self.args.offload_mode)
+        if self.args.host_gflops:
+            cm.host_flops, cm.host_Bps = self.args.host_gflops * 1e9, {}
+            cm.source += f"; host rate given: {self.args.host_gflops} GFLOP/s"
+        if self.args.link_gbs:
+            cm.link_Bps = self.args.link_gbs * 1e9
+            cm.source += f"; link given: {self.args.link_gbs} GB/s"
+        return cm
 
     def load(self, model_cfg: Any) -> None:
         import torch
 
         from moecap.engine.calibration import calibration_windows
+        from moecap.engine.loadmem import PeakMemory
         from moecap.engine.model import Arch, build, replace_plan
         from moecap.engine.planner import profile
         from moecap.engine.store import ExpertPlan
@@ -170,8 +175,6 @@ class EngineRunner(HFRunner):
         dtype = self.torch_dtype
         self.cost = self._cost_model(dtype)
         plan, spec = self._plan(arch, dtype)
-        from moecap.engine.loadmem import PeakMemory
-
         with torch.inference_mode(), PeakMemory() as peak:
             if plan is not None:
                 self.model = build(config, src, plan, self.device, dtype, self.cost, self.args.cache_size)
@@ -191,7 +194,8 @@ class EngineRunner(HFRunner):
                 replace_plan(self.model, plan)
         self.plan = plan
         self._has_host = plan.count(placement="host") > 0
-        # peak host memory over the load (profiling included): the plan's footprint plus about one layer
+        # peak host memory over the load: the plan's footprint plus about one layer (with a profile, the
+        # full-precision model it profiles)
         self.model.load_info.update(peak.result())
         if self.args.prefetch and self.device.startswith("cuda") and self.profile is not None:
             for n, store in enumerate(self.stores[:-1]):
@@ -204,9 +208,6 @@ class EngineRunner(HFRunner):
             s.log_passes = True
         if self.args.trace_experts:
             self.tracer = ExpertTracer(self.model).attach()
-
-    def close(self) -> None:
-        super().close()
 
     # -------------------------------------------------------------------------- measurement hooks
     def _forward(self, input_ids, cache):
@@ -277,7 +278,7 @@ class EngineRunner(HFRunner):
                 out["host_source"] = cpu.source
         except Exception as err:  # no calibration: the host tier's utilization is left out, bytes stay
             out["host_error"] = f"{type(err).__name__}: {err}"
-        if out["split"] and self.cost is not None and "link" in self.cost.source:
+        if out["split"] and self.cost is not None:
             out["link_Bps"] = self.cost.link_Bps
             out["link_source"] = self.cost.source
         return out

@@ -31,7 +31,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -171,11 +171,6 @@ class KVCache:
                 store[i] = grown
         self.capacity = cap
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:  # the transformers Cache method runners call
-        return self.length
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 @dataclass
@@ -718,12 +713,6 @@ def load_engine_model(path: str | Path, plan: ExpertPlan | Callable[[Arch], Expe
     config = AutoConfig.from_pretrained(path)
     with torch.inference_mode():
         return build(config, CheckpointSource(path), plan, device, dtype, cost, cache_size, progress)
-
-
-def iter_experts(model: EngineModel) -> Iterator[tuple[int, int, StoredExpert]]:
-    for s in model.stores:
-        for e in range(s.num_experts):
-            yield s.layer, e, s.experts[s._entry(e)]
 
 
 def replace_plan(model: EngineModel, plan: ExpertPlan) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from moecap.engine.store import CostModel, ExpertStore, Slot, StoredExpert, moe_blocks, model_family
+from moecap.engine.store import CostModel, ExpertStore, Slot, StoredExpert, expert_forward, moe_blocks, model_family
 
 SHARED = -1  # in a plan: this (child, layer, expert) uses the shared copy
 
@@ -43,7 +43,7 @@ def _load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dty
 
 
 def _expert_fn(gate_up: torch.Tensor, down: torch.Tensor, act: Any, x: torch.Tensor) -> torch.Tensor:
-    return StoredExpert.apply(x, gate_up, down, act)
+    return expert_forward(x, gate_up, down, act)
 
 
 # --------------------------------------------------------------------------------------- similarity

@@ -15,7 +15,6 @@ torch version) with one entry per GPU for the link. ``measured_cost_model`` retu
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import statistics
 import time
@@ -24,14 +23,11 @@ from typing import Any
 
 import torch
 
-from moecap.engine.store import BITS, CostModel
+from moecap.engine.store import CostModel
+from moecap.hardware import _now
 
 SCHEMA = 1
 _HOST_SHAPE = (2816, 1024)  # an expert-sized matrix (rows, cols)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def rates_path() -> Path:
@@ -49,12 +45,17 @@ def _read() -> dict[str, Any]:
         return {}
 
 
-def _write(data: dict[str, Any]) -> None:
+def _store(section: str, key: str, entry: dict[str, Any]) -> None:
+    """Add one measurement to the cache file, under the lock the hardware calibrations use (concurrent runs
+    on one machine read, merge and write it one at a time)."""
+    from moecap.hardware import _locked
     from moecap.paths import atomic_write_text
 
     path = rates_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({**data, "schema_version": SCHEMA}, indent=2, sort_keys=True) + "\n")
+    with _locked(path):
+        data = _read()
+        data[section] = {**(data.get(section) or {}), key: entry}
+        atomic_write_text(path, json.dumps({**data, "schema_version": SCHEMA}, indent=2, sort_keys=True) + "\n")
 
 
 def _host_key(precision: str, dtype: torch.dtype, movable: bool) -> str:
@@ -130,30 +131,25 @@ def measure_link(device: torch.device, nbytes: int = 256 << 20) -> dict[str, Any
 def host_rates(dtype: torch.dtype, precisions: tuple[str, ...] = ("full", "int8", "int4", "int3", "int2"),
                refresh: bool = False, movable: bool = False) -> dict[str, dict[str, Any]]:
     """Per precision, the measured host-kernel rates (cached; ``refresh`` measures again)."""
-    data = _read()
-    host = dict(data.get("host") or {})
+    host = _read().get("host") or {}
     out = {}
-    changed = False
     for p in precisions:
         key = _host_key(p, dtype, movable)
         if refresh or key not in host:
-            host[key] = measure_host_kernel(p, dtype, movable=movable)
-            changed = True
+            _store("host", key, measure_host_kernel(p, dtype, movable=movable))
+            host = _read().get("host") or {}
         out[p] = host[key]
-    if changed:
-        _write({**data, "host": host})
     return out
 
 
 def link_rate(device: torch.device, refresh: bool = False) -> dict[str, Any] | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    data = _read()
-    links = dict(data.get("link") or {})
     key = torch.cuda.get_device_name(device)
+    links = _read().get("link") or {}
     if refresh or key not in links:
-        links[key] = measure_link(device)
-        _write({**data, "link": links})
+        _store("link", key, measure_link(device))
+        links = _read().get("link") or {}
     return links[key]
 
 
@@ -171,7 +167,7 @@ def measured_cost_model(fast: torch.device, dtype: torch.dtype, mode: str = "aut
     else:
         parts.append("no link (one memory: host experts are computed where they lie)")
     cm = CostModel(host_flops=max(r["flops"] for r in rates.values()), mode=mode,
-                   host_Bps={p: r["Bps"] for p, r in rates.items() if p in BITS or p == "full"},
+                   host_Bps={p: r["Bps"] for p, r in rates.items()},
                    source="; ".join(parts))
     if link is not None:
         cm.link_Bps = link["Bps"]

@@ -245,9 +245,6 @@ class StoredExpert:
         gate, up = (gate_up or self.gate_up)(x).chunk(2, dim=-1)
         return (down or self.down)(self.act_fn(gate) * up)
 
-    # kept for callers that hold raw weights (consolidation, sensitivity)
-    apply = staticmethod(lambda x, gate_up, down, act: expert_forward(x, gate_up, down, act))
-
 
 class ExpertStore(nn.Module):
     """The routed experts of one MoE layer, each in its own slot; called like transformers' fused experts,

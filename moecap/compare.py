@@ -375,7 +375,10 @@ def _request_samples(rows: list[dict[str, Any]]) -> dict[str, Samples]:
             continue
         seen.add(timeline)
         key = (r.get("id"), r.get("input_tokens"), len(times))
-        ttft, e2el = times[0] - send, times[-1] - send
+        # the chunks the client received (ITL is one gap per chunk, vLLM's definition); rows written
+        # before chunks were recorded, and in-process runners, have one token per chunk
+        chunks = r.get("chunk_times_s") or times
+        ttft, e2el = chunks[0] - send, chunks[-1] - send
         out["ttft"].values.append(ttft)
         out["ttft"].keys.append(key)
         out["e2el"].values.append(e2el)
@@ -383,7 +386,7 @@ def _request_samples(rows: list[dict[str, Any]]) -> dict[str, Samples]:
         if len(times) > 1:
             out["tpot"].values.append((e2el - ttft) / (len(times) - 1))
             out["tpot"].keys.append(key)
-        for j, (a, b) in enumerate(zip(times, times[1:])):
+        for j, (a, b) in enumerate(zip(chunks, chunks[1:])):
             out["itl"].values.append(b - a)
             out["itl"].keys.append((*key, j))
     return out

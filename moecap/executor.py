@@ -141,6 +141,9 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
     report: dict[str, Any] = summarize_requests(trace.requests, slo_ms=trace.extra.get("goodput_slo_ms") or None)
     if trace.extra.get("errors"):
         report["errors"] = dict(trace.extra["errors"])
+    client = {k: trace.extra[k] for k in ("prompt_cache", "connection_retries") if trace.extra.get(k)}
+    if client:  # how the HTTP client kept caches and its own connections out of the figures
+        report["client"] = client
     if trace.extra.get("server"):  # what the server itself recorded over the window (moecap serve's /stats)
         from moecap.metrics.serving import server_window
 

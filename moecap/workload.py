@@ -11,14 +11,32 @@ class WorkloadError(ValueError):
     pass
 
 
+def salt_prompts(prompts: list[list[int]], pool: Sequence[int], seed: int, salt: int | None) -> list[list[int]]:
+    """``prompts`` with the first token of each replaced by one drawn from ``pool`` for ``salt`` (None:
+    unchanged). Two runs with different salts start their prompts with independently drawn tokens, so a
+    server's prefix cache serves one run's prompt from another's only by chance (one in the pool's size),
+    while lengths (and every other token) stay the workload's."""
+    if salt is None or not prompts or not len(pool):
+        return prompts
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(salt) & 0xFFFFFFFF])
+    firsts = rng.choice(np.asarray(pool, dtype=np.int64), size=len(prompts)).tolist()
+    return [[f, *p[1:]] if p else p for f, p in zip(firsts, prompts)]
+
+
 def make_prompts(
-    workload: Any, vocab_size: int, tokenizer: Any | None = None, special_ids: Sequence[int] = ()
+    workload: Any, vocab_size: int, tokenizer: Any | None = None, special_ids: Sequence[int] = (),
+    salt: int | None = None,
 ) -> list[list[int]]:
     """``workload.num_prompts`` lists of exactly ``workload.input_tokens`` token ids.
 
     ``random``: ids drawn uniformly from the vocabulary minus special tokens (seeded);
     ``text``: consecutive, non-overlapping windows of the tokenized text, starting at a seeded offset.
+    ``salt``: see :func:`salt_prompts` (the first token of each prompt drawn for that salt).
     """
+    if salt is not None:
+        plain = make_prompts(workload, vocab_size, tokenizer, special_ids)
+        pool = np.setdiff1d(np.arange(vocab_size), np.asarray(list(special_ids), dtype=np.int64))
+        return salt_prompts(plain, pool, workload.seed, salt)
     n, length = workload.num_prompts, workload.input_tokens
     rng = np.random.default_rng(workload.seed)
     if workload.source == "random":
@@ -88,7 +106,7 @@ def word_token_ids(tokenizer: Any, special_ids: Sequence[int] = ()) -> list[int]
 
 
 def make_text_prompts(
-    workload: Any, tokenizer: Any, special_ids: Sequence[int] = ()
+    workload: Any, tokenizer: Any, special_ids: Sequence[int] = (), salt: int | None = None
 ) -> list[tuple[str, int]]:
     """The workload's prompts as texts that tokenize to exactly ``workload.input_tokens`` tokens each
     (for servers that take text, not ids), with the token count the server sees (one more where the
@@ -104,6 +122,7 @@ def make_text_prompts(
     else:
         ids = make_prompts(workload, len(tokenizer), tokenizer, special_ids)
     pool = words if len(words) else np.setdiff1d(np.arange(len(tokenizer)), np.asarray(list(special_ids), dtype=np.int64))
+    ids = salt_prompts(ids, pool, workload.seed, salt)
 
     def refill(k: int) -> list[int]:
         return rng.choice(pool, size=k).tolist()

@@ -67,7 +67,12 @@ class _ServingArgs(RunnerArgs):
     api_key: str | None = None
     request_timeout_s: float | None = Field(default=600, gt=0)
     warmup_requests: int = Field(default=1, ge=0)
-    """Untimed requests sent (and awaited) before the measured window."""
+    """Untimed requests sent (and awaited) before the measured window (prompts of their own, never the
+    measured ones)."""
+    unique_prompts: bool = True
+    """Start every prompt of a run with a token drawn for that run (the salt is recorded), so that no
+    server cache (llama.cpp's prompt cache, vLLM's or SGLang's prefix cache) serves a prompt from an
+    earlier run or from the warm-up; false sends the workload's prompts exactly as they are."""
     prompt_format: Literal["ids", "text"] = "ids"
     """``ids``: token-id prompts of exact length (vLLM, SGLang, llama.cpp's llama-server); ``text``: texts
     that the model's tokenizer encodes to exactly that length (servers that take text only)."""

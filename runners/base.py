@@ -54,10 +54,22 @@ class RequestTrace:
     batch: int | None = None
     error: str | None = None
     model: str | None = None  # the served model the request asked for (multi-model workloads)
+    # what the client received: the arrival of each chunk that carried output and its token count. Empty
+    # when every token arrived on its own (in-process runners): then the chunks are the tokens
+    chunk_times_s: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    dispatch_s: float | None = None  # when the load generator handed it to the client (None: = send_s)
+    finish_s: float | None = None  # when the response (or the failure) was complete (None: last token)
 
     @property
     def output_tokens(self) -> int:
         return len(self.token_times_s)
+
+    def chunks(self) -> tuple[list[float], list[int]]:
+        """(arrival time, tokens) of every chunk that carried output, in order."""
+        if self.chunk_times_s:
+            return list(self.chunk_times_s), list(self.chunk_tokens)
+        return list(self.token_times_s), [1] * len(self.token_times_s)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

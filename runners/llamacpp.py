@@ -27,6 +27,11 @@ BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0":
 class LlamaCppRunner(ServedRunner):
     name = "llamacpp"
 
+    def server_prompt_cache(self) -> str:
+        # llama_cpp.Llama keeps the previous prompt's KV and reuses its longest common prefix; the server
+        # has no switch for it, so unique prompts are what keeps it from serving a measured prompt
+        return "llama-cpp-python reuses the previous prompt's common prefix (no switch)"
+
     def __init__(self, args: Any, hardware: Any):
         super().__init__(args, hardware)
         self.gguf_path: str | None = None

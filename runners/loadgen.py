@@ -65,24 +65,29 @@ def _stamp(trace: Any, **values: Any) -> None:
 
 async def run_load(requests: Sequence[Any], send: Callable[[Any, float], Awaitable[Any]],
                    concurrency: int | None = None, rate: float | None = None, arrival: str = "poisson",
-                   burstiness: float = 1.0, seed: int = 0, warmup: int = 0,
+                   burstiness: float = 1.0, seed: int = 0, warmup: int | Sequence[Any] = 0,
                    on_measure: Callable[[], Any] | None = None) -> list[Any]:
     """Send ``requests`` through ``send(request, origin)`` under the load; return their traces in order.
 
     ``concurrency``: at most this many requests in flight (None: no limit). ``rate``: requests per second
     with ``arrival``/``burstiness``/``seed`` (None or inf: all at once). A request waits for its scheduled
     time, then for a concurrency slot, so under both limits a late request is sent as soon as a slot frees.
-    ``warmup``: that many requests (the first ones, cycled) are sent and awaited first, with the same
-    concurrency and no schedule; their traces are dropped. The garbage collector is frozen and disabled
+    ``warmup``: requests sent and awaited first, with the same concurrency and no schedule, their traces
+    dropped: a list of them (prompts of their own, so that no server cache is primed for the measured
+    ones), or a count (the first measured requests, cycled). The garbage collector is frozen and disabled
     for the timed window and restored afterwards, so collections of the harness's own objects do not
     land in the measured latencies. ``on_measure()`` is called once, after the warm-up and before the
     first timed request (e.g. to snapshot a server's own counters).
     """
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency={concurrency}: must be >= 1")
-    if warmup < 0:
-        raise ValueError(f"warmup={warmup}: must be >= 0")
     requests = list(requests)
+    if isinstance(warmup, int):
+        if warmup < 0:
+            raise ValueError(f"warmup={warmup}: must be >= 0")
+        warm = [requests[i % len(requests)] for i in range(warmup)] if requests else []
+    else:
+        warm = list(warmup)
     schedule = arrival_times(len(requests), rate, arrival, burstiness, seed)
     limit = asyncio.Semaphore(concurrency) if concurrency else None
 
@@ -103,9 +108,9 @@ async def run_load(requests: Sequence[Any], send: Callable[[Any, float], Awaitab
         _stamp(trace, scheduled_s=at, dispatch_s=dispatch, finish_s=finish)
         return trace
 
-    if warmup and requests:
+    if warm:
         origin = time.perf_counter()
-        await asyncio.gather(*(one(requests[i % len(requests)], origin, None) for i in range(warmup)))
+        await asyncio.gather(*(one(w, origin, None) for w in warm))
     if on_measure is not None:
         await asyncio.get_running_loop().run_in_executor(None, on_measure)
 

@@ -51,6 +51,9 @@ class MoecapServeRunner(ServedRunner):
     name = "moecap-serve"
     score_max_tokens = 0  # our server scores a prompt without generating
 
+    def server_prompt_cache(self) -> str:
+        return "none (moecap serve keeps no prompt cache)"
+
     def served_specs(self, model: Any) -> list[str]:
         if self.args.serve:
             return list(self.args.serve)

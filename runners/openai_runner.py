@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -79,15 +80,16 @@ class OpenAIRunner(Runner):
                 ) from err
         return self.tokenizer
 
-    def _prompts(self, workload: Any) -> list[tuple[Any, int]]:
-        """(prompt, input tokens the server will see) per request, in workload order."""
+    def _prompts(self, workload: Any, salt: int | None = None) -> list[tuple[Any, int]]:
+        """(prompt, input tokens the server will see) per request, in workload order; ``salt``: the
+        first token of each prompt drawn for it (``moecap.workload.salt_prompts``)."""
         from moecap.workload import make_prompts, make_text_prompts
 
         tok = self._get_tokenizer()
         special = list(getattr(tok, "all_special_ids", []) or [])
         if self.args.prompt_format == "text" and not self.args.chat:
-            return make_text_prompts(workload, tok, special)
-        prompts = make_prompts(workload, len(tok), tok, special)
+            return make_text_prompts(workload, tok, special, salt=salt)
+        prompts = make_prompts(workload, len(tok), tok, special, salt=salt)
         if self.args.chat:  # the chat template adds tokens: the server's usage says how many
             return [(tok.decode(p), None) for p in prompts]
         return [(p, len(p)) for p in prompts]
@@ -103,6 +105,19 @@ class OpenAIRunner(Runner):
         rng = np.random.default_rng(seed + 7919)
         return [names[i] for i in rng.choice(len(names), size=n, p=w / w.sum())]
 
+    def server_prompt_cache(self) -> str:
+        """What the server was told about its own prompt/prefix cache (engines that launch it say)."""
+        return "not controlled (an external server)"
+
+    def prompt_cache_policy(self, salt: int | None) -> dict[str, Any]:
+        """How this run kept server caches from serving its prompts: recorded with the cell."""
+        return {
+            "unique_prompts": salt is not None,
+            "salt": salt,
+            "warmup_prompts": "distinct from the measured ones",
+            "server": self.server_prompt_cache(),
+        }
+
     def on_measure(self) -> None:
         """Called after the warm-up requests, right before the measured window (on a worker thread)."""
 
@@ -115,9 +130,15 @@ class OpenAIRunner(Runner):
 
         if self.model_id is None:
             raise RuntimeError(f"runner {self.name}: run() before load()")
-        prompts = self._prompts(workload)
+        salt = secrets.randbits(31) if self.args.unique_prompts else None
+        prompts = self._prompts(workload, salt)
         extra_body = self.request_extra(workload) or None
         targets = self._request_models(len(prompts), workload.seed)
+        n_warm = self.args.warmup_requests
+        # the warm-up sends prompts of its own (another salt), so it never primes a cache for the
+        # measured ones; the measured prompts are the workload's when unique_prompts is off
+        warm_prompts = self._prompts(workload, (salt if salt is not None else secrets.randbits(31)) ^ 0x5A5A5A5A) if n_warm else []
+        warm_items = [(*warm_prompts[i % len(warm_prompts)], targets[i % len(targets)]) for i in range(n_warm)] if warm_prompts else []
         if load.kind == "rate":
             concurrency, rate = None, load.rate
         else:
@@ -142,7 +163,7 @@ class OpenAIRunner(Runner):
 
                 return await run_load(
                     [(p, n, m) for (p, n), m in zip(prompts, targets)], send, concurrency=concurrency, rate=rate, arrival=load.arrival,
-                    burstiness=load.burstiness, seed=workload.seed, warmup=self.args.warmup_requests,
+                    burstiness=load.burstiness, seed=workload.seed, warmup=warm_items,
                     on_measure=self.on_measure,
                 )
 
@@ -150,7 +171,12 @@ class OpenAIRunner(Runner):
         for i, t in enumerate(traces):  # ids in workload order (warm-up requests took ids too)
             t.id = i
         errors = Counter(t.error for t in traces if t.error)
-        extra: dict[str, Any] = {"base_url": self.base_url, "served_model": self.served_model}
+        extra: dict[str, Any] = {"base_url": self.base_url, "served_model": self.served_model,
+                                 "prompt_cache": self.prompt_cache_policy(salt)}
+        retried = [t for t in traces if getattr(t, "extra", {}).get("connection_retries")]
+        if retried:
+            extra["connection_retries"] = {"requests": len(retried),
+                                           "retries": sum(t.extra["connection_retries"] for t in retried)}
         if self.args.slo_ms:
             extra["goodput_slo_ms"] = dict(self.args.slo_ms)
         if self.args.models:
@@ -288,6 +314,9 @@ class ServedRunner(OpenAIRunner):
 
     name = "server"
     remote = False
+
+    def server_prompt_cache(self) -> str:
+        return "not controlled (the suite's command runs as given)"
 
     def __init__(self, args: Any, hardware: Any):
         from moecap.hardware import detect_hardware

@@ -206,6 +206,10 @@ class SGLangRunner(EngineServedRunner):
     name = "sglang"
     engine = "sglang"
 
+    def server_prompt_cache(self) -> str:
+        return ("radix (prefix) cache off (--disable-radix-cache)" if self.args.disable_radix_cache
+                else "radix (prefix) cache on")
+
     def __init__(self, args: Any, hardware: Any):
         super().__init__(args, hardware)
         self.dump_dir: str | None = None

@@ -230,6 +230,10 @@ class VLLMRunner(EngineServedRunner):
     name = "vllm"
     engine = "vllm"
 
+    def server_prompt_cache(self) -> str:
+        return ("prefix caching on (--enable-prefix-caching)" if self.args.enable_prefix_caching
+                else "prefix caching off (--no-enable-prefix-caching)")
+
     def world_size(self) -> int:
         a = self.args
         return (a.tensor_parallel_size or 1) * (a.pipeline_parallel_size or 1) * (a.data_parallel_size or 1)

@@ -49,6 +49,65 @@ def test_summarize_counts_failures_and_throughput():
     assert stats([])["n"] == 0
 
 
+def test_multi_token_chunks_are_one_gap_each():
+    # a stream of 3 chunks carrying 1, 3 and 2 tokens: vLLM's ITL has 2 gaps, not 5 with 3 zeros
+    r = RequestTrace(id=0, input_tokens=4, send_s=0.0, token_times_s=[0.1, 0.4, 0.4, 0.4, 1.0, 1.0],
+                     chunk_times_s=[0.1, 0.4, 1.0], chunk_tokens=[1, 3, 2])
+    s = summarize_requests([r])
+    lat, thr = s["latency"], s["throughput"]
+    assert lat["itl_ms"]["n"] == 2
+    assert lat["itl_ms"]["mean"] == pytest.approx((300 + 600) / 2)
+    assert lat["itl_ms"]["median"] == pytest.approx(450)
+    assert lat["tpot_ms"]["mean"] == pytest.approx(900 / 5)  # (E2EL - TTFT) / (6 - 1)
+    assert thr["output_tokens"] == 6
+    # the per-token view, under its own name: each gap spread over the tokens of the chunk that ended it
+    assert lat["itl_per_token_ms"]["n"] == 5
+    assert lat["itl_per_token_ms"]["mean"] == pytest.approx((3 * 100 + 2 * 300) / 5)
+    # without chunks, tokens are chunks of one
+    one = RequestTrace(id=1, input_tokens=4, send_s=0.0, token_times_s=[0.1, 0.4, 1.0])
+    assert summarize_requests([one])["latency"]["itl_ms"]["n"] == 2
+
+
+def test_duration_runs_from_first_dispatch_to_end_of_last_request_failed_included():
+    # vLLM: dur_s is the benchmark's wall time; a failing last request does not shorten it
+    ok = RequestTrace(id=0, input_tokens=8, send_s=0.0, token_times_s=[0.5, 1.0], dispatch_s=0.0, finish_s=1.0)
+    bad = RequestTrace(id=1, input_tokens=8, send_s=0.2, error="HTTP 500", dispatch_s=0.2, finish_s=4.0)
+    t = summarize_requests([ok, bad], slo_ms={"ttft_ms": 1e9})["throughput"]
+    assert t["duration_s"] == pytest.approx(4.0)
+    assert t["output_tokens_per_s"] == pytest.approx(2 / 4.0)
+    assert t["requests_per_s"] == pytest.approx(1 / 4.0)
+    assert t["goodput_requests_per_s"] == pytest.approx(1 / 4.0)
+    # a failure before any other request started counts from its own dispatch
+    early = RequestTrace(id=2, input_tokens=8, send_s=0.0, error="refused", dispatch_s=0.0, finish_s=0.01)
+    late = RequestTrace(id=3, input_tokens=8, send_s=1.0, token_times_s=[1.5, 2.0], dispatch_s=1.0, finish_s=2.0)
+    assert summarize_requests([early, late])["throughput"]["duration_s"] == pytest.approx(2.0)
+
+
+def test_single_token_requests_and_empty_sets_follow_vllm():
+    # no request with more than one token: vLLM's TPOT statistics are 0 (np.mean([] or 0)), n says why
+    reqs = [RequestTrace(id=i, input_tokens=4, send_s=0.0, token_times_s=[0.25]) for i in range(3)]
+    lat = summarize_requests(reqs, slo_ms={"tpot_ms": 0.0})["latency"]
+    assert lat["tpot_ms"] == {"n": 0, "mean": 0.0, "std": 0.0, "median": 0.0, "p90": 0.0, "p99": 0.0}
+    assert lat["itl_ms"]["n"] == 0 and lat["itl_ms"]["mean"] == 0.0
+    assert lat["ttft_ms"]["n"] == 3 and lat["ttft_ms"]["mean"] == pytest.approx(250)
+    # a one-token request meets any TPOT SLO (vLLM counts its TPOT as 0 for goodput)
+    t = summarize_requests(reqs, slo_ms={"tpot_ms": 0.0})["throughput"]
+    assert t["goodput_requests_per_s"] == pytest.approx(3 / 0.25)
+    # every request failed: nothing measured, all statistics 0 with n 0, nothing divides by zero
+    failed = [RequestTrace(id=0, input_tokens=4, send_s=0.0, error="x", finish_s=0.5)]
+    s = summarize_requests(failed)
+    assert s["latency"]["ttft_ms"]["n"] == 0 and s["latency"]["ttft_ms"]["median"] == 0.0
+    assert s["throughput"]["duration_s"] == pytest.approx(0.5)
+    assert s["throughput"]["output_tokens_per_s"] == 0.0
+    assert summarize_requests([])["throughput"]["duration_s"] == 0.0
+
+
+def test_std_is_population_std_as_numpy():
+    np = pytest.importorskip("numpy")
+    xs = [1.0, 4.0, 9.0, 2.5]
+    assert stats(xs)["std"] == pytest.approx(float(np.std(xs)))
+
+
 def test_sum_min():
     assert _sum_min(1, 3, None) == 6
     assert _sum_min(5, 9, 6) == 5 + 6 + 6 + 6 + 6

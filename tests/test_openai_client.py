@@ -254,3 +254,81 @@ def test_malformed_sse_and_truncated_stream_are_errors():
     assert multi_t.error is None and multi_t.output_tokens == 5 and multi_t.output_tokens_source == "usage"
     assert multi_t.multi_token_chunks and not multi_t.chunk_tokens_known and multi_t.chunk_tokens == [1, 4]
     assert multi_t.input_tokens == 2 and multi_t.text == "abcde"
+
+
+def _styled(tiny_moe_dir, *flags):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, str(SERVER), "--model", str(tiny_moe_dir), "--port", str(port),
+           "--served-model-name", MODEL, *flags]
+    return url, running_server(cmd, url + "/health", deadline_s=60)
+
+
+def _load(url, prompts, max_tokens, concurrency):
+    async def go():
+        async with make_session() as session:
+            send = lambda p, origin: stream_request(session, url, MODEL, p, max_tokens, origin=origin)  # noqa: E731
+            return await run_load(prompts, send, concurrency=concurrency)
+
+    return _run(go())
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_llama_server_stream_counts_each_token_once(tiny_moe_dir, concurrency):
+    """llama-server streams one token per chunk and puts the final usage on the chunk that carries the
+    finish_reason: that usage is the total, not 64 more tokens at the last chunk's time (issue 16)."""
+    url, ctx = _styled(tiny_moe_dir, "--style", "llamacpp")
+    with ctx:
+        traces = _load(url, [[7 + i, 8, 9, 10, 11, 12] for i in range(6)], 16, concurrency)
+    for t in traces:
+        assert t.error is None, t.error
+        assert t.output_tokens == 16 and t.usage["completion_tokens"] == 16
+        assert t.chunk_tokens == [1] * 16 and not t.multi_token_chunks
+        assert t.output_tokens_source == "usage" and t.finish_reason == "length"
+    s = summarize_requests(traces)
+    lat, thr = s["latency"], s["throughput"]
+    assert thr["output_tokens"] == 16 * len(traces) and thr["failed"] == 0
+    assert lat["itl_ms"]["n"] == 15 * len(traces)
+    # TPOT is the mean gap, not half of it: (E2EL - TTFT) / 15 per request
+    for t in traces:
+        expect = (t.token_times_s[-1] - t.token_times_s[0]) / 15
+        tp = summarize_requests([t])["latency"]["tpot_ms"]["mean"] / 1e3
+        assert tp == pytest.approx(expect)
+        assert summarize_requests([t])["latency"]["itl_ms"]["mean"] / 1e3 == pytest.approx(expect)
+
+
+def test_multi_token_chunks_keep_usage_count_and_one_gap_per_chunk(tiny_moe_dir):
+    url, ctx = _styled(tiny_moe_dir, "--style", "multi", "--chunk-tokens", "3")
+    with ctx:
+        traces = _load(url, [[5, 6, 7, 8]] * 3, 10, 1)
+    for t in traces:
+        assert t.error is None, t.error
+        assert t.output_tokens == 10 and t.output_tokens_source == "usage"
+        assert len(t.chunk_times_s) == 4  # 3 + 3 + 3 + 1 tokens
+        assert t.multi_token_chunks and not t.chunk_tokens_known and t.extra["unattributed_tokens"] == 6
+    lat = summarize_requests(traces)["latency"]
+    assert lat["itl_ms"]["n"] == 3 * 3  # one gap per chunk, not 9 gaps per request with zeros
+    assert lat["tpot_ms"]["n"] == 3
+
+
+def test_usage_below_the_streamed_count_fails_the_request(tiny_moe_dir):
+    url, ctx = _styled(tiny_moe_dir, "--style", "llamacpp", "--usage-offset", "-2")
+    with ctx:
+        (t,) = _load(url, [[5, 6, 7, 8]], 6, 1)
+    assert t.error and "usage reports 4 output tokens" in t.error
+    assert t.extra["token_count_mismatch"] == {"usage": 4, "chunks": 6}
+    assert summarize_requests([t])["throughput"]["failed"] == 1
+
+
+def test_a_connection_the_server_closed_is_not_a_failed_request(tiny_moe_dir):
+    """A server that closes kept-alive connections (llama-server's cpp-httplib does after a few
+    requests or when idle) must not fail requests for the client's own reuse of them (issue 16)."""
+    url, ctx = _styled(tiny_moe_dir, "--drop-after", "2")
+    with ctx:
+        traces = _load(url, [[5 + i, 6, 7, 8] for i in range(10)], 4, 2)
+    assert [t.error for t in traces] == [None] * 10
+    assert all(t.output_tokens == 4 for t in traces)
+    retried = [t for t in traces if t.extra.get("connection_retries")]
+    assert retried, "the server dropped reused connections; some request must have been sent again"
+    for t in retried:
+        assert t.token_times_s[0] > t.send_s  # timed from the send that was answered

@@ -8,6 +8,14 @@ text still gets its event), ``usage`` on every chunk when ``stream_options.conti
 final usage-only chunk when ``stream_options.include_usage``, then ``data: [DONE]``. ``ignore_eos`` as in
 vLLM. Bad requests get 4xx JSON errors ``{"error": {"message", "type", "code"}}``.
 
+``--style`` sets how the stream is cut: ``vllm`` (above), ``llamacpp`` (like llama.cpp's llama-server: no
+running usage, and the final usage rides on the chunk that carries the empty-text choice with its
+``finish_reason``, no separate usage-only chunk) or ``multi`` (``--chunk-tokens`` tokens per chunk and no
+running usage, as speculative decoding streams). ``--usage-offset N`` adds N to every reported
+``completion_tokens`` (a server whose count contradicts its stream). ``--drop-after N`` closes a kept-alive
+connection, without an answer, when it brings a request after N answered ones (what a client sees when it
+reuses a connection the server has just closed).
+
 Requests run on their own threads; the model steps one token at a time under a lock, so concurrent
 requests interleave token by token. Not a benchmark target: it exists so the client is tested against
 real HTTP and real generation.
@@ -68,9 +76,11 @@ class ApiError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-def make_handler(engine: Engine):
+def make_handler(engine: Engine, style: str = "vllm", chunk_tokens: int = 3, usage_offset: int = 0,
+                 drop_after: int | None = None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        answered = 0  # requests answered on this connection
 
         def setup(self):
             super().setup()
@@ -104,6 +114,10 @@ def make_handler(engine: Engine):
             try:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
+                if drop_after is not None and self.answered >= drop_after:
+                    self.close_connection = True  # no answer at all: the socket just closes
+                    return
+                self.answered += 1
                 if self.path not in ("/v1/completions", "/v1/chat/completions"):
                     raise ApiError(404, f"no route {self.path}", "NotFoundError")
                 try:
@@ -157,6 +171,7 @@ def make_handler(engine: Engine):
             kind = "chat.completion" if chat else "text_completion"
 
             def usage(n: int) -> dict:
+                n += usage_offset
                 return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
 
             def choice(text: str, finish):
@@ -195,17 +210,28 @@ def make_handler(engine: Engine):
                     c["usage"] = usage(n)
                 return c
 
-            cont = bool(opts.get("continuous_usage_stats"))
+            cont = bool(opts.get("continuous_usage_stats")) and style == "vllm"
             if chat:  # vLLM-style opening chunk: the role, no content
                 emit(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
                            0, cont))
             n = 0
-            for _tok, delta in gen:
+            group = chunk_tokens if style == "multi" else 1
+            pending = ""
+            for k, (_tok, delta) in enumerate(gen, 1):
                 n += 1
-                emit(chunk([choice(delta, None)], n, cont))
-            emit(chunk([choice("", "length" if n == max_tokens else "stop")], n, cont))
-            if opts.get("include_usage"):
-                emit(chunk([], n, True))
+                pending += delta
+                if k % group == 0:
+                    emit(chunk([choice(pending, None)], n, cont))
+                    pending = ""
+            if pending or n % group:
+                emit(chunk([choice(pending, None)], n, cont))
+            finish = "length" if n == max_tokens else "stop"
+            if style == "llamacpp":  # the usage rides on the finish chunk; no usage-only chunk follows
+                emit(chunk([choice("", finish)], n, bool(opts.get("include_usage"))))
+            else:
+                emit(chunk([choice("", finish)], n, cont))
+                if opts.get("include_usage"):
+                    emit(chunk([], n, True))
             emit("data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
@@ -219,9 +245,14 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--served-model-name", default=None, help="model id clients use (default: the dir name)")
+    ap.add_argument("--style", choices=("vllm", "llamacpp", "multi"), default="vllm")
+    ap.add_argument("--chunk-tokens", type=int, default=3, help="tokens per chunk with --style multi")
+    ap.add_argument("--usage-offset", type=int, default=0)
+    ap.add_argument("--drop-after", type=int, default=None)
     args = ap.parse_args(argv)
     engine = Engine(args.model, args.served_model_name)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(engine))
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(
+        engine, args.style, args.chunk_tokens, args.usage_offset, args.drop_after))
     server.daemon_threads = True
     print(f"serving {engine.name} on http://{args.host}:{args.port}", flush=True)
     try:

@@ -103,7 +103,7 @@ def decode_gaps(requests: Sequence[Any]) -> dict[str, np.ndarray]:
 def estimated_decode_utilization(
     requests: Sequence[Any],
     acc: Any,
-    weight_bytes_per_param: float,
+    weight_bytes_per_param: float | dict[str, float],
     kv_bytes_per_elem: float,
     peak_bandwidth_Bps: float | None,
     peak_flops: float | None,
@@ -114,7 +114,15 @@ def estimated_decode_utilization(
     gaps = decode_gaps(requests)
     time_s, B, C = gaps["time_s"], gaps["batch"], gaps["context"]
     probs, union_source = routing_probabilities(acc, routing_stats)
-    bpp = weight_bytes_per_param
+    if isinstance(weight_bytes_per_param, dict):  # per component, as stored (a GGUF's tensor types)
+        per = dict(weight_bytes_per_param)
+        fallback = per.get("experts") or max(per.values())
+
+        def bpp_of(component: str) -> float:
+            return float(per.get(component, fallback))
+    else:
+        def bpp_of(component: str) -> float:
+            return float(weight_bytes_per_param)
     share = 1.0 / B  # each request-gap carries 1/B of its pass
     ctx_each = C / B
     comp = {k: np.zeros_like(B) for k in BYTE_COMPONENTS}
@@ -123,17 +131,17 @@ def estimated_decode_utilization(
     union_sum = np.zeros_like(B)
     n_moe = 0
     for layer in acc.layers:
-        comp["attention"] += layer.attn_params * bpp
+        comp["attention"] += layer.attn_params * bpp_of("attention")
         if layer.kind == "moe":
             n_moe += 1
             u = expected_union(B, probs[layer.index])
             union_sum += u
-            comp["router"] += layer.router_params * bpp
-            comp["shared_experts"] += layer.shared_params * bpp
-            comp["experts"] += u * layer.expert_params * bpp
+            comp["router"] += layer.router_params * bpp_of("router")
+            comp["shared_experts"] += layer.shared_params * bpp_of("shared_experts")
+            comp["experts"] += u * layer.expert_params * bpp_of("experts")
             linear_params += layer.attn_params + layer.router_params + layer.top_k * layer.expert_params + layer.shared_params
         else:
-            comp["dense_ffn"] += layer.dense_ffn_params * bpp
+            comp["dense_ffn"] += layer.dense_ffn_params * bpp_of("dense_ffn")
             linear_params += layer.attn_params + layer.dense_ffn_params
         kv_tok = (layer.kv_cache_elems_per_token_expanded if expanded_mla else layer.kv_cache_elems_per_token) \
             * kv_bytes_per_elem
@@ -143,7 +151,7 @@ def estimated_decode_utilization(
         comp["kv_write"] += B * kv_tok
         attended = np.minimum(ctx_each + 1, w) if w is not None else ctx_each + 1
         score += 2.0 * layer.n_heads * (layer.qk_head_dim + layer.v_head_dim) * B * attended
-    comp["lm_head"] += acc.lm_head_params * bpp
+    comp["lm_head"] += acc.lm_head_params * bpp_of("lm_head")
     linear = 2.0 * B * (linear_params + acc.lm_head_params)
     bytes_out = {k: float((v * share).sum()) for k, v in comp.items()}
     bytes_out["total"] = sum(bytes_out[k] for k in BYTE_COMPONENTS)

@@ -231,8 +231,9 @@ def _estimated_utilization(trace: Any, acc: Any, peaks: Any) -> dict[str, Any]:
         except ValueError:
             flops = None
         peak = _peak_info(peaks, trace.compute_dtype, flops)
+    per_component = getattr(trace, "component_bytes_per_param", None)
     decode = estimated_decode_utilization(
-        trace.requests, acc, trace.weight_bytes_per_param, trace.kv_bytes_per_elem, bw, flops,
+        trace.requests, acc, per_component or trace.weight_bytes_per_param, trace.kv_bytes_per_elem, bw, flops,
         routing_stats=trace.extra.get("routing_stats"), expanded_mla=trace.kv_cache_expanded_mla,
     )
     return {
@@ -243,6 +244,8 @@ def _estimated_utilization(trace: Any, acc: Any, peaks: Any) -> dict[str, Any]:
         "peak": peak if peak is not None else {"kind": None, "reason": "no hardware peaks (the run log says why): "
                                                "bytes, FLOPs and achieved rates are still given"},
         "weight_bytes_per_param": trace.weight_bytes_per_param,
+        **({"component_bytes_per_param": dict(per_component),
+            "weight_bytes_source": trace.extra.get("weight_bytes_source")} if per_component else {}),
         "kv_bytes_per_elem": trace.kv_bytes_per_elem,
     }
 
@@ -402,6 +405,13 @@ class GroupSession:
                                                calibrate_if_missing=suite.hardware.calibrate == "auto")
                 except Exception as err:
                     self.log(f"moecap: no hardware peaks for estimated utilization ({type(err).__name__}: {err})")
+                    if user_peaks:  # the suite's bandwidth still prices S-MBU; S-MFU waits for that dtype's peak
+                        from moecap.hardware import peaks_from_user
+
+                        try:
+                            self.peaks = peaks_from_user(user_peaks, device=hw.device_name)
+                        except Exception:
+                            self.peaks = None
             self.runner.load(first.model)
         except Exception:
             check_interrupted()

@@ -363,3 +363,56 @@ def ensure_gguf(model_dir: str | Path, weight_type: str = "f32", cache_root: str
         info = export_gguf(model_dir, out, weight_type, progress=progress)
         (out.with_suffix(".json")).write_text(json.dumps(info, indent=2))
     return out
+
+
+# ------------------------------------------------------------------------- reading a GGUF's real bytes
+
+_GGUF_COMPONENTS = (
+    (re.compile(r"^blk\.\d+\.attn_(q|k|v|qkv|output|q_a|q_b|kv_a_mqa|kv_b|k_b|v_b)\.weight$"), "attention"),
+    (re.compile(r"^blk\.\d+\.ffn_gate_inp\.weight$"), "router"),
+    (re.compile(r"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.weight$"), "experts"),
+    (re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_shexp\.weight$"), "shared_experts"),
+    (re.compile(r"^blk\.\d+\.ffn_(gate|up|down)\.weight$"), "dense_ffn"),
+    (re.compile(r"^output\.weight$"), "lm_head"),
+)
+
+
+def gguf_weight_bytes(path: str | Path) -> dict[str, Any]:
+    """Bytes per parameter of a GGUF's weight matrices, per accounting component, at their real tensor
+    types (a q8_0 block of 32 weights is 34 bytes, q4_0 18, K-quants and mixed files as stored).
+
+    Returns ``{"bytes_per_param": {component: B/param}, "types": {component: {type: tensors}},
+    "bytes": {component: bytes}, "params": {component: params}, "overall_bytes_per_param": float}``
+    over attention, router, experts, shared_experts, dense_ffn and lm_head (the token embedding stands in
+    for a tied LM head). Norms and biases (vectors) are left out, as the model accounting leaves them.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    nbytes: dict[str, int] = {}
+    params: dict[str, int] = {}
+    types: dict[str, dict[str, int]] = {}
+    embd = None
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            embd = t
+        comp = next((c for rx, c in _GGUF_COMPONENTS if rx.match(t.name)), None)
+        if comp is None:
+            continue
+        nbytes[comp] = nbytes.get(comp, 0) + int(t.n_bytes)
+        params[comp] = params.get(comp, 0) + int(t.n_elements)
+        kinds = types.setdefault(comp, {})
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+    if "lm_head" not in nbytes and embd is not None:  # tied: the LM head reads the embedding matrix
+        nbytes["lm_head"], params["lm_head"] = int(embd.n_bytes), int(embd.n_elements)
+        types["lm_head"] = {embd.tensor_type.name: 1}
+    if not params:
+        raise ValueError(f"{path}: no weight matrices with llama.cpp's tensor names (blk.N.attn_q.weight, ...)")
+    total_b, total_p = sum(nbytes.values()), sum(params.values())
+    return {
+        "bytes_per_param": {c: nbytes[c] / params[c] for c in params if params[c]},
+        "types": types,
+        "bytes": nbytes,
+        "params": params,
+        "overall_bytes_per_param": total_b / total_p,
+    }

@@ -63,7 +63,7 @@ PEAKS_TABLE = Path(__file__).with_name("data") / "peaks.yaml"
 PEAKS_TABLE_DISPLAY = "moecap/data/peaks.yaml"
 
 # Canonical dtype names used as keys of Peaks.flops and of the table's `tflops`.
-DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8")
+DTYPES: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
 
 _DTYPE_ALIASES: dict[str, str] = {
     "fp32": "fp32", "float32": "fp32", "float": "fp32", "f32": "fp32", "single": "fp32",
@@ -73,6 +73,7 @@ _DTYPE_ALIASES: dict[str, str] = {
     "fp8": "fp8", "float8": "fp8", "e4m3": "fp8", "e5m2": "fp8",
     "fp8_e4m3": "fp8", "fp8_e5m2": "fp8",
     "float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "float8_e4m3fnuz": "fp8", "float8_e5m2fnuz": "fp8",
+    "int8": "int8", "i8": "int8",
 }
 
 # Words dropped from the front of a device name: vendors and brands that carry no model information.
@@ -107,7 +108,7 @@ def normalize_device_name(name: str) -> str:
 
 
 def canonical_dtype(dtype: Any) -> str:
-    """Canonical dtype key ('fp32', 'tf32', 'bf16', 'fp16', 'fp8') of a name or a torch.dtype."""
+    """Canonical dtype key ('fp32', 'tf32', 'bf16', 'fp16', 'fp8', 'int8') of a name or a torch.dtype."""
     s = str(dtype).strip().lower()
     if s.startswith("torch."):
         s = s[len("torch."):]
@@ -802,6 +803,15 @@ def _fp8_matmul_op(torch: Any, dev: Any, n: int) -> Callable[[], Any]:
 def _matmul_operands(torch: Any, dev: Any, dtype: str, n: int) -> Callable[[], Any]:
     if dtype == "fp8":
         return _fp8_matmul_op(torch, dev, n)
+    if dtype == "int8":  # int8 x int8 -> int32, the integer dot products quantized kernels run on
+        gen = torch.Generator(device=dev).manual_seed(0)
+        a8 = torch.randint(-128, 128, (n, n), device=dev, generator=gen, dtype=torch.int8)
+        b8 = torch.randint(-128, 128, (n, n), device=dev, generator=gen, dtype=torch.int8)
+
+        def int_op(a: Any = a8, b: Any = b8) -> Any:
+            return torch._int_mm(a, b)
+
+        return int_op
     if dtype == "tf32" and dev.type != "cuda":
         raise ValueError("tf32 is a GPU tensor-core mode; calibrate fp32 on a CPU")
     gen = torch.Generator(device=dev).manual_seed(0)

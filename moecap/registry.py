@@ -38,6 +38,10 @@ class RunnerEntry:
     traces_passes: bool = False  # produces per-pass traces, so S-MBU/S-MFU (and hardware peaks) apply
     # a server moecap launches on this machine: decode S-MBU/S-MFU estimated from its streamed timestamps
     estimates_passes: bool = False
+    # why a ``random:`` model (random weights, no checkpoint, no tokenizer) cannot run here, unless one of
+    # ``random_model_unless`` is set in the runner's args; None: random models run
+    random_model_refusal: str | None = None
+    random_model_unless: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,8 @@ RUNNERS: dict[str, RunnerEntry] = _Runners({
         description="an already-running OpenAI-compatible endpoint (vLLM, SGLang, llama.cpp, ...); "
         "client-side request traces only (no expert traces)",
         quality=False,
+        random_model_refusal="a random: model has no tokenizer, and HTTP prompts are built from one",
+        random_model_unless=("tokenizer",),
     ),
     "server": RunnerEntry(
         name="server",
@@ -136,6 +142,8 @@ RUNNERS: dict[str, RunnerEntry] = _Runners({
         description="a server command moecap launches, benchmarks over OpenAI-compatible HTTP, and stops",
         quality=False,
         estimates_passes=True,
+        random_model_refusal="a random: model has no tokenizer, and HTTP prompts are built from one",
+        random_model_unless=("tokenizer",),
     ),
     "moecap-serve": RunnerEntry(
         name="moecap-serve",
@@ -147,6 +155,8 @@ RUNNERS: dict[str, RunnerEntry] = _Runners({
         "and backend memory from its /stats; quality scored through the server",
         quality=True,
         estimates_passes=True,
+        random_model_refusal="a random: model has no tokenizer, and HTTP prompts are built from one",
+        random_model_unless=("tokenizer",),
     ),
     "llamacpp": RunnerEntry(
         name="llamacpp",
@@ -157,6 +167,8 @@ RUNNERS: dict[str, RunnerEntry] = _Runners({
         "by moecap; expert placement with n_cpu_moe / override_tensor",
         quality=False,
         estimates_passes=True,
+        random_model_refusal="a random: model has no checkpoint or tokenizer to export to GGUF",
+        random_model_unless=("gguf", "tokenizer"),
     ),
     "vllm": RunnerEntry(
         name="vllm",
@@ -168,6 +180,7 @@ RUNNERS: dict[str, RunnerEntry] = _Runners({
         quality=False,
         traces_passes=False,
         estimates_passes=True,
+        random_model_refusal="a random: model has random weights and no checkpoint, and vLLM loads a checkpoint",
     ),
     "sglang": RunnerEntry(
         name="sglang",
@@ -179,6 +192,7 @@ RUNNERS: dict[str, RunnerEntry] = _Runners({
         quality=False,
         traces_passes=False,
         estimates_passes=True,
+        random_model_refusal="a random: model has random weights and no checkpoint, and SGLang loads a checkpoint",
     ),
 })
 

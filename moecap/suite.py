@@ -475,6 +475,15 @@ def validate_semantics(suite: Suite, source: str) -> None:
                         f"{source}: workloads[{j}]: runner {r.type!r} cannot score tokens, so it cannot "
                         "measure perplexity or lm-eval accuracy"
                     )
+        if entry is not None and entry.random_model_refusal:
+            given = r.args or {}
+            missing = [k for k in entry.random_model_unless if not given.get(k)]
+            for j, m in enumerate(suite.models):
+                if m.id.startswith("random:") and (missing or not entry.random_model_unless):
+                    fix = (f"; set runners[{i}].args.{' and args.'.join(missing)}" if missing
+                           else "; give a local model directory, an embedded model or a hub id")
+                    errors.append(f"{source}: models[{j}] ({m.id}) x runners[{i}] ({r.type}): "
+                                  f"{entry.random_model_refusal}{fix}")
         for j, load in enumerate(suite.loads):
             if entry is not None and load.kind not in entry.loads:
                 errors.append(

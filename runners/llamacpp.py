@@ -96,10 +96,37 @@ class LlamaCppRunner(ServedRunner):
         # llama-cpp-python has no ignore_eos; holding EOS back until max_tokens does the same
         return {"min_tokens": int(workload.output_tokens)} if workload.ignore_eos else {}
 
+    def _weight_bytes(self) -> dict[str, Any] | None:
+        """The GGUF's bytes per parameter per component at its real tensor types (None: no file yet)."""
+        path = self.gguf_path or (str(Path(self.args.gguf).expanduser()) if self.args.gguf else None)
+        if not path or not Path(path).is_file():
+            return None
+        if getattr(self, "_gguf_bytes_for", None) != path:
+            from moecap.gguf_export import gguf_weight_bytes
+
+            self._gguf_bytes, self._gguf_bytes_for = gguf_weight_bytes(path), path
+        return self._gguf_bytes
+
     def compute_dtype(self) -> str:
+        """The arithmetic of the matmuls that dominate: llama.cpp multiplies quantized weights (q8_0, q4_0,
+        K-quants) by activations it quantizes to 8 bits, with int8 dot products (its CPU ``vec_dot_*_q8``
+        kernels, its CUDA MMQ kernels); float files compute at their float type."""
         if self.args.gguf:
-            return "float32"  # llama.cpp computes in f32 on a CPU whatever the file stores
-        return {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "int8", "q4_0": "int4"}[self.args.weight_type]
+            info = self._weight_bytes()
+            kinds = set((info or {}).get("types", {}).get("experts", {})) or {"F32"}
+            if kinds - {"F32", "F16", "BF16"}:
+                return "int8"
+            return "float16" if "F16" in kinds else "bfloat16" if "BF16" in kinds else "float32"
+        return {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "int8", "q4_0": "int8"}[self.args.weight_type]
+
+    def run(self, workload: Any, load: Any) -> Any:
+        trace = super().run(workload, load)
+        info = None if self.args.weight_bytes_per_param else self._weight_bytes()
+        if info is not None:  # priced at the file's real tensor types, per component
+            trace.component_bytes_per_param = dict(info["bytes_per_param"])
+            trace.weight_bytes_per_param = float(info["overall_bytes_per_param"])
+            trace.extra["weight_bytes_source"] = {"gguf": self.gguf_path, "types": info["types"]}
+        return trace
 
     def info(self) -> dict[str, Any]:
         out = super().info()

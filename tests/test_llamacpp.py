@@ -155,3 +155,41 @@ def test_n_cpu_moe_patterns():
     names = [f"blk.{i}.ffn_{w}_exps.weight" for i in range(3) for w in ("gate", "up", "down")] + ["blk.0.attn_q.weight"]
     hit = {n for n in names if any(re.search(p, n) for p in pats)}
     assert hit == {f"blk.{i}.ffn_{w}_exps.weight" for i in range(2) for w in ("gate", "up", "down")}
+
+
+@pytest.mark.parametrize("peaks", [{"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0, "int8": 2.0}},
+                                   {"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0}}])
+def test_llamacpp_q8_0_priced_at_its_tensor_types(tmp_path, tiny_moe_dir, peaks):
+    """A q8_0 GGUF (issue 16: it failed with "unknown dtype 'int8'" and had no utilization): its bytes are
+    read from the file's tensor types (34 bytes per 32 weights), its S-MFU is against the int8 peak the
+    quantized dot products run on, and without an int8 peak S-MBU still stands."""
+    suite = _suite(tmp_path, tiny_moe_dir, {"weight_type": "q8_0"})
+    suite["hardware"]["peaks"] = peaks
+    _run(suite)
+    (rec,) = _records(tmp_path)
+    assert rec["status"] == "ok", rec.get("error")
+    util = rec["report"]["utilization"]
+    assert util["basis"] == "estimated"
+    assert util["component_bytes_per_param"] == {k: pytest.approx(34 / 32) for k in
+                                                 ("attention", "router", "experts", "lm_head")}
+    assert set(util["weight_bytes_source"]["types"]["experts"]) == {"Q8_0"}
+    assert util["peak"]["compute_dtype"] == "int8"
+    assert 0 < util["decode"]["s_mbu"] < 1
+    if "int8" in peaks["tflops"]:
+        assert 0 < util["decode"]["s_mfu"] < 1 and util["peak"]["tflops"] == 2.0
+    else:
+        assert util["decode"]["s_mfu"] is None and util["peak"]["tflops"] is None
+    assert rec["report"]["client"]["prompt_cache"]["unique_prompts"] is True
+
+
+def test_gguf_weight_bytes_reads_real_tensor_types(tmp_path, tiny_moe_dir):
+    from moecap.gguf_export import ensure_gguf, gguf_weight_bytes
+
+    for wt, bpp in (("f32", 4.0), ("q8_0", 34 / 32), ("q4_0", 18 / 32)):
+        info = gguf_weight_bytes(ensure_gguf(tiny_moe_dir, wt, cache_root=tmp_path))
+        assert set(info["bytes_per_param"]) >= {"attention", "router", "experts", "lm_head"}
+        assert all(v == pytest.approx(bpp) for v in info["bytes_per_param"].values()), (wt, info)
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 4)
+    with pytest.raises(Exception):
+        gguf_weight_bytes(bad)

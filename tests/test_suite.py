@@ -97,6 +97,26 @@ def test_hub_ids_and_random_configs_accepted(tmp_path):
     assert [m.display_name for m in s.models] == ["Mixtral-8x7B-v0.1", "mixtral-8x7b-random-2L"]
 
 
+def test_random_models_refused_before_any_cell_runs(tmp_path):
+    """A runner that would refuse a random: model at load time is refused by the suite check (and so by
+    --dry-run), naming the model, the runner and the fix (issue 16)."""
+    rand = {"id": "random:mixtral-8x7b", "overrides": {"num_hidden_layers": 1}}
+    data = {**BASE, "models": [rand, {"id": "tiny-moe"}], "loads": [{"concurrency": 1}],
+            "runners": [{"type": "llamacpp"}, {"type": "vllm"}, {"type": "sglang"},
+                        {"type": "openai", "args": {"base_url": "http://127.0.0.1:9"}}]}
+    msg = err_of(tmp_path, data)
+    assert "models[0] (random:mixtral-8x7b) x runners[0] (llamacpp)" in msg
+    assert "set runners[0].args.gguf and args.tokenizer" in msg
+    assert "runners[1] (vllm)" in msg and "vLLM loads a checkpoint" in msg
+    assert "runners[2] (sglang)" in msg
+    assert "runners[3] (openai)" in msg and "args.tokenizer" in msg
+    assert "models[1]" not in msg  # tiny-moe runs everywhere
+    # given what it lacks, the runner takes it
+    ok = {**data, "runners": [{"type": "llamacpp", "args": {"gguf": "/m/x.gguf", "tokenizer": "/m/tok"}},
+                              {"type": "openai", "args": {"base_url": "http://127.0.0.1:9", "tokenizer": "/m/tok"}}]}
+    assert len(expand(load_suite(str(write(tmp_path, ok))))) == 4
+
+
 def test_load_kind_checked_against_runner(tmp_path):
     msg = err_of(tmp_path, {**BASE, "loads": [{"concurrency": 4}]})
     assert "loads[0]" in msg and "concurrency" in msg and "batch" in msg

@@ -166,6 +166,9 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
 
         report["energy"] = {**trace.energy, **per_token(trace.energy, report["throughput"]["output_tokens"])}
     rows: list[dict[str, Any]] = []
+    devices = max(1, int(getattr(trace, "devices", 1) or 1))
+    if peaks is not None and devices > 1:  # a cell on N devices is measured against N devices' peaks
+        peaks = peaks.times(devices)
     if trace.tracing.get("traced") and trace.passes and acc is not None and peaks is not None:
         phases, rows = utilization(
             trace.passes,
@@ -208,14 +211,38 @@ def build_report(trace: Any, peaks: Any) -> tuple[dict[str, Any], list[dict[str,
         report["utilization"] = _estimated_utilization(trace, acc, peaks)
     else:
         report["utilization"] = {"available": False, "reason": trace.tracing.get("reason", "experts not traced")}
+    if devices > 1:
+        _per_device(report["utilization"], devices)
     return report, rows
 
 
+def _per_device(util: dict[str, Any], devices: int) -> None:
+    """Each phase's achieved rates per device beside the totals (the work spread evenly over them:
+    utilization against N peaks is each device's mean utilization)."""
+    for phase in ("prefill", "decode"):
+        ph = util.get(phase)
+        if not isinstance(ph, dict) or "achieved_bandwidth_gbs" not in ph:
+            continue
+        ph["per_device"] = {
+            "devices": devices,
+            "achieved_bandwidth_gbs": ph["achieved_bandwidth_gbs"] / devices,
+            "achieved_tflops": (ph.get("achieved_tflops") or 0.0) / devices,
+            "s_mbu": ph.get("s_mbu"),
+            "s_mfu": ph.get("s_mfu"),
+        }
+
+
 def _peak_info(peaks: Any, compute_dtype: str, flops: float | None) -> dict[str, Any]:
-    """Which peak a record's utilization used."""
-    return {"kind": peaks.kind, "source": peaks.source, "device": peaks.device,
-            "mem_bandwidth_gbs": peaks.mem_bandwidth_Bps / 1e9, "compute_dtype": compute_dtype,
-            "tflops": flops / 1e12 if flops else None}
+    """Which peak a record's utilization used (for N devices: their sum, and one device's)."""
+    devices = int(peaks.details.get("devices", 1)) if isinstance(peaks.details, dict) else 1
+    out = {"kind": peaks.kind, "source": peaks.source, "device": peaks.device, "devices": devices,
+           "mem_bandwidth_gbs": peaks.mem_bandwidth_Bps / 1e9, "compute_dtype": compute_dtype,
+           "tflops": flops / 1e12 if flops else None}
+    if devices > 1:
+        out["per_device"] = {"device": peaks.details.get("per_device"),
+                             "mem_bandwidth_gbs": peaks.mem_bandwidth_Bps / 1e9 / devices,
+                             "tflops": flops / 1e12 / devices if flops else None}
+    return out
 
 
 def _estimated_utilization(trace: Any, acc: Any, peaks: Any) -> dict[str, Any]:

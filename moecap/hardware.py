@@ -148,6 +148,18 @@ class Peaks:
     def dtypes(self) -> list[str]:
         return [d for d in DTYPES if d in self.flops] + sorted(d for d in self.flops if d not in DTYPES)
 
+    def times(self, devices: int) -> "Peaks":
+        """The ceilings of ``devices`` such devices together (a cell spread over them by tensor, pipeline
+        or data parallelism): bandwidth and FLOP/s times ``devices``; 1 returns ``self``."""
+        if devices == 1:
+            return self
+        if devices < 1:
+            raise ValueError(f"devices={devices}: must be >= 1")
+        return Peaks(device=f"{devices} x {self.device}", mem_bandwidth_Bps=self.mem_bandwidth_Bps * devices,
+                     flops={k: v * devices for k, v in self.flops.items()}, source=self.source, kind=self.kind,
+                     tdp_w=self.tdp_w * devices if self.tdp_w is not None else None,
+                     details={**self.details, "devices": devices, "per_device": self.device})
+
     def flops_for(self, dtype: Any) -> float:
         """Dense peak FLOP/s for ``dtype`` (aliases accepted). fp32 is plain fp32, never tf32."""
         key = canonical_dtype(dtype)

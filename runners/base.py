@@ -100,6 +100,8 @@ class RunTrace:
     # where each routed expert is stored, per MoE layer: "fast" or "host" (our engine's placement plan);
     # None: every weight is on the fast device
     expert_placements: dict[int, list[str]] | None = None
+    # devices the model ran on (tensor x pipeline x data parallel): utilization is against that many peaks
+    devices: int = 1
     # bytes per parameter of each accounting component as stored (attention, router, experts,
     # shared_experts, dense_ffn, lm_head), e.g. from a GGUF's tensor types; None: weight_bytes_per_param
     component_bytes_per_param: dict[str, float] | None = None

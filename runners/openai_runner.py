@@ -418,6 +418,7 @@ class ServedRunner(OpenAIRunner):
         finally:
             energy = tracker.stop()
         trace.energy = energy
+        trace.devices = self.world_size() if hasattr(self, "world_size") else 1
         w, kv = self.storage_bytes()
         if w:
             trace.weight_bytes_per_param, trace.kv_bytes_per_elem = float(w), float(kv)

@@ -111,3 +111,47 @@ def test_failed_and_single_token_requests_are_left_out():
     assert len(g["time_s"]) == 2 and set(g["batch"].tolist()) == {1.0}
     empty = estimated_decode_utilization([], acc, 2.0, 2.0, 1e12, 1e15)
     assert empty["tokens"] == 0 and empty["s_mbu"] is None
+
+
+def _stream(n=4, tokens=6, gap=0.01):
+    return [RequestTrace(id=i, input_tokens=16, send_s=0.0, token_times_s=[0.05 + gap * k for k in range(tokens)])
+            for i in range(n)]
+
+
+def test_component_bytes_price_each_component_at_its_own_type():
+    """A GGUF whose experts are q4_0 and the rest q8_0: each byte component at its own bytes/param."""
+    acc = from_hf_config(load_builtin_config("mixtral-8x7b"))
+    reqs = _stream(1)
+    flat = estimated_decode_utilization(reqs, acc, 34 / 32, 2.0, None, None)
+    mixed = estimated_decode_utilization(reqs, acc, {"attention": 34 / 32, "router": 34 / 32, "experts": 18 / 32,
+                                                     "lm_head": 34 / 32}, 2.0, None, None)
+    for comp in ("attention", "router", "lm_head", "kv_read"):
+        assert mixed["bytes"][comp] == pytest.approx(flat["bytes"][comp])
+    assert mixed["bytes"]["experts"] == pytest.approx(flat["bytes"]["experts"] * 18 / 34)
+    assert mixed["flops"] == flat["flops"]
+
+
+def test_a_cell_on_n_devices_is_measured_against_n_peaks():
+    from moecap.executor import build_report
+    from moecap.hardware import Peaks
+    from moecap.runners.base import RunTrace
+
+    cfg = load_builtin_config("mixtral-8x7b")
+    peaks = Peaks(device="GPU X", mem_bandwidth_Bps=1e12, flops={"bf16": 1e15}, source="user", kind="user")
+
+    def report(devices):
+        trace = RunTrace(passes=[], requests=_stream(), model_config=cfg, moe_layers=[], weight_bytes_per_param=2.0,
+                         kv_bytes_per_elem=2.0, kv_cache_expanded_mla=False, compute_dtype="bf16", device="GPU X",
+                         tracing={"traced": False, "reason": "http"}, devices=devices)
+        return build_report(trace, peaks)[0]["utilization"]
+
+    one, two = report(1), report(2)
+    assert two["decode"]["s_mbu"] == pytest.approx(one["decode"]["s_mbu"] / 2)
+    assert two["decode"]["s_mfu"] == pytest.approx(one["decode"]["s_mfu"] / 2)
+    assert two["peak"]["devices"] == 2 and two["peak"]["mem_bandwidth_gbs"] == pytest.approx(2000)
+    assert two["peak"]["per_device"] == {"device": "GPU X", "mem_bandwidth_gbs": pytest.approx(1000),
+                                         "tflops": pytest.approx(1000)}
+    per = two["decode"]["per_device"]
+    assert per["achieved_bandwidth_gbs"] == pytest.approx(one["decode"]["achieved_bandwidth_gbs"] / 2)
+    assert per["s_mbu"] == two["decode"]["s_mbu"]
+    assert "per_device" not in one["decode"] and one["peak"]["devices"] == 1

@@ -109,11 +109,24 @@ def estimated_decode_utilization(
     peak_flops: float | None,
     routing_stats: dict[str, Any] | None = None,
     expanded_mla: bool = False,
+    recorded_passes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The decode phase's estimated bytes, FLOPs, S-MBU and S-MFU (see the module docstring)."""
+    """The decode phase's estimated bytes, FLOPs, S-MBU and S-MFU (see the module docstring).
+
+    ``recorded_passes``: ``{"tokens": [tokens per pass], "unions": [[experts used, per MoE layer] per
+    pass]}`` as a server recorded them (SGLang's expert distribution recorder): a decode gap whose batch
+    matches a recorded pass size takes the mean union the server recorded for passes of that size,
+    instead of the expected union of its routing frequencies.
+    """
     gaps = decode_gaps(requests)
     time_s, B, C = gaps["time_s"], gaps["batch"], gaps["context"]
     probs, union_source = routing_probabilities(acc, routing_stats)
+    table = _recorded_union_table(recorded_passes)
+    matched = np.isin(np.rint(B), list(table)) if table else np.zeros(len(B), dtype=bool)
+    if table:
+        union_source = (f"recorded per pass by the server ({len(recorded_passes['tokens'])} passes): "
+                        f"{int(matched.sum())} of {len(B)} decode gaps at a recorded pass size; the rest: "
+                        f"{union_source}")
     if isinstance(weight_bytes_per_param, dict):  # per component, as stored (a GGUF's tensor types)
         per = dict(weight_bytes_per_param)
         fallback = per.get("experts") or max(per.values())
@@ -133,8 +146,11 @@ def estimated_decode_utilization(
     for layer in acc.layers:
         comp["attention"] += layer.attn_params * bpp_of("attention")
         if layer.kind == "moe":
-            n_moe += 1
             u = expected_union(B, probs[layer.index])
+            if table and matched.any():
+                u = np.where(matched, [table.get(int(b), [0.0] * (n_moe + 1))[n_moe] if m else 0.0
+                                       for b, m in zip(np.rint(B), matched)], u)
+            n_moe += 1
             union_sum += u
             comp["router"] += layer.router_params * bpp_of("router")
             comp["shared_experts"] += layer.shared_params * bpp_of("shared_experts")
@@ -177,6 +193,23 @@ def estimated_decode_utilization(
     out["s_mbu"] = bytes_out["total"] / t / peak_bandwidth_Bps if ok and peak_bandwidth_Bps else None
     out["s_mfu"] = flops["total"] / t / peak_flops if ok and peak_flops else None
     return out
+
+
+def _recorded_union_table(recorded: dict[str, Any] | None) -> dict[int, list[float]]:
+    """pass size (tokens) -> mean experts used per MoE layer, over the passes a server recorded."""
+    if not recorded or not recorded.get("tokens") or not recorded.get("unions"):
+        return {}
+    sums: dict[int, list[float]] = {}
+    counts: dict[int, int] = {}
+    for tokens, unions in zip(recorded["tokens"], recorded["unions"]):
+        if tokens is None or abs(tokens - round(tokens)) > 1e-6 or round(tokens) < 1:
+            continue
+        key = int(round(tokens))
+        acc = sums.setdefault(key, [0.0] * len(unions))
+        for i, u in enumerate(unions):
+            acc[i] += float(u)
+        counts[key] = counts.get(key, 0) + 1
+    return {k: [v / counts[k] for v in row] for k, row in sums.items()}
 
 
 def server_window(raw: dict[str, Any]) -> dict[str, Any]:

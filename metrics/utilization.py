@@ -209,7 +209,10 @@ def tier_traffic(
                 elif mode == "copy":  # over the link, then read again where it is computed (fast)
                     link += sizes[e]
         fast = cost["bytes"]["total"] - host
-        ph = out.setdefault(p.phase, {"time_s": 0.0, "fast": 0.0, "host": 0.0, "link": 0.0})
+        ph = out.setdefault(p.phase, {"time_s": 0.0, "fast": 0.0, "host": 0.0, "link": 0.0,
+                                      "calls": {"cpu": 0, "copy": 0, "copy_cached": 0}})
+        for mode in modes.values():  # the host-expert calls the engine made, by how each was served
+            ph["calls"][mode] = ph["calls"].get(mode, 0) + 1
         ph["time_s"] += p.time_s
         ph["fast"] += fast
         ph["host"] += host
@@ -226,5 +229,6 @@ def tier_traffic(
                 entry["peak_gbs"] = peak / 1e9
                 entry["utilization"] = b / t / peak if t > 0 else math.nan
             row[tier] = entry
+        row["host_calls"] = dict(ph["calls"])
         result[phase] = row
     return result

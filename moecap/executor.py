@@ -262,9 +262,14 @@ def _estimated_utilization(trace: Any, acc: Any, peaks: Any) -> dict[str, Any]:
     decode = estimated_decode_utilization(
         trace.requests, acc, per_component or trace.weight_bytes_per_param, trace.kv_bytes_per_elem, bw, flops,
         routing_stats=trace.extra.get("routing_stats"), expanded_mla=trace.kv_cache_expanded_mla,
+        recorded_passes={"tokens": trace.extra["pass_tokens"], "unions": trace.extra["pass_expert_unions"]}
+        if trace.extra.get("pass_tokens") and trace.extra.get("pass_expert_unions") else None,
     )
+    # "recorded": the server's own routing record priced the experts (timing still from the client);
+    # "estimated": uniform routing
+    basis = "recorded" if trace.extra.get("routing_stats") else "estimated"
     return {
-        "basis": "estimated",
+        "basis": basis,
         "decode": decode,
         "prefill": {"available": False, "reason": "not estimated from a client: TTFT includes queueing and the "
                     "decode work of requests sharing the prefill's passes"},

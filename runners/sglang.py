@@ -123,7 +123,8 @@ def expert_distribution_stats(dump: Mapping[str, Any], *, moe_layers: Sequence[i
     Returns ``{"source", "mode", "layers": [[count per expert] per kept layer], "tokens": tokens counted
     (the largest layer total / top_k; None without top_k), "passes": forward passes with routed tokens
     (None when the dump has no per-pass rows), "pass_expert_unions": [[experts with a count > 0, per kept
-    layer] per such pass] or None}``.
+    layer] per such pass] or None, "pass_tokens": [tokens routed in each such pass] or None (without
+    top_k)}``.
     """
     if not isinstance(dump, Mapping):
         raise ValueError(f"an SGLang expert distribution dump is a dict; got {type(dump).__name__}")
@@ -191,6 +192,9 @@ def expert_distribution_stats(dump: Mapping[str, Any], *, moe_layers: Sequence[i
     if top_k:
         tokens = routed // top_k if routed % top_k == 0 else routed / top_k
     unions = None if passes is None else [[sum(1 for c in s[i] if c > 0) for i in keep] for s in passes]
+    pass_tokens = None
+    if passes is not None and top_k:  # tokens routed in each pass: its busiest layer's count / top_k
+        pass_tokens = [max((sum(s[i]) for i in keep), default=0) / top_k for s in passes]
     return {
         "source": f"sglang expert_distribution_recorder ({mode})",
         "mode": mode,
@@ -198,6 +202,7 @@ def expert_distribution_stats(dump: Mapping[str, Any], *, moe_layers: Sequence[i
         "tokens": tokens,
         "passes": None if passes is None else len(passes),
         "pass_expert_unions": unions,
+        "pass_tokens": pass_tokens,
     }
 
 
@@ -362,6 +367,8 @@ class SGLangRunner(EngineServedRunner):
                                         "tokens": stats["tokens"]}
         if stats["pass_expert_unions"] is not None:
             trace.extra["pass_expert_unions"] = stats["pass_expert_unions"]
+            if stats.get("pass_tokens") is not None:
+                trace.extra["pass_tokens"] = stats["pass_tokens"]
         trace.tracing = {"traced": True, "source": stats["source"], "reason": RECORDED}
         return trace
 

@@ -214,6 +214,7 @@ def test_tier_traffic_splits_bytes_by_where_they_were_read():
     assert tiers["link"]["achieved_gbs"] == pytest.approx(100.0 / 0.5 / 1e9)
     assert "utilization" not in tier_traffic([p], acc, [0, 1], 4.0, 4.0, sizes, where, {"fast_Bps": 1.0})["decode"]["link"]
     assert not math.isnan(tiers["fast"]["utilization"])
+    assert tiers["host_calls"] == {"cpu": 1, "copy": 1, "copy_cached": 1}  # the engine's host calls reach the record
 
 
 def test_engine_rates_cli():

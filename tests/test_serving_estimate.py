@@ -155,3 +155,27 @@ def test_a_cell_on_n_devices_is_measured_against_n_peaks():
     assert per["achieved_bandwidth_gbs"] == pytest.approx(one["decode"]["achieved_bandwidth_gbs"] / 2)
     assert per["s_mbu"] == two["decode"]["s_mbu"]
     assert "per_device" not in one["decode"] and one["peak"]["devices"] == 1
+
+
+def test_recorded_per_pass_unions_replace_the_expected_ones():
+    """SGLang's recorder gives each pass's experts per layer: decode gaps at a recorded pass size take
+    the recorded mean union (basis recorded), the others the expected union of the routing frequencies."""
+    acc = from_hf_config(load_builtin_config("mixtral-8x7b"))
+    n_moe = sum(1 for layer in acc.layers if layer.kind == "moe")
+    reqs = _stream(1)  # batch 1: top-2 routing uses exactly 2 experts per layer
+    base = estimated_decode_utilization(reqs, acc, 2.0, 2.0, None, None)
+    # the server recorded batch-1 passes that (say, a shared hot expert) used 2 experts, and others at 3
+    rec = {"tokens": [1, 1, 3], "unions": [[2] * n_moe, [2] * n_moe, [5] * n_moe]}
+    same = estimated_decode_utilization(reqs, acc, 2.0, 2.0, None, None, recorded_passes=rec)
+    assert same["bytes"]["experts"] == pytest.approx(base["bytes"]["experts"])
+    assert "recorded per pass by the server (3 passes)" in same["expert_unions"]
+    assert "5 of 5 decode gaps" in same["expert_unions"]
+    # four concurrent streams (batch 4): no pass of 4 tokens was recorded, so the expectation stands
+    four = _stream(4)
+    assert estimated_decode_utilization(four, acc, 2.0, 2.0, None, None, recorded_passes=rec)["bytes"]["experts"] \
+        == pytest.approx(estimated_decode_utilization(four, acc, 2.0, 2.0, None, None)["bytes"]["experts"])
+    # a recorded size that matches: its unions price the experts
+    rec4 = {"tokens": [4], "unions": [[3] * n_moe]}
+    got = estimated_decode_utilization(four, acc, 2.0, 2.0, None, None, recorded_passes=rec4)
+    expect = 3 * sum(layer.expert_params for layer in acc.layers if layer.kind == "moe") * 2.0
+    assert got["bytes"]["experts"] == pytest.approx(expect * got["passes"])

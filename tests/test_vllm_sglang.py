@@ -578,7 +578,7 @@ def test_sglang_records_expert_routing_of_the_measured_window(tmp_path, tiny_moe
         assert tracing["traced"] is True and tracing["source"] == "sglang expert_distribution_recorder (stat)"
         # the estimated decode utilization used the recorded routing, not uniform routing
         util = rep["utilization"]
-        assert util["basis"] == "estimated"
+        assert util["basis"] == "recorded"  # the server's routing record, not uniform routing
         assert "routing statistics recorded by the engine (sglang" in util["decode"]["expert_unions"]
         assert o.record.config["runner"]["engine"] == "sglang"
     # the trace itself: only the measured window (3 requests x (10 prompt + 5 - 1 fed tokens)), not the

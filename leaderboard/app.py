@@ -29,9 +29,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from moecap import figures
 from moecap.leaderboard.data import (
-    COLUMNS,
     column,
+    columns,
     columns_for,
     display_frame,
     filter_frame,
@@ -71,16 +72,16 @@ def _load(results: str) -> tuple[pd.DataFrame, str | None]:
         df = load_results(results)
     except Exception as err:  # a missing folder, an unreachable dataset: say so, do not crash
         log.warning("could not load results from %s: %s", results, err)
-        return pd.DataFrame(columns=[c.key for c in COLUMNS]), (
+        return pd.DataFrame(columns=[c.key for c in columns()]), (
             f"Could not load results from `{results}`: {err}"
         )
     if df is None or len(df) == 0:
-        return pd.DataFrame(columns=[c.key for c in COLUMNS]), (
+        return pd.DataFrame(columns=[c.key for c in columns()]), (
             f"No result records found in `{results}`. Run a suite first, e.g. "
             f"`moecap run quickstart -o {results}`."
         )
     df = merge_quality(df)
-    for c in COLUMNS:  # every known column exists, so the handlers need no guards
+    for c in columns():  # every known column exists, so the handlers need no guards
         if c.key not in df.columns:
             df[c.key] = pd.Series([None] * len(df), index=df.index, dtype="object")
     return df.reset_index(drop=True), None
@@ -226,7 +227,7 @@ def radar_figure(df: pd.DataFrame, systems: list[str] | None) -> go.Figure:
     if data.empty:
         return _empty_fig("Pick at least one system.")
     cost, acc, ppl, thr = (_num(data, k) for k in
-                           ("usd_per_1m_tokens", "accuracy", "perplexity", "output_tok_s"))
+                           ("usd_per_1m_output_tokens", "accuracy", "perplexity", "output_tokens_per_s"))
     use_acc = bool(acc.notna().any())
     g = pd.DataFrame({
         "system": data["system"].astype(str),
@@ -303,21 +304,22 @@ def roofline_figure(df: pd.DataFrame) -> go.Figure:
 
 
 def _read_record(row: pd.Series) -> dict[str, Any] | None:
+    from moecap.records import migrate
+
     path = row.get("record_path")
     if isinstance(path, str) and path and Path(path).is_file():
         try:
-            return json.loads(Path(path).read_text(encoding="utf-8"))
+            return migrate(json.loads(Path(path).read_text(encoding="utf-8")))
         except Exception as err:
             log.warning("cannot read %s: %s", path, err)
     return None
 
 
 def bytes_figure(record: dict[str, Any]) -> go.Figure:
-    util = (record.get("report") or {}).get("utilization") or {}
+    report = record.get("report") or {}
     fig = go.Figure()
     for i, phase in enumerate(PHASES):
-        b = (util.get(phase) or {}).get("bytes") or {}
-        comps = {k: v for k, v in b.items() if k != "total" and isinstance(v, (int, float))}
+        comps = figures.byte_components(report, phase)
         if not comps:
             continue
         fig.add_trace(go.Bar(x=list(comps), y=[v / 1e6 for v in comps.values()], name=phase,
@@ -331,15 +333,13 @@ def bytes_figure(record: dict[str, Any]) -> go.Figure:
 
 
 def latency_figure(record: dict[str, Any]) -> go.Figure:
-    lat = (record.get("report") or {}).get("latency") or {}
+    report = record.get("report") or {}
     fig = go.Figure()
     for i, (stat, stat_label) in enumerate(LATENCY_STATS):
         xs, ys = [], []
         for key, label in LATENCY_METRICS:
-            v = (lat.get(key) or {}).get(stat)
-            if v is None and stat == "median":
-                v = (lat.get(key) or {}).get("p50")
-            if isinstance(v, (int, float)):
+            v = figures.value(report, f"{key}_{stat_label}")
+            if isinstance(v, (int, float)) and v == v:
                 xs.append(label)
                 ys.append(v)
         if xs:
@@ -376,9 +376,9 @@ def build_app(results: str) -> gr.Blocks:
                 return k
         return numeric[0] if numeric else None
 
-    cap_x = pick_default("usd_per_1m_tokens", "j_per_token", "output_tok_s")
+    cap_x = pick_default("usd_per_1m_output_tokens", "j_per_token", "output_tokens_per_s")
     cap_y = pick_default("accuracy", "perplexity")
-    cap2_x = pick_default("output_tok_s", "req_s")
+    cap2_x = pick_default("output_tokens_per_s", "requests_per_s")
     cap2_y = pick_default("perplexity", "accuracy")
     records = [
         (f"{r['cell_id']}  [{r['suite']}]" if pd.notna(r.get("suite")) else str(r["cell_id"]), str(i))
@@ -403,7 +403,7 @@ def build_app(results: str) -> gr.Blocks:
 
     def _keys(labels: list[str] | None) -> list[str]:
         keys = [label_to_key[lb] for lb in (labels or []) if lb in label_to_key]
-        return keys or [c.key for c in COLUMNS if c.default_visible]
+        return keys or [c.key for c in columns() if c.default_visible]
 
     def filter_table(system, model, hardware, precision, load, search, columns, sort_by):
         frame = _sorted(_filtered(system, model, hardware, precision, load, search), sort_by)
@@ -525,7 +525,7 @@ def build_app(results: str) -> gr.Blocks:
                 )
                 roof_plot = gr.Plot(label="Roofline", elem_id="roofline-plot")
             with gr.Tab("Record", id="record"):
-                perf = [v for _, v in records if pd.notna(_num(df, "output_tok_s").get(int(v)))]
+                perf = [v for _, v in records if pd.notna(_num(df, "output_tokens_per_s").get(int(v)))]
                 first = perf[0] if perf else (records[0][1] if records else None)
                 pick = gr.Dropdown(choices=records, value=first,
                                    label="Cell", elem_id="record-pick")

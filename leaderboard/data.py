@@ -5,7 +5,8 @@ cells are separate rows; :func:`merge_quality` copies a quality row's figures on
 performance rows of the same model + system + precision + hardware, so trade-off plots have
 both axes.
 
-Every column is described once, in :data:`COLUMNS`; quality columns that depend on the data
+Every column is described once: the figures in ``moecap.figures`` (the one table of figures), the
+identity and bookkeeping here (:func:`columns`); quality columns that depend on the data
 (``ppl:<dataset>``, ``<task>:<metric>``) are described by :func:`columns_for`.
 """
 
@@ -22,7 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from moecap.records import SCHEMA_VERSION, iter_record_files
+from moecap.records import SCHEMA_VERSION, iter_record_files, migrate
 
 
 @dataclass(frozen=True)
@@ -43,30 +44,21 @@ class Column:
 
 
 C = Column
-COLUMNS: list[Column] = [
+# the record's identity (what a row is), then every figure of moecap.figures, then bookkeeping
+_IDENTITY: list[Column] = [
     C("model", "Model", "str", None, True, None, "Model display name (config.model.display_name)"),
     C("system", "System", "str", None, True, None, "Serving system: runner display name + salient engine settings"),
     C("precision", "Precision", "str", None, True, None, "Weights / compute dtype of the runner"),
     C("hardware", "Hardware", "str", None, True, None, "Accelerator (detected device name; N x when several)"),
     C("load", "Load", "str", None, True, None, "Offered load: bs=<batch size>, conc=<concurrency> or rate=<req/s>"),
     C("batch_size", "Batch size", "int", None, False, None, "Static batch size of the load (config.load.batch_size)", 0),
-    C("accuracy", "Accuracy", "float", None, True, True, "Mean lm-eval `acc` over the record's tasks", 3),
-    C("perplexity", "Perplexity", "float", None, True, False, "Token perplexity on the first perplexity dataset", 2),
-    C("ttft_ms_p50", "TTFT p50", "float", "ms", True, False, "Time to first token, median", 2),
-    C("ttft_ms_p99", "TTFT p99", "float", "ms", False, False, "Time to first token, 99th percentile", 2),
-    C("tpot_ms_p50", "TPOT p50", "float", "ms", True, False, "Time per output token (after the first), median", 3),
-    C("itl_ms_p99", "ITL p99", "float", "ms", False, False, "Inter-token latency, 99th percentile", 3),
-    C("e2el_ms_p50", "E2E latency p50", "float", "ms", False, False, "End-to-end request latency, median", 1),
-    C("output_tok_s", "Output throughput", "float", "tok/s", True, True, "Generated tokens per second", 1),
-    C("req_s", "Request throughput", "float", "req/s", False, True, "Completed requests per second", 3),
-    C("s_mbu_decode", "S-MBU decode", "float", None, True, True, "Sparsity-aware memory-bandwidth utilization, decode", 4),
-    C("s_mbu_prefill", "S-MBU prefill", "float", None, False, True, "Sparsity-aware memory-bandwidth utilization, prefill", 4),
-    C("s_mfu_decode", "S-MFU decode", "float", None, False, True, "Sparsity-aware model-FLOPs utilization, decode", 4),
-    C("s_mfu_prefill", "S-MFU prefill", "float", None, True, True, "Sparsity-aware model-FLOPs utilization, prefill", 4),
+]
+_BOOKKEEPING: list[Column] = [
     C("utilization_basis", "S-MBU basis", "str", None, False, None,
-      "traced: per-pass timings and router traces; estimated: a server's decode passes reconstructed from streamed timestamps, expected expert unions"),
-    C("j_per_token", "Energy", "float", "J/tok", True, False, "Energy per output token", 4),
-    C("usd_per_1m_tokens", "Cost", "float", "$/1M tok", True, False, "Cost per million output tokens", 4),
+      "traced: per-pass timings and router traces; recorded: a server's own routing record; estimated: a "
+      "server's decode passes reconstructed from streamed timestamps, expected expert unions"),
+    C("basis", "Basis", "str", None, False, None,
+      "figure families that are not plainly measured, e.g. util=traced cost=estimated"),
     C("status", "Status", "str", None, False, None, "Record status: ok, failed or skipped"),
     C("suite", "Suite", "str", None, False, None, "Suite name"),
     C("created_at", "Created", "str", None, False, None, "When the record was written (ISO 8601, UTC)"),
@@ -74,8 +66,35 @@ COLUMNS: list[Column] = [
     C("record_path", "Record", "str", None, False, None, "Path of the record JSON"),
 ]
 del C
-COLUMN_BY_KEY: dict[str, Column] = {c.key: c for c in COLUMNS}
-STRING_KEYS = [c.key for c in COLUMNS if c.dtype == "str"]
+
+
+def _figure_column(f: Any) -> Column:
+    return Column(f.key, f.label, "float", f.unit, "leaderboard" in f.show, f.higher_is_better,
+                  f.description[:1].upper() + f.description[1:], f.decimals)
+
+
+def columns() -> list[Column]:
+    """Every column, described once: the identity, the figure table's figures (``moecap.figures``, read
+    at call time), then bookkeeping."""
+    from moecap import figures
+
+    return list(_IDENTITY) + [_figure_column(f) for f in figures.table()] + list(_BOOKKEEPING)
+
+
+def column_by_key() -> dict[str, Column]:
+    return {c.key: c for c in columns()}
+
+
+def __getattr__(name: str) -> Any:  # the constant names follow the figure table
+    if name == "COLUMNS":
+        return columns()
+    if name == "COLUMN_BY_KEY":
+        return column_by_key()
+    if name == "STRING_KEYS":
+        return [c.key for c in columns() if c.dtype == "str"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 QUALITY_KEYS = ("accuracy", "perplexity")
 GROUP_KEYS = ("model", "system", "precision", "hardware")  # what merge_quality matches on
 
@@ -109,17 +128,19 @@ def dynamic_column(key: str) -> Column:
 
 
 def columns_for(df: pd.DataFrame) -> list[Column]:
-    """COLUMNS plus the dynamic quality columns present in ``df`` (sorted)."""
-    extra = sorted(k for k in df.columns if k not in COLUMN_BY_KEY and is_dynamic_quality_key(str(k)))
-    return list(COLUMNS) + [dynamic_column(k) for k in extra]
+    """The columns plus the dynamic quality columns present in ``df`` (sorted)."""
+    known = column_by_key()
+    extra = sorted(k for k in df.columns if k not in known and is_dynamic_quality_key(str(k)))
+    return columns() + [dynamic_column(k) for k in extra]
 
 
 def column(key: str) -> Column:
-    return COLUMN_BY_KEY[key] if key in COLUMN_BY_KEY else dynamic_column(key)
+    known = column_by_key()
+    return known[key] if key in known else dynamic_column(key)
 
 
 def default_keys() -> list[str]:
-    return [c.key for c in COLUMNS if c.default_visible]
+    return [c.key for c in columns() if c.default_visible]
 
 
 # ---------------------------------------------------------------- records -> rows
@@ -199,31 +220,19 @@ def _load(cfg: dict[str, Any]) -> str | None:
 
 def quality_columns(d: dict[str, Any]) -> dict[str, float]:
     """``ppl:<dataset>`` and ``<task>:<metric>`` figures of a record (dict)."""
-    out: dict[str, float] = {}
-    quality = _get(d, "report", "quality") or {}
-    for ds, res in (quality.get("perplexity") or {}).items():
-        v = _num(res.get("perplexity")) if isinstance(res, dict) else _num(res)
-        if v is not None:
-            out[f"ppl:{ds}"] = v
-    for task, res in ((quality.get("lm_eval") or {}).get("tasks") or {}).items():
-        for metric, value in ((res or {}).get("metrics") or {}).items():
-            if isinstance(value, dict):  # {"value": ..., "stderr": ...}
-                value = value.get("value")
-            v = _num(value)
-            if v is not None:
-                out[f"{task}:{metric}"] = v
-    return out
+    from moecap import figures
+
+    rep = d.get("report") if isinstance(d.get("report"), dict) else {}
+    return {k: v for k, (v, _, _) in figures.quality_values(rep).items()}
 
 
 def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, Any]:
-    """One leaderboard row (keys of COLUMNS plus dynamic quality keys) from a record dict."""
+    """One leaderboard row (the column keys plus dynamic quality keys) from a record dict."""
+    from moecap import figures
+
     cfg = d.get("config") if isinstance(d.get("config"), dict) else {}
     rep = d.get("report") if isinstance(d.get("report"), dict) else {}
     runner = cfg.get("runner") if isinstance(cfg.get("runner"), dict) else {}
-    lat = lambda m, s: _num(_get(rep, "latency", m, s))  # noqa: E731
-    quality = quality_columns(d)
-    accs = [v for k, v in quality.items() if k.endswith(":acc")]
-    ppls = [v for k, v in quality.items() if k.startswith("ppl:")]
     precision = runner.get("dtype") or _get(runner, "resolved_args", "dtype") or _get(runner, "args", "dtype")
     suite = _get(d, "suite", "name") if isinstance(d.get("suite"), dict) else d.get("suite")
     if not suite and path is not None:
@@ -236,32 +245,22 @@ def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, A
         "hardware": _hardware(cfg),
         "load": _load(cfg),
         "batch_size": int(bs) if isinstance(bs, (int, float)) and not isinstance(bs, bool) else None,
-        "accuracy": sum(accs) / len(accs) if accs else None,
-        "perplexity": ppls[0] if ppls else None,
-        "ttft_ms_p50": lat("ttft_ms", "median"),
-        "ttft_ms_p99": lat("ttft_ms", "p99"),
-        "tpot_ms_p50": lat("tpot_ms", "median"),
-        "itl_ms_p99": lat("itl_ms", "p99"),
-        "e2el_ms_p50": lat("e2el_ms", "median"),
-        "output_tok_s": _num(_get(rep, "throughput", "output_tokens_per_s")),
-        "req_s": _num(_get(rep, "throughput", "requests_per_s")),
-        "s_mbu_decode": _num(_get(rep, "utilization", "decode", "s_mbu")),
-        "s_mbu_prefill": _num(_get(rep, "utilization", "prefill", "s_mbu")),
-        "s_mfu_decode": _num(_get(rep, "utilization", "decode", "s_mfu")),
-        "s_mfu_prefill": _num(_get(rep, "utilization", "prefill", "s_mfu")),
+    }
+    for f in figures.table():
+        row[f.key] = _num(f.value(rep))
+    row.update({
         "utilization_basis": _get(rep, "utilization", "basis"),
-        "j_per_token": _num(_get(rep, "energy", "joules_per_output_token")),
-        "usd_per_1m_tokens": _num(_get(rep, "cost", "usd_per_1m_output_tokens")),
+        "basis": figures.basis_summary(rep) if rep else None,
         "status": d.get("status"),
         "suite": suite,
         "created_at": d.get("created_at"),
         "cell_id": d.get("cell_id"),
         "record_path": str(path) if path is not None else None,
-    }
+    })
     for k in ("model", "system", "precision", "hardware", "status", "suite", "created_at", "cell_id"):
         if row[k] is not None:
             row[k] = str(row[k])
-    row.update(quality)
+    row.update(quality_columns(d))
     return row
 
 
@@ -283,7 +282,7 @@ def _read_rows(folder: Path) -> list[dict[str, Any]]:
             warnings.warn(f"skipping {path}: not a moecap record (no cell_id/config/report)", stacklevel=3)
             continue
         try:
-            rows.append(record_row(data, path))
+            rows.append(record_row(migrate(data), path))
         except Exception as err:  # a record too odd to read is skipped, not fatal
             warnings.warn(f"skipping {path}: unreadable record ({err})", stacklevel=3)
     return rows
@@ -326,12 +325,14 @@ def load_results(source: str | Path | Sequence[str | Path]) -> pd.DataFrame:
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
-    for c in COLUMNS:
+    cols = columns()
+    known = {c.key for c in cols}
+    for c in cols:
         if c.key not in df.columns:
             df[c.key] = None
-    extra = sorted(k for k in df.columns if k not in COLUMN_BY_KEY)
-    df = df[[c.key for c in COLUMNS] + extra]
-    for c in COLUMNS:
+    extra = sorted(k for k in df.columns if k not in known)
+    df = df[[c.key for c in cols] + extra]
+    for c in cols:
         if c.dtype == "float":
             df[c.key] = pd.to_numeric(df[c.key], errors="coerce").astype("float64")
         elif c.dtype == "int":
@@ -353,7 +354,7 @@ def empty_frame() -> pd.DataFrame:
 
 
 def _is_quality_row(df: pd.DataFrame) -> pd.Series:
-    perf = df[["ttft_ms_p50", "tpot_ms_p50", "output_tok_s", "req_s"]].notna().any(axis=1)
+    perf = df[["ttft_ms_p50", "tpot_ms_p50", "output_tokens_per_s", "requests_per_s"]].notna().any(axis=1)
     qual_keys = list(QUALITY_KEYS) + [k for k in df.columns if is_dynamic_quality_key(str(k))]
     return ~perf & df[qual_keys].notna().any(axis=1)
 
@@ -453,7 +454,7 @@ def filter_frame(
     if search and search.strip():
         needle = search.strip().casefold()
         hit = pd.Series(False, index=df.index)
-        for key in [k for k in STRING_KEYS if k in df.columns]:
+        for key in [c.key for c in columns() if c.dtype == "str" and c.key in df.columns]:
             hit |= df[key].map(lambda v: isinstance(v, str) and needle in v.casefold())
         mask &= hit
     return df[mask]
@@ -489,6 +490,7 @@ def to_csv(df: pd.DataFrame) -> str:
 
 __all__ = [
     "Column",
+    "columns",
     "COLUMNS",
     "COLUMN_BY_KEY",
     "SCHEMA_VERSION",

@@ -113,6 +113,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_cost(args: argparse.Namespace) -> int:
     import yaml
 
+    from moecap import figures
     from moecap.catalog import OVERRIDE_KEYS
     from moecap.executor import price_run
     from moecap.records import load_records
@@ -139,7 +140,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     rows = []
     for path in args.paths or ["results"]:
         for _, rec in load_records(path):
-            if rec.status != "ok" or "throughput" not in rec.report:
+            if rec.status != "ok" or figures.value(rec.report, "output_tokens_per_s") is None:
                 continue
             report = dict(rec.report)
             if new_device:  # the measured power belongs to the device that ran: price the new one at TDP
@@ -153,9 +154,9 @@ def _cmd_cost(args: argparse.Namespace) -> int:
                     "model": base["model"],
                     "load": base["load"],
                     "out tok/s": base["output_tokens_per_s"],
-                    "$/1M out (record)": (rec.report.get("cost") or {}).get("usd_per_1m_output_tokens"),
-                    "$/1M out (what-if)": new.get("usd_per_1m_output_tokens"),
-                    "$/request (what-if)": new.get("usd_per_request"),
+                    "$/1M out (record)": figures.value(rec.report, "usd_per_1m_output_tokens"),
+                    "$/1M out (what-if)": figures.value({"cost": new}, "usd_per_1m_output_tokens"),
+                    "$/request (what-if)": figures.value({"cost": new}, "usd_per_request"),
                     "capital $/h": (new.get("usd_per_hour") or {}).get("capital"),
                     "energy $/h": (new.get("usd_per_hour") or {}).get("energy"),
                     "power": new.get("power_source") or new.get("reason"),

@@ -92,66 +92,54 @@ class MetricSpec:
     description: str = ""
 
 
-def _peak_mem_gib(rec: Record, report: dict[str, Any]) -> float | None:
-    from moecap.report import record_row  # the same priority as `moecap report` (device, then host)
+def _groups(f: Any) -> tuple[str, ...]:
+    """Names --gate/--threshold accept for a figure's family: the family, and its sub-family (``ttft_ms``,
+    ``decode_pass_ms``, ``s_mbu``, ``goodput``)."""
+    sub: tuple[str, ...] = ()
+    if f.family in ("latency", "pass_latency"):
+        sub = (f.path[1],)
+    elif f.family == "utilization":
+        sub = (f.path[-1],)
+    elif f.key.startswith("goodput"):
+        sub = ("goodput",)
+    return (f.family, *sub)
 
-    return record_row(rec).get("peak_mem_gib")
+
+def static_metrics() -> list[MetricSpec]:
+    """The comparable figures of the figure table (``moecap.figures``: read at call time), those with a
+    threshold, in the table's order."""
+    from moecap import figures
+
+    return [MetricSpec(f.key, _groups(f), bool(f.higher_is_better), f.threshold, gated=f.gated,
+                       absolute=f.absolute, path=f.path, getter=(lambda rec, report, f=f: f.value(report)),
+                       samples=f.samples, description=f.description)
+            for f in figures.table() if f.threshold is not None and f.higher_is_better is not None]
 
 
-THROUGHPUT_SAMPLES = (("passes", "mean"), ("e2el", "mean"))  # static batches: duration = the passes; servers: E2EL
-STATIC_METRICS: list[MetricSpec] = [
-    MetricSpec("output_tokens_per_s", ("throughput",), True, 0.05, gated=True,
-               path=("throughput", "output_tokens_per_s"), samples=THROUGHPUT_SAMPLES,
-               description="output tokens / duration"),
-    MetricSpec("total_tokens_per_s", ("throughput",), True, 0.05,
-               path=("throughput", "total_tokens_per_s"), samples=THROUGHPUT_SAMPLES,
-               description="(input + output) tokens / duration"),
-    MetricSpec("requests_per_s", ("throughput",), True, 0.05,
-               path=("throughput", "requests_per_s"), samples=THROUGHPUT_SAMPLES,
-               description="completed requests / duration"),
-    MetricSpec("goodput_requests_per_s", ("throughput", "goodput"), True, 0.05,
-               path=("throughput", "goodput_requests_per_s"), samples=THROUGHPUT_SAMPLES,
-               description="requests meeting every SLO / duration"),
-]
-_LATENCY_GATED = {"ttft_ms_median", "ttft_ms_p99", "tpot_ms_median", "tpot_ms_p99"}
-_QUANTILE_THRESHOLDS = (("median", 0.10), ("p90", 0.15), ("p99", 0.20))
-for _m, _what in (("ttft", "time to first token"), ("tpot", "time per output token"),
-                  ("itl", "inter-token latency"), ("e2el", "end-to-end latency")):
-    for _stat, _thr in _QUANTILE_THRESHOLDS:
-        STATIC_METRICS.append(MetricSpec(
-            f"{_m}_ms_{_stat}", ("latency", f"{_m}_ms"), False, _thr, gated=f"{_m}_ms_{_stat}" in _LATENCY_GATED,
-            path=("latency", f"{_m}_ms", _stat), samples=((_m, _stat),), description=f"{_what}, {_stat}"))
-for _phase in ("prefill", "decode"):
-    for _stat, _thr in _QUANTILE_THRESHOLDS:
-        STATIC_METRICS.append(MetricSpec(
-            f"{_phase}_pass_ms_{_stat}", ("pass_latency", f"{_phase}_pass_ms"), False, _thr,
-            path=("pass_latency", f"{_phase}_pass_ms", _stat), samples=((f"{_phase}_passes", _stat),),
-            description=f"server-side {_phase} forward pass, {_stat}"))
-for _phase in ("prefill", "decode"):
-    # Σ bytes / Σ time: the bytes are fixed by the cell, the time is the passes' (servers: the ITLs)
-    _util_samples = ((f"{_phase}_passes", "mean"),) + ((("itl", "mean"),) if _phase == "decode" else ())
-    for _u in ("s_mbu", "s_mfu"):
-        STATIC_METRICS.append(MetricSpec(
-            f"{_u}_{_phase}", ("utilization", _u), True, 0.05, gated=_u == "s_mbu",
-            path=("utilization", _phase, _u), samples=_util_samples,
-            description=f"{_u.upper().replace('_', '-')} of the {_phase} phase"))
-STATIC_METRICS += [
-    MetricSpec("usd_per_1m_output_tokens", ("cost",), False, 0.05,
-               path=("cost", "usd_per_1m_output_tokens"), samples=THROUGHPUT_SAMPLES,
-               description="$ per 1M output tokens (follows the run's duration)"),
-    MetricSpec("j_per_token", ("energy",), False, 0.10, path=("energy", "joules_per_output_token"),
-               description="energy per output token (measured power)"),
-    MetricSpec("peak_mem_gib", ("memory",), False, 0.10, getter=_peak_mem_gib,
-               description="peak memory: device allocated, else host RSS (as `moecap report`)"),
-]
-del _m, _what, _stat, _thr, _phase, _u, _util_samples
-STATIC_BY_NAME = {s.name: s for s in STATIC_METRICS}
+def static_by_name() -> dict[str, MetricSpec]:
+    return {s.name: s for s in static_metrics()}
+
+
+def __getattr__(name: str) -> Any:  # the old constant names follow the figure table
+    if name == "STATIC_METRICS":
+        return static_metrics()
+    if name == "STATIC_BY_NAME":
+        return static_by_name()
+    if name == "GROUPS":
+        return groups()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 PERPLEXITY_THRESHOLD = 0.01
 ACCURACY_THRESHOLD = 0.02  # absolute: 2 points
 LM_EVAL_OTHER_THRESHOLD = 0.01  # lm-eval figures that are not fractions (word perplexity, ...): relative
 QUALITY_GROUPS = ("quality", "perplexity", "accuracy", "lm_eval")
-GROUPS = sorted({g for s in STATIC_METRICS for g in s.groups} | set(QUALITY_GROUPS))
+
+
+def groups() -> list[str]:
+    return sorted({g for s in static_metrics() for g in s.groups} | set(QUALITY_GROUPS))
+
+
 GATE_KEYWORDS = ("default", "all", "none")
 
 
@@ -190,28 +178,21 @@ def _number(v: Any) -> float | None:
 
 def record_figures(rec: Record) -> dict[str, Figure]:
     """Every comparable figure of ``rec`` by metric name (figures that are absent or not finite are left out)."""
+    from moecap import figures
+
     report = rec.report or {}
     out: dict[str, Figure] = {}
-    for spec in STATIC_METRICS:
+    for spec in static_metrics():
         v = _number(spec.getter(rec, report) if spec.getter else dig(report, spec.path))
         if v is not None:
             out[spec.name] = Figure(spec, v)
-    quality = report.get("quality") or {}
-    for ds, res in sorted((quality.get("perplexity") or {}).items()):
-        v = _number((res or {}).get("perplexity"))
-        if v is not None:
-            out[f"ppl:{ds}"] = Figure(_perplexity_spec(ds), v)
-    for task, res in sorted(((quality.get("lm_eval") or {}).get("tasks") or {}).items()):
-        res = res or {}
-        n = _number(dig(res, ("n_samples", "effective")))
-        for metric, m in sorted((res.get("metrics") or {}).items()):
-            value, stderr = (m.get("value"), m.get("stderr")) if isinstance(m, dict) else (m, None)
-            v = _number(value)
-            if v is None:
-                continue
-            higher = (res.get("higher_is_better") or {}).get(metric, True) is not False
-            spec = _lm_eval_spec(task, metric, higher, 0.0 <= v <= 1.0)
-            out[spec.name] = Figure(spec, v, _number(stderr), int(n) if n else None)
+    for key, (v, stderr, info) in figures.quality_values(report).items():
+        if key.startswith("ppl:"):
+            out[key] = Figure(_perplexity_spec(info["dataset"]), v)
+            continue
+        task, _, metric = key.partition(":")
+        spec = _lm_eval_spec(task, metric, info["higher_is_better"], 0.0 <= v <= 1.0)
+        out[spec.name] = Figure(spec, v, stderr, info.get("n"))
     return out
 
 
@@ -220,8 +201,8 @@ def record_figures(rec: Record) -> dict[str, Figure]:
 
 
 def _canon(pattern: str) -> str:
-    """Patterns are case-insensitive and take ``p50`` for ``median``."""
-    return pattern.strip().lower().replace("p50", "median")
+    """Patterns are case-insensitive and take ``median`` for ``p50`` (older figure names)."""
+    return pattern.strip().lower().replace("median", "p50")
 
 
 def _matches(pattern: str, spec: MetricSpec) -> bool:
@@ -240,15 +221,15 @@ def _known_pattern(pattern: str) -> bool:
     """Whether a --gate/--threshold pattern can name a metric: a static one, a group, or a quality figure
     (``ppl:<dataset>``, ``<task>:<metric>``: their names come from the records)."""
     p = _canon(pattern)
-    if ":" in p or any(fnmatch.fnmatchcase(g, p) for g in GROUPS):
+    if ":" in p or any(fnmatch.fnmatchcase(g, p) for g in groups()):
         return True
-    return any(fnmatch.fnmatchcase(s.name, p) for s in STATIC_METRICS)
+    return any(fnmatch.fnmatchcase(s.name, p) for s in static_metrics())
 
 
 def _unknown_metric_message(pattern: str) -> str:
-    examples = ", ".join(s.name for s in STATIC_METRICS[:4])
+    examples = ", ".join(s.name for s in static_metrics()[:4])
     return (f"unknown metric {pattern!r}; expected a metric name or pattern ({examples}, "
-            f"ttft_ms_p99, ...; `moecap compare --list-metrics` lists them all), a group ({', '.join(GROUPS)}), "
+            f"ttft_ms_p99, ...; `moecap compare --list-metrics` lists them all), a group ({', '.join(groups())}), "
             f"or a quality figure (ppl:<dataset>, <task>:<metric>)")
 
 
@@ -762,8 +743,9 @@ def compare_records(pb: Path, rb: Record, pc: Path, rc: Record, settings: Settin
     fbs, fcs = record_figures(rb), record_figures(rc)
     fhs = [record_figures(h) for h in history]
     sampling = _CellSampling(pb, rb, pc, rc, settings)
-    names = [s.name for s in STATIC_METRICS if s.name in fbs or s.name in fcs]
-    names += sorted((set(fbs) | set(fcs)) - set(STATIC_BY_NAME))
+    static = static_metrics()
+    names = [s.name for s in static if s.name in fbs or s.name in fcs]
+    names += sorted((set(fbs) | set(fcs)) - {s.name for s in static})
     return [compare_metric(name, fbs.get(name), fcs.get(name), sampling, settings,
                            [f[name].value for f in fhs if name in f]) for name in names]
 
@@ -943,7 +925,7 @@ def list_metrics() -> str:
     from moecap.report import render_table
 
     rows = []
-    for s in STATIC_METRICS:
+    for s in static_metrics():
         rows.append([s.name, ", ".join(s.groups), "higher" if s.higher_is_better else "lower",
                      f"{s.threshold * 100:g}%", "yes" if s.gated else "",
                      " or ".join(f"{st} of {src}" for src, st in s.samples) or "-", s.description])

@@ -301,14 +301,18 @@ def price_run(report: dict[str, Any], hw: dict[str, Any] | None, settings: dict[
     from moecap.catalog import build_cost_inputs
     from moecap.metrics.cost import cost_report
 
-    energy = report.get("energy") or {}
-    measured = energy.get("avg_power_w") if energy.get("available") else None
+    from moecap import figures
+
+    measured = figures.value(report, "avg_power_w")
     try:
         inputs = build_cost_inputs(
             hw or {}, settings, avg_power_w=measured, power_source="measured" if measured else "tdp"
         )
-        thr = report["throughput"]
-        return cost_report(inputs, thr["duration_s"], thr["output_tokens"], thr["completed"])
+        got = {k: figures.value(report, k) for k in ("duration_s", "output_tokens", "completed_requests")}
+        missing = [k for k, v in got.items() if v is None]
+        if missing:
+            raise KeyError(f"the report has no {', '.join(missing)}")
+        return cost_report(inputs, got["duration_s"], int(got["output_tokens"]), int(got["completed_requests"]))
     except (ValueError, KeyError) as err:
         return {"available": False, "reason": f"{type(err).__name__}: {err}"}
 
@@ -344,6 +348,9 @@ def _measure_cell(
         from moecap.quality.evaluate import evaluate_quality
 
         report["quality"] = evaluate_quality(runner, cell.workload)
+    from moecap.figures import bases
+
+    report["basis"] = bases(report)  # per figure family: measured, traced, recorded or estimated
     return report, arts
 
 

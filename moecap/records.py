@@ -35,16 +35,129 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator, with_config
+from typing_extensions import TypedDict
 
 from moecap.paths import atomic_write_text
 
-SCHEMA_VERSION = 1
+# 2: ITL one gap per streamed chunk (itl_per_token_ms beside it), duration from the first dispatch to the
+#    end of the last request (failed ones included), empty latency sets 0 with n 0, report.basis
+SCHEMA_VERSION = 2
 log = logging.getLogger(__name__)
+
+_OPEN = ConfigDict(extra="allow")
+
+
+# The report, typed: what every figure in moecap.figures reads has its type here; sections keep keys this
+# version does not know (newer records load), and a value of the wrong type fails the record naming it.
+@with_config(_OPEN)
+class Stats(TypedDict, total=False):
+    n: int
+    mean: float | None
+    std: float | None
+    median: float | None
+    p90: float | None
+    p99: float | None
+
+
+@with_config(_OPEN)
+class Throughput(TypedDict, total=False):
+    completed: int
+    failed: int
+    duration_s: float
+    input_tokens: int
+    output_tokens: int
+    output_tokens_per_s: float | None
+    total_tokens_per_s: float | None
+    requests_per_s: float | None
+    goodput_requests_per_s: float | None
+    slo_ms: dict[str, float]
+
+
+@with_config(_OPEN)
+class Phase(TypedDict, total=False):
+    s_mbu: float | None
+    s_mfu: float | None
+    achieved_bandwidth_gbs: float | None
+    achieved_tflops: float | None
+    mean_active_experts_per_layer: float | None
+    time_s: float
+
+
+@with_config(_OPEN)
+class Utilization(TypedDict, total=False):
+    basis: Literal["traced", "recorded", "estimated"]
+    available: bool
+    reason: str
+    prefill: Phase
+    decode: Phase
+    peak: dict[str, Any]
+
+
+@with_config(_OPEN)
+class Energy(TypedDict, total=False):
+    available: bool
+    joules_per_output_token: float | None
+
+
+@with_config(_OPEN)
+class Cost(TypedDict, total=False):
+    available: bool
+    usd_per_1m_output_tokens: float | None
+
+
+@with_config(_OPEN)
+class Report(TypedDict, total=False):
+    latency: dict[str, Stats]
+    throughput: Throughput
+    pass_latency: dict[str, Stats]
+    utilization: Utilization
+    energy: Energy
+    cost: Cost
+    memory: dict[str, Any]
+    quality: dict[str, Any]
+    tracing: dict[str, Any]
+    model: dict[str, Any]
+    server: dict[str, Any]
+    per_model: dict[str, Any]
+    client: dict[str, Any]
+    errors: dict[str, int]
+    basis: dict[str, Literal["measured", "traced", "recorded", "estimated"]]
+    notes: list[str]
+
+
+SCHEMA_1_NOTE = ("schema 1: itl_ms counted a chunk of k tokens as one gap and k-1 zeros, and the duration "
+                 "(so every throughput) ended at the last successful request")
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A record dict of an older schema brought to :data:`SCHEMA_VERSION` (the one migration every
+    loader goes through). Schema 1 -> 2: the report gains ``basis``; its figures stay as they were
+    measured, with a note on the two definitions that changed."""
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version >= SCHEMA_VERSION:
+        return data
+    out = dict(data)
+    report = dict(out.get("report") or {})
+    if version < 2 and report:
+        from moecap import figures
+
+        report.setdefault("basis", figures.bases(report))
+        if "latency" in report or "throughput" in report:
+            report["notes"] = [*report.get("notes", []), SCHEMA_1_NOTE]
+    out["report"] = report
+    out["migrated_from"] = version
+    out["schema_version"] = SCHEMA_VERSION
+    return out
 
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        return migrate(data) if isinstance(data, dict) else data
 
     schema_version: int = SCHEMA_VERSION
     run_id: str
@@ -55,7 +168,7 @@ class Record(BaseModel):
     error: str | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     environment: dict[str, Any] = Field(default_factory=dict)
-    report: dict[str, Any] = Field(default_factory=dict)
+    report: Report = Field(default_factory=dict)
     artifacts: dict[str, str] = Field(default_factory=dict)
     # A failed record may carry ``failure``: {"kind": exception | timeout | worker_died | node_died |
     # unschedulable, "attempts": N, ...} (moecap.executor says what each kind means); an extra key.

@@ -168,7 +168,7 @@ def test_two_real_runs(two_runs, tmp_path):
         if cell is quality:
             continue
         gated = {m["metric"]: m for m in cell["metrics"] if m["gated"]}
-        assert set(gated) == {"output_tokens_per_s", "ttft_ms_median", "ttft_ms_p99", "tpot_ms_median",
+        assert set(gated) == {"output_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50",
                               "tpot_ms_p99", "s_mbu_prefill", "s_mbu_decode"}
         for m in gated.values():  # every gated timing figure was judged on paired samples
             sig = m["significance"]
@@ -232,7 +232,7 @@ def test_injected_10_percent_slowdown_is_flagged(two_runs, tmp_path, capsys):
     assert all(m["gated"] for m in rows(data, "ppl:tiny-code"))
     rc, data = compare_json(capsys, cur, slow, "--gate", "ttft_ms_p50", "--threshold", "latency=5%")
     assert rc == 1 and {m["metric"] for c in data["cells"] for m in c["metrics"] if m["verdict"] == "regression"} \
-        == {"ttft_ms_median"}
+        == {"ttft_ms_p50"}
     rc, data = compare_json(capsys, cur, slow, "--gate", "ppl:wikitext2")
     assert rc == 0 and any("'ppl:wikitext2' matched no metric" in n for n in data["notes"])
 

@@ -93,13 +93,13 @@ def test_quickstart_records(quickstart_run):
         reqs = [json.loads(x) for x in (out / "quickstart" / rec["artifacts"]["requests"]).read_text().splitlines()]
         assert len(reqs) == 4 and all(r["output_tokens"] == 8 for r in reqs)
     # the end-of-run summary table
-    assert "S-MBU dec" in proc.stdout and "3 ok, 0 failed" in proc.stdout and "ppl:tiny-code" in proc.stdout
+    assert "S-MBU decode" in proc.stdout and "3 ok, 0 failed" in proc.stdout and "ppl:tiny-code" in proc.stdout
 
 
 def test_report_shows_records(quickstart_run):
     out, _ = quickstart_run
     table = moecap("report", str(out), check=0).stdout
-    assert "tiny-moe" in table and "bs=1" in table and "bs=4" in table and "TTFT p50 ms" in table
+    assert "tiny-moe" in table and "bs=1" in table and "bs=4" in table and "TTFT p50 (ms)" in table
     assert "ppl:tiny-prose" in table and "moecap_mc_code:acc" in table
     rows = json.loads(moecap("report", str(out), "--format", "json", check=0).stdout)
     assert len(rows) == 3 and sum(r["s_mbu_decode"] is not None and 0 < r["s_mbu_decode"] <= 1 for r in rows) == 2

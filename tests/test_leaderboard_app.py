@@ -105,7 +105,7 @@ def test_csv_export_holds_the_filtered_rows(client):
     path = client.predict(load=["bs=1", "bs=4"], api_name="/export_csv")
     rows = list(csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8"))))
     assert sorted(r["load"] for r in rows) == ["bs=1", "bs=4"]
-    assert all(float(r["output_tok_s"]) > 0 for r in rows)
+    assert all(float(r["output_tokens_per_s"]) > 0 for r in rows)
 
 
 def test_plots_and_record(client, app_url):
@@ -129,11 +129,11 @@ def test_scatter_front_and_radar_figures():
     df = pd.DataFrame({
         "system": ["a", "a", "b", "b"], "model": "m", "hardware": "h", "precision": "p",
         "load": ["bs=1", "bs=2", "bs=1", "bs=2"], "cell_id": list("wxyz"),
-        "usd_per_1m_tokens": [1.0, 2.0, 3.0, 2.5],  # lower is better
+        "usd_per_1m_output_tokens": [1.0, 2.0, 3.0, 2.5],  # lower is better
         "accuracy": [0.5, 0.7, 0.9, 0.6],  # higher is better
-        "output_tok_s": [10.0, 20.0, 40.0, 5.0],
+        "output_tokens_per_s": [10.0, 20.0, 40.0, 5.0],
     })
-    fig = scatter_figure(df, "usd_per_1m_tokens", "accuracy")
+    fig = scatter_figure(df, "usd_per_1m_output_tokens", "accuracy")
     front = [t for t in fig.data if t.name == "Pareto front"][0]
     assert list(front.x) == [1.0, 2.0, 3.0] and list(front.y) == [0.5, 0.7, 0.9]
     assert front.line.shape == "hv"  # corners at (worse cost, worse accuracy)

@@ -128,9 +128,9 @@ def test_load_results_columns_and_values(results):
     assert row["hardware"] == "AMD EPYC" and row["load"] == "bs=4" and row["batch_size"] == 4
     assert row["ttft_ms_p50"] == 829.0 and row["ttft_ms_p99"] == 901.2 and row["tpot_ms_p50"] == 351.41
     assert row["itl_ms_p99"] == 396.0 and row["e2el_ms_p50"] == 3288.93
-    assert row["output_tok_s"] == 9.7 and row["req_s"] == 1.2162
+    assert row["output_tokens_per_s"] == 9.7 and row["requests_per_s"] == 1.2162
     assert row["s_mbu_decode"] == 0.000191 and row["s_mfu_prefill"] == 0.00296
-    assert row["j_per_token"] == 0.5 and row["usd_per_1m_tokens"] == 6.57
+    assert row["j_per_token"] == 0.5 and row["usd_per_1m_output_tokens"] == 6.57
     assert row["status"] == "ok" and row["suite"] == "quickstart"
     assert row["record_path"].endswith("quickstart/tiny__hf__bs4.json")
     assert math.isnan(row["accuracy"]) and math.isnan(df.set_index("cell_id").loc["tiny__hf__bs1", "j_per_token"])
@@ -138,7 +138,7 @@ def test_load_results_columns_and_values(results):
     assert q["accuracy"] == pytest.approx(0.30) and q["perplexity"] == pytest.approx(147.137)
     assert q["ppl:tiny-prose"] == pytest.approx(164.34) and q["moecap_mc_code:acc_norm"] == pytest.approx(0.27)
     assert q["load"] is None and pd.isna(q["batch_size"]) and math.isnan(q["ttft_ms_p50"])
-    assert df["output_tok_s"].dtype == "float64" and str(df["batch_size"].dtype) == "Int64"
+    assert df["output_tokens_per_s"].dtype == "float64" and str(df["batch_size"].dtype) == "Int64"
     dyn = [c.key for c in lb.columns_for(df)[len(lb.COLUMNS):]]
     assert "ppl:tiny-code" in dyn and "moecap_mc_prose:acc" in dyn
 
@@ -158,7 +158,7 @@ def test_old_schema_record_gives_nan(tmp_path):
     assert len(df) == 1
     row = df.iloc[0]
     assert row["ttft_ms_p50"] == 12.5 and row["system"] == "hf"
-    for k in ("output_tok_s", "j_per_token", "usd_per_1m_tokens", "accuracy", "perplexity", "s_mbu_decode"):
+    for k in ("output_tokens_per_s", "j_per_token", "usd_per_1m_output_tokens", "accuracy", "perplexity", "s_mbu_decode"):
         assert math.isnan(row[k])
     assert row["hardware"] is None and row["precision"] is None and row["created_at"] is None
 
@@ -176,7 +176,7 @@ def test_corrupt_and_foreign_json_are_skipped_with_a_warning(results):
 def test_empty_folder_gives_empty_frame_with_all_columns(tmp_path):
     df = lb.load_results(tmp_path)
     assert df.empty and all(c.key in df.columns for c in lb.COLUMNS)
-    assert lb.pareto_front(df, [("output_tok_s", True), ("ttft_ms_p50", False)]).empty
+    assert lb.pareto_front(df, [("output_tokens_per_s", True), ("ttft_ms_p50", False)]).empty
     assert lb.display_frame(df).columns[0] == "Model"
 
 
@@ -304,7 +304,7 @@ def test_to_csv_round_trips(results):
     text = lb.to_csv(df)
     assert text.splitlines()[0].startswith("model,system,precision,hardware,load")
     back = pd.read_csv(__import__("io").StringIO(text))
-    assert len(back) == 4 and back["output_tok_s"].max() == 120.0
+    assert len(back) == 4 and back["output_tokens_per_s"].max() == 120.0
 
 
 # ---------------------------------------------------------------- publish
@@ -393,10 +393,10 @@ def test_real_quickstart_records(tmp_path_factory, tiny_moe_dir):
     assert len(df) == 3 and set(df["status"]) == {"ok"}
     perf = df[df["load"].notna()]
     assert set(perf["load"]) == {"bs=1", "bs=4"} and set(perf["batch_size"]) == {1, 4}
-    for k in ("ttft_ms_p50", "tpot_ms_p50", "output_tok_s", "req_s", "s_mbu_decode", "s_mfu_prefill", "usd_per_1m_tokens",
+    for k in ("ttft_ms_p50", "tpot_ms_p50", "output_tokens_per_s", "requests_per_s", "s_mbu_decode", "s_mfu_prefill", "usd_per_1m_output_tokens",
               "accuracy", "perplexity"):
         assert perf[k].notna().all() and (perf[k] > 0).all(), k
     assert (df["system"] == "hf (attn=sdpa)").all() and df["hardware"].notna().all()
-    assert lb.pareto_front(perf, [("output_tok_s", True), ("ttft_ms_p50", False)]).any()
+    assert lb.pareto_front(perf, [("output_tokens_per_s", True), ("ttft_ms_p50", False)]).any()
     published = publish([out], out.parent / "lb-real-published")
     assert len(published) == 3 and len(lb.load_results(out.parent / "lb-real-published")) == 3

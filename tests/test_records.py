@@ -51,9 +51,9 @@ def test_report_formats():
         report={"latency": {"ttft_ms": {"median": 12.345}}, "utilization": {"decode": {"s_mbu": 0.5}}},
     )
     row = record_row(rec)
-    assert row["load"] == "bs=4" and row["ttft_ms_median"] == 12.345 and row["s_mbu_decode"] == 0.5
+    assert row["load"] == "bs=4" and row["ttft_ms_p50"] == 12.345 and row["s_mbu_decode"] == 0.5
     table = format_rows([row])
-    assert "TTFT p50 ms" in table and "12.3" in table and "0.500" in table
+    assert "TTFT p50 (ms)" in table and "12.3" in table and "0.500" in table
     md = format_rows([row], "markdown")
     assert md.startswith("| model |")
     csv = format_rows([row], "csv")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from moecap import figures
+
 FRONTIER_FILE = "frontier.json"
 
 
@@ -109,16 +111,15 @@ def points_from_outcome(outcome: Any, dataset: str) -> list[Point]:
             pts.append(Point(name, dict(o.cell.runner.args.get("plan") or {}), o.status))
             continue
         rep = rec.report or {}
-        mem = rep.get("memory") or {}
         pts.append(Point(
             name=name,
             plan=_get(rec.config, "runner", "plan") or dict(o.cell.runner.args.get("plan") or {}),
             status=rec.status,
-            tokens_per_s=_get(rep, "throughput", "output_tokens_per_s"),
-            perplexity=_get(rep, "quality", "perplexity", dataset, "perplexity"),
-            fast_bytes=mem.get("fast_tier_weights_bytes"),
-            host_bytes=mem.get("expert_bytes_host"),
-            s_mbu_decode=_get(rep, "utilization", "decode", "s_mbu"),
+            tokens_per_s=figures.value(rep, "output_tokens_per_s"),
+            perplexity=figures.value(rep, f"ppl:{dataset}"),
+            fast_bytes=figures.value(rep, "fast_tier_weights_bytes"),
+            host_bytes=figures.value(rep, "host_expert_bytes"),
+            s_mbu_decode=figures.value(rep, "s_mbu_decode"),
             record=o.path,
             plan_detail=_get(rec.config, "runner", "plan_detail"),
         ))

@@ -12,8 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moecap import figures
+from moecap.figures import dig
 from moecap.records import load_records
-from moecap.report import dig
+
+
+def _int(v: Any) -> int | None:
+    return None if v is None else int(v)
 
 
 def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
@@ -28,22 +33,19 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, dict[str,
         label = runner.get("display_name") or runner.get("name") or "?"
         args = runner.get("resolved_args") or runner.get("args") or {}
         rep = rec.report
-        per_q = dig(rep, ("quality", "per_model"))
-        if per_q:
+        per = figures.per_model(rep)
+        if per and all(set(r) == {"quality"} for r in per.values()):  # a quality record, per child
             own = {}
-            for child, q in per_q.items():
-                domain = "tiny-" + child.removeprefix("tiny-moe-")
-                value = dig(q, ("perplexity", domain, "perplexity"))
+            for child, q in per.items():
+                value = figures.value(q, "ppl:tiny-" + child.removeprefix("tiny-moe-"))
                 if value is not None:
                     own[child] = value
             quality[label] = own
             continue
-        per = rep.get("per_model")
         if not per:
             continue
-        server = rep.get("server") or {}
-        mem = server.get("memory") or {}
-        experts = mem.get("expert_bytes")  # every backend reports it
+        experts = figures.value(rep, "server_expert_bytes")  # every backend reports it
+        fast = figures.value(rep, "server_expert_bytes_fast")
         load = dig(rec.config, ("load",)) or {}
         load_s = f"rate={load['rate']:g}" if load.get("rate") else (
             f"conc={load.get('concurrency')}" if load.get("concurrency") else f"batch={load.get('batch_size')}")
@@ -51,13 +53,13 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, dict[str,
             rows.append({
                 "runner": label, "backend": args.get("backend", "separate"), "load": load_s, "child": child,
                 "requests": fig.get("requests"),
-                "e2el_p50_ms": dig(fig, ("latency", "e2el_ms", "median")),
-                "e2el_p90_ms": dig(fig, ("latency", "e2el_ms", "p90")),
-                "ttft_p50_ms": dig(fig, ("latency", "ttft_ms", "median")),
-                "switches": server.get("switches"),
-                "switch_ms_mean": dig(server, ("switch_ms", "mean")),
+                "e2el_p50_ms": figures.value(fig, "e2el_ms_p50"),
+                "e2el_p90_ms": figures.value(fig, "e2el_ms_p90"),
+                "ttft_p50_ms": figures.value(fig, "ttft_ms_p50"),
+                "switches": _int(figures.value(rep, "server_switches")),
+                "switch_ms_mean": figures.value(rep, "server_switch_ms_mean"),
                 "expert_mib": None if experts is None else experts / 2**20,
-                "expert_fast_mib": None if "expert_bytes_fast" not in mem else mem["expert_bytes_fast"] / 2**20,
+                "expert_fast_mib": None if fast is None else fast / 2**20,
             })
     rows.sort(key=lambda r: (r["load"], r["runner"], r["child"]))
     return rows, quality

@@ -459,7 +459,7 @@ def served(path: Path, threads: int, args: Any) -> dict[str, Any]:
     from one ``moecap run`` (what the issue's table measured)."""
     import tempfile
 
-    from moecap.executor import run_suite
+    from moecap.run import run_suite
     from moecap.records import ResultStore
     from moecap.suite import parse_suite
 

@@ -57,7 +57,7 @@ _BOOKKEEPING: list[Column] = [
     C("utilization_basis", "S-MBU basis", "str", None, False, None,
       "traced: per-pass timings and router traces; recorded: a server's own routing record; estimated: a "
       "server's decode passes reconstructed from streamed timestamps, expected expert unions"),
-    C("basis", "Basis", "str", None, False, None,
+    C("basis", "Basis", "str", None, True, None,
       "figure families that are not plainly measured, e.g. util=traced cost=estimated"),
     C("status", "Status", "str", None, False, None, "Record status: ok, failed or skipped"),
     C("suite", "Suite", "str", None, False, None, "Suite name"),
@@ -147,11 +147,9 @@ def default_keys() -> list[str]:
 
 
 def _get(d: Any, *path: str) -> Any:
-    for k in path:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
+    from moecap.figures import dig
+
+    return dig(d, path)
 
 
 def _num(v: Any) -> float | None:
@@ -249,7 +247,7 @@ def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, A
     for f in figures.table():
         row[f.key] = _num(f.value(rep))
     row.update({
-        "utilization_basis": _get(rep, "utilization", "basis"),
+        "utilization_basis": figures.basis(rep, "s_mbu_decode") if rep else None,
         "basis": figures.basis_summary(rep) if rep else None,
         "status": d.get("status"),
         "suite": suite,

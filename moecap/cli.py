@@ -59,7 +59,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"  {i + 1:3d}. {cell.describe():60s} {cell.cell_id}")
         return 0
 
-    from moecap.executor import ExecutorOptions, ResumeError, run_suite
+    from moecap.run import ExecutorOptions, ResumeError, run_suite
     from moecap.report import format_rows, record_row
 
     options = ExecutorOptions(
@@ -93,10 +93,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(format_rows(rows))
     n_failed = len(outcome.failed)
     n_busy = sum(o.status == "busy" for o in outcome.outcomes)
+    n_rescored = sum(o.status == "rescored" for o in outcome.outcomes)
     print(
         f"\nrun {outcome.run_id}{' (resumed)' if outcome.resumed else ''}: "
         f"{sum(o.status == 'ok' for o in outcome.outcomes)} ok, {n_failed} failed, "
         f"{sum(o.status == 'skipped' for o in outcome.outcomes)} done before"
+        f"{f', {n_rescored} re-scored for changed SLOs' if n_rescored else ''}"
         f"{f', {n_busy} being run by another moecap process' if n_busy else ''}; records in "
         f"{suite.output.dir}/{suite.name}/"
     )
@@ -115,7 +117,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
 
     from moecap import figures
     from moecap.catalog import OVERRIDE_KEYS
-    from moecap.executor import price_run
+    from moecap.run import price_run
     from moecap.records import load_records
     from moecap.report import record_row, render_table
 
@@ -313,8 +315,8 @@ def _floats(text: str) -> list[float]:
 def _cmd_engine_pareto(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moecap.engine.pareto import format_points, grid, pareto_suite, points_from_outcome, select, write_frontier
-    from moecap.executor import run_suite
+    from moecap.studies.pareto import format_points, grid, pareto_suite, points_from_outcome, select, write_frontier
+    from moecap.run import run_suite
     from moecap.suite import SuiteError, parse_suite
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -396,7 +398,7 @@ def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
         print("moecap: consolidation needs at least two children", file=sys.stderr)
         return 2
     if args.curve is not None:
-        from moecap.engine.consolidate_eval import run_curve
+        from moecap.studies.consolidation import run_curve
 
         run_curve(args.base, children, args.curve, args.output, windows=args.windows, shared=args.shared,
                   merge_methods=() if args.no_merge else ("average", "task_arithmetic", "ties", "dare"),
@@ -404,7 +406,7 @@ def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
         print(f"records and curve.json / curve.png in {Path(args.output) / 'consolidation'}")
         return 0
     from moecap.engine.consolidate import format_plan, make_plan
-    from moecap.engine.consolidate_eval import measure_children
+    from moecap.engine.consolidate import measure_children
     from moecap.models import local_path_for
 
     if args.threshold is None and args.budget_mb is None:
@@ -422,7 +424,7 @@ def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
 def _cmd_engine_tenants(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moecap.engine.tenants import collect, format_table, plot
+    from moecap.studies.tenants import collect, format_table, plot
 
     if not Path(args.results).exists():
         print(f"moecap engine tenants: {args.results}: no such file or folder", file=sys.stderr)

@@ -170,10 +170,9 @@ class Figure:
 
 
 def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
+    from moecap.figures import number
+
+    return number(v)
 
 
 def record_figures(rec: Record) -> dict[str, Figure]:

@@ -345,6 +345,11 @@ def basis(report: dict[str, Any], key: str) -> str | None:
     return bases(report).get(family)
 
 
+def peak_kind(report: dict[str, Any]) -> str | None:
+    """Which kind of peak the utilization was measured against (datasheet, calibrated or user)."""
+    return dig(report, ("utilization", "peak", "kind"))
+
+
 def basis_summary(report: dict[str, Any]) -> str:
     """The families whose figures are not plainly measured, e.g. ``util=traced cost=estimated``."""
     said = report.get("basis") if isinstance(report, dict) and isinstance(report.get("basis"), dict) else None

@@ -171,7 +171,7 @@ class Record(BaseModel):
     report: Report = Field(default_factory=dict)
     artifacts: dict[str, str] = Field(default_factory=dict)
     # A failed record may carry ``failure``: {"kind": exception | timeout | worker_died | node_died |
-    # unschedulable, "attempts": N, ...} (moecap.executor says what each kind means); an extra key.
+    # unschedulable, "attempts": N, ...} (moecap.run.driver says what each kind means); an extra key.
 
 
 def new_run_id() -> str:

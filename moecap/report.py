@@ -58,7 +58,7 @@ def record_row(rec: Record | dict[str, Any]) -> dict[str, Any]:
     for f in figures.shown("report"):
         row[f.key] = f.value(report)
     row["basis"] = figures.basis_summary(report) if report else None
-    row["peak"] = dig(report, ("utilization", "peak", "kind"))
+    row["peak"] = figures.peak_kind(report)
     row.update({k: v for k, (v, _, _) in figures.quality_values(report).items()})
     return row
 

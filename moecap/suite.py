@@ -130,6 +130,21 @@ class WorkloadConfig(_Strict):
     """Generate exactly ``output_tokens`` tokens per request (as vLLM's benchmarks do)."""
     perplexity: PerplexityConfig | None = None
     lm_eval: LmEvalConfig | None = None
+    slo_ms: dict[str, float] | None = None
+    """Goodput SLOs, e.g. ``{ttft_ms: 500, tpot_ms: 50}`` (keys: ttft_ms, tpot_ms, e2el_ms). Not part of
+    the cell's identity: a changed SLO re-scores the stored requests of finished cells, it re-runs
+    nothing."""
+
+    @field_validator("slo_ms")
+    @classmethod
+    def _slo(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            bad = sorted(set(v) - {"ttft_ms", "tpot_ms", "e2el_ms"})
+            if bad:
+                raise ValueError(f"unknown SLO keys {bad}; allowed: ttft_ms, tpot_ms, e2el_ms")
+            if any(not x > 0 for x in v.values()):
+                raise ValueError("SLO values must be > 0")
+        return v or None
 
     @model_validator(mode="after")
     def _what_to_measure(self) -> "WorkloadConfig":
@@ -274,7 +289,7 @@ class Cell:
         return {
             "model": self.model.model_dump(mode="json"),
             "runner": self.runner.model_dump(mode="json"),
-            "workload": self.workload.model_dump(mode="json", exclude_none=True),
+            "workload": self.workload.model_dump(mode="json", exclude_none=True, exclude={"slo_ms"}),
             "load": self.load.model_dump(mode="json", exclude_defaults=True) if self.load else None,
             "hardware": {"device": self.suite.hardware.device},
         }

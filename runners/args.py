@@ -6,7 +6,7 @@ A suite's ``runners[i].args`` is validated against the runner's schema before an
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -76,8 +76,6 @@ class _ServingArgs(RunnerArgs):
     prompt_format: Literal["ids", "text"] = "ids"
     """``ids``: token-id prompts of exact length (vLLM, SGLang, llama.cpp's llama-server); ``text``: texts
     that the model's tokenizer encodes to exactly that length (servers that take text only)."""
-    slo_ms: dict[str, float] | None = None
-    """Goodput SLOs, e.g. ``{ttft_ms: 500, tpot_ms: 50}`` (keys: ttft_ms, tpot_ms, e2el_ms)."""
     models: dict[str, float] | None = None
     """A multi-model (multi-tenant) workload: served model name -> share of the requests, e.g.
     ``{tiny-moe-code: 0.6, tiny-moe-prose: 0.3, tiny-moe-c: 0.1}``; each request draws its model (seeded);
@@ -94,16 +92,13 @@ class _ServingArgs(RunnerArgs):
                 raise ValueError(f"models: shares must be > 0; got {bad}")
         return v
 
-    @field_validator("slo_ms")
+    @model_validator(mode="before")
     @classmethod
-    def _slo(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            bad = sorted(set(v) - {"ttft_ms", "tpot_ms", "e2el_ms"})
-            if bad:
-                raise ValueError(f"unknown SLO keys {bad}; allowed: ttft_ms, tpot_ms, e2el_ms")
-            if any(not x > 0 for x in v.values()):
-                raise ValueError("SLO values must be > 0")
-        return v
+    def _slo_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "slo_ms" in data:
+            raise ValueError("slo_ms belongs to the workload now (workloads[i].slo_ms): a changed SLO then "
+                             "re-scores the stored requests instead of re-running the cells")
+        return data
 
 
 class OpenAIRunnerArgs(_ServingArgs):

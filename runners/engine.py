@@ -82,7 +82,7 @@ class EngineRunner(HFRunner):
         per_layer = arch.experts_per_layer()
         g = self.args.group_size
         if self.args.select is not None:
-            from moecap.engine.pareto import load_frontier, select
+            from moecap.studies.pareto import load_frontier, select
 
             sel = self.args.select
             best = select(load_frontier(Path(sel.frontier).expanduser()), sel.max_perplexity, sel.min_tokens_per_s)

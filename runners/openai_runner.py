@@ -177,8 +177,6 @@ class OpenAIRunner(Runner):
         if retried:
             extra["connection_retries"] = {"requests": len(retried),
                                            "retries": sum(t.extra["connection_retries"] for t in retried)}
-        if self.args.slo_ms:
-            extra["goodput_slo_ms"] = dict(self.args.slo_ms)
         if self.args.models:
             extra["models"] = dict(self.args.models)
         if errors:

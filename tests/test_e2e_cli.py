@@ -59,7 +59,10 @@ def test_quickstart_records(quickstart_run):
     perf = {k: v for k, v in recs.items() if k not in quality}
     for cell_id, rec in perf.items():
         assert rec["status"] == "ok", rec.get("error")
-        assert rec["schema_version"] == 1 and rec["cell_id"] == cell_id
+        assert rec["schema_version"] == 2 and rec["cell_id"] == cell_id
+        basis = rec["report"]["basis"]  # each figure family says how it was obtained
+        assert basis["utilization"] == "traced" and basis["latency"] == basis["throughput"] == "measured"
+        assert basis["cost"] == "estimated"
         rep = rec["report"]
         # S-MBU and S-MFU against the calibrated CPU ceilings
         util = rep["utilization"]
@@ -92,6 +95,12 @@ def test_quickstart_records(quickstart_run):
             assert p["bytes"] > 0 and p["flops"] > 0
         reqs = [json.loads(x) for x in (out / "quickstart" / rec["artifacts"]["requests"]).read_text().splitlines()]
         assert len(reqs) == 4 and all(r["output_tokens"] == 8 for r in reqs)
+        # the record's ITL is the per-chunk definition over the requests it kept (a token is a chunk here)
+        from moecap.metrics.latency import percentile
+
+        gaps = [b - a for r in reqs for a, b in zip(r["token_times_s"], r["token_times_s"][1:])]
+        assert lat["itl_ms"]["median"] == pytest.approx(1e3 * percentile(gaps, 50))
+        assert lat["itl_ms"]["mean"] == pytest.approx(1e3 * sum(gaps) / len(gaps))
     # the end-of-run summary table
     assert "S-MBU decode" in proc.stdout and "3 ok, 0 failed" in proc.stdout and "ppl:tiny-code" in proc.stdout
 

@@ -132,7 +132,7 @@ def test_plan_round_trips_through_json(tmp_path, tiny_moe_dir):
 
 def test_engine_runner_cells(tmp_path, tiny_moe_dir):
     """Through the executor: resident and a mixed plan; S-MBU counts each expert at its stored size."""
-    from moecap.executor import run_suite
+    from moecap.run import run_suite
     from moecap.suite import parse_suite
 
     from moecap.corpus import domain_splits
@@ -197,13 +197,13 @@ def test_engine_runner_cells(tmp_path, tiny_moe_dir):
 
 # ------------------------------------------------------------------------------------ Pareto search
 def _pt(name, tps, ppl, fast, **kw):
-    from moecap.engine.pareto import Point
+    from moecap.studies.pareto import Point
 
     return Point(name, {}, "ok", tokens_per_s=tps, perplexity=ppl, fast_bytes=fast, **kw)
 
 
 def test_frontier_and_selection():
-    from moecap.engine.pareto import frontier, mark_frontier, select
+    from moecap.studies.pareto import frontier, mark_frontier, select
 
     pts = [_pt("a", 100, 10.0, 8), _pt("b", 80, 9.0, 8), _pt("c", 60, 9.5, 4), _pt("d", 50, 8.5, 8),
            _pt("e", 90, 11.0, 2)]
@@ -223,7 +223,7 @@ def test_frontier_and_selection():
 
 
 def test_grid_has_each_configuration_once():
-    from moecap.engine.pareto import grid
+    from moecap.studies.pareto import grid
 
     g = dict(grid(["int8", "int4"], [0, 0.5, 1], [0, 1]))
     assert len(g) == 2 * (1 + 2 * 2)
@@ -236,7 +236,7 @@ def test_engine_pareto_cli(tmp_path, tiny_moe_dir):
     configuration the frontier picks under a perplexity bound."""
     from test_e2e_cli import moecap
 
-    from moecap.engine.pareto import load_frontier
+    from moecap.studies.pareto import load_frontier
 
     out = tmp_path / "res"
     proc = moecap("engine", "pareto", str(tiny_moe_dir), "--device", "cpu", "--precisions", "int2",
@@ -264,7 +264,7 @@ def test_engine_pareto_cli(tmp_path, tiny_moe_dir):
     assert "frontier:" in proc.stdout
 
     # a suite asks for the best throughput within a perplexity bound
-    from moecap.executor import run_suite
+    from moecap.run import run_suite
     from moecap.suite import parse_suite
 
     bound = by["full-off0"].perplexity * 1.0001

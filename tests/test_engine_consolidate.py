@@ -122,7 +122,7 @@ def test_consolidate_cli_prints_per_layer_saving(tiny_moe_dir, tmp_path):
 def test_consolidation_curve_records(tiny_moe_dir, tmp_path):
     """The curve: one record per configuration; all-private equals each child alone; memory falls with the
     threshold; the consolidated children beat every merged model on their own domains."""
-    from moecap.engine.consolidate_eval import run_curve
+    from moecap.studies.consolidation import run_curve
     from moecap.records import load_records
 
     root = tiny_moe_dir.parent

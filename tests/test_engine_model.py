@@ -377,7 +377,7 @@ RANDOM_CONFIGS = {
 def test_engine_runner_on_every_family_from_real_configs(tmp_path):
     """The engine streams random weights (RandomSource) onto each built-in architecture config the engine
     serves, under a mixed plan with host experts; an unsupported family fails its cell with a clear error."""
-    from moecap.executor import run_suite
+    from moecap.run import run_suite
     from moecap.suite import parse_suite
 
     models = [{"id": f"random:{name}", "overrides": {**SHRINK, **extra}} for name, extra in RANDOM_CONFIGS.items()]

@@ -100,7 +100,7 @@ def test_moecap_serve_runner_multi_tenant_suite(tmp_path, tiny_moe_dir):
     """The `moecap-serve` runner through the executor: a skewed Poisson trace over three children on the
     consolidated backend, per-child turnaround in the record, the server's switches and memory, and each
     child's perplexity on every domain scored through the server (its own domain is its best)."""
-    from moecap.executor import run_suite
+    from moecap.run import run_suite
     from moecap.suite import parse_suite
 
     shares = {"tiny-moe-code": 0.5, "tiny-moe-prose": 0.3, "tiny-moe-c": 0.2}
@@ -162,7 +162,7 @@ def test_runner_quality_equals_in_process(tmp_path, tiny_moe_dir):
     """Perplexity and lm-eval accuracy scored over HTTP (echo + logprobs, greedy generation) equal the
     in-process `hf` runner's on the same windows and questions: the quality of what is served is
     measured, not assumed."""
-    from moecap.executor import run_suite
+    from moecap.run import run_suite
     from moecap.suite import parse_suite
 
     child = str(tiny_moe_dir.parent / "prose")

@@ -478,17 +478,17 @@ def test_moecap_client_benchmarks_it(server, reference):
 
 def test_server_runner_suite(tmp_path, zoo):
     """A `server` runner suite launches `moecap serve` itself and benchmarks it: ok records."""
-    from moecap.executor import run_suite
+    from moecap.run import run_suite
     from moecap.suite import parse_suite
 
     runner = {"type": "server", "args": {"command": [PYTHON, "-m", "moecap", "serve", "tiny={model}", "--port", "{port}"],
-                                         "model": "tiny", "startup_timeout_s": 180,
-                                         "slo_ms": {"ttft_ms": 60_000, "tpot_ms": 60_000}}}
+                                         "model": "tiny", "startup_timeout_s": 180}}
     raw = {
         "name": "serve",
         "models": [{"id": str(zoo / "code"), "name": "tiny"}],
         "runners": [runner],
-        "workloads": [{"name": "w", "input_tokens": 12, "output_tokens": 6, "num_prompts": 4}],
+        "workloads": [{"name": "w", "input_tokens": 12, "output_tokens": 6, "num_prompts": 4,
+                       "slo_ms": {"ttft_ms": 60_000, "tpot_ms": 60_000}}],
         "loads": [{"concurrency": 1}, {"concurrency": 4}, {"rate": 20.0, "arrival": "poisson"}],
         "hardware": {"device": "cpu", "peaks": {"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0}},
                      "calibrate": "never"},

@@ -2,7 +2,7 @@
 
 import pytest
 
-from moecap.executor import run_suite
+from moecap.run import run_suite
 from moecap.suite import parse_suite
 
 pytestmark = pytest.mark.gpu

@@ -132,7 +132,7 @@ def test_component_bytes_price_each_component_at_its_own_type():
 
 
 def test_a_cell_on_n_devices_is_measured_against_n_peaks():
-    from moecap.executor import build_report
+    from moecap.run import build_report
     from moecap.hardware import Peaks
     from moecap.runners.base import RunTrace
 

@@ -20,12 +20,16 @@ SERVER = str(REPO / "tests" / "servers" / "tiny_openai_server.py")
 PEAKS = {"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0}}  # no calibration: HTTP runners need no peaks
 
 
-def _suite(tmp_path, model_dir, runner: dict, loads: list[dict], num_prompts: int = 4, output_tokens: int = 6):
+def _suite(tmp_path, model_dir, runner: dict, loads: list[dict], num_prompts: int = 4, output_tokens: int = 6,
+           slo_ms: dict | None = None):
+    workload = {"name": "w", "input_tokens": 12, "output_tokens": output_tokens, "num_prompts": num_prompts}
+    if slo_ms:
+        workload["slo_ms"] = slo_ms
     return {
         "name": "serving",
         "models": [{"id": str(model_dir), "name": "tiny"}],
         "runners": [runner],
-        "workloads": [{"name": "w", "input_tokens": 12, "output_tokens": output_tokens, "num_prompts": num_prompts}],
+        "workloads": [workload],
         "loads": loads,
         "hardware": {"device": "cpu", "peaks": PEAKS, "calibrate": "never"},
         "output": {"dir": str(tmp_path / "results")},
@@ -33,7 +37,7 @@ def _suite(tmp_path, model_dir, runner: dict, loads: list[dict], num_prompts: in
 
 
 def _run(raw: dict):
-    from moecap.executor import run_suite
+    from moecap.run import run_suite
     from moecap.suite import parse_suite
 
     return run_suite(parse_suite(raw, "test"), log=lambda s: None)
@@ -66,10 +70,9 @@ def _procs_with(port: int) -> list[psutil.Process]:
 
 
 def test_server_runner_suite(tmp_path, tiny_moe_dir):
-    runner = {"type": "server", "args": {"command": _server_cmd(), "model": "tiny", "startup_timeout_s": 120,
-                                         "slo_ms": {"ttft_ms": 60_000, "tpot_ms": 60_000}}}
+    runner = {"type": "server", "args": {"command": _server_cmd(), "model": "tiny", "startup_timeout_s": 120}}
     loads = [{"concurrency": 1}, {"concurrency": 3}, {"rate": 20.0, "arrival": "poisson"}]
-    out = _run(_suite(tmp_path, tiny_moe_dir, runner, loads))
+    out = _run(_suite(tmp_path, tiny_moe_dir, runner, loads, slo_ms={"ttft_ms": 60_000, "tpot_ms": 60_000}))
     assert [o.status for o in out.outcomes] == ["ok"] * 3, [o.record.error for o in out.outcomes]
     pids = set()
     for o in out.outcomes:
@@ -90,6 +93,29 @@ def test_server_runner_suite(tmp_path, tiny_moe_dir):
         pids.add(cfg["server_pid"])
     assert len(pids) == 1  # one server for the three cells
     assert _group_gone(pids.pop())
+
+    # the SLO is the workload's: a changed one re-scores the stored requests, it re-runs nothing
+    before = {o.cell.cell_id: o.record for o in out.outcomes}
+    again = _run(_suite(tmp_path, tiny_moe_dir, runner, loads, slo_ms={"ttft_ms": 0.001}))
+    assert [o.status for o in again.outcomes] == ["rescored"] * 3
+    for o in again.outcomes:
+        old, new = before[o.cell.cell_id], o.record
+        assert new.run_id == old.run_id and new.config == old.config  # the same measurement
+        assert new.report["latency"] == old.report["latency"]
+        thr = new.report["throughput"]
+        assert thr["slo_ms"] == {"ttft_ms": 0.001} and thr["goodput_requests_per_s"] == 0.0
+        assert thr["output_tokens_per_s"] == pytest.approx(old.report["throughput"]["output_tokens_per_s"])
+        assert new.report["rescored"]["previous_slo_ms"] == {"ttft_ms": 60_000, "tpot_ms": 60_000}
+    assert [o.status for o in _run(_suite(tmp_path, tiny_moe_dir, runner, loads,
+                                          slo_ms={"ttft_ms": 0.001})).outcomes] == ["skipped"] * 3
+
+
+def test_slo_in_runner_args_names_its_new_place(tmp_path, tiny_moe_dir):
+    from moecap.suite import SuiteError, parse_suite
+
+    runner = {"type": "server", "args": {"command": _server_cmd(), "slo_ms": {"ttft_ms": 5}}}
+    with pytest.raises(SuiteError, match=r"runners\[0\].args.*slo_ms belongs to the workload now"):
+        parse_suite(_suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 1}]), "test")
 
 
 def test_openai_runner_against_running_server(tmp_path, tiny_moe_dir):

@@ -193,7 +193,7 @@ def test_cost_settings_are_checked(tmp_path):
 
 
 def test_unknown_gpu_price_leaves_cost_unavailable_not_the_cell_failed():
-    from moecap.executor import price_run
+    from moecap.run import price_run
 
     report = {"throughput": {"duration_s": 2.0, "output_tokens": 100, "completed": 2}}
     hw = {"accelerator": "cuda", "device_name": "NVIDIA Imaginary X1", "device_count": 1, "cpu_model": "AMD EPYC",

@@ -545,7 +545,7 @@ def _fake_suite(tmp_path, model_dir, runner: dict, num_prompts=3, input_tokens=1
 
 
 def _run(raw: dict):
-    from moecap.executor import run_suite
+    from moecap.run import run_suite
     from moecap.suite import parse_suite
 
     return run_suite(parse_suite(raw, "test"), log=lambda s: None)

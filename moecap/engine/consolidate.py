@@ -351,3 +351,46 @@ class ConsolidatedModel:
                 "child_non_expert_bytes_each": per_child,
                 "child_non_expert_bytes_total": per_child * len(self.names),
                 "total_bytes": experts + skeleton + per_child * len(self.names)}
+
+
+# ---------------------------------------------------------------------- children and their texts
+
+
+def _domain_of(model_dir: Path) -> str | None:
+    meta = model_dir / "moecap.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("domain")
+    return None
+
+
+def child_texts(child_dir: Path, dataset: str | None = None) -> tuple[str, str, str]:
+    """(calibration text, test text, dataset name) of a child: its embedded domain's validation and
+    test splits for tiny-moe children, else the named perplexity data set (test) and stdlib text."""
+    from moecap.corpus import domain_splits, stdlib_text
+    from moecap.quality.perplexity import load_text
+
+    domain = _domain_of(child_dir)
+    if dataset is None and domain is None:
+        raise ValueError(f"{child_dir}: not an embedded tiny-moe child (no moecap.json domain); give its data set "
+                         "as CHILD=DATASET")
+    name = dataset or f"tiny-{domain}"
+    calib = domain_splits(domain)["validation"] if domain else stdlib_text(max_chars=400_000)
+    return calib, load_text(name), name
+
+
+@torch.inference_mode()
+def measure_children(base_dir: str | Path, child_dirs: dict[str, str | Path], dtype: torch.dtype = torch.float32,
+                     context: int = 256, calibration_windows: int = 8) -> tuple[Any, Any]:
+    """(similarity, the base's per-expert sizes) of children of one base, each measured on the first
+    ``calibration_windows`` windows of its own calibration text (see :func:`child_texts`): what
+    :func:`make_plan` takes. The models are loaded on the CPU and released."""
+    from transformers import AutoTokenizer
+
+    from moecap.metrics.perplexity import windows as cut
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    calib = {c: cut(tok(child_texts(Path(d))[0], add_special_tokens=False)["input_ids"], context, calibration_windows)
+             for c, d in child_dirs.items()}
+    base_model = _load(base_dir, "cpu", dtype)
+    children = {c: _load(d, "cpu", dtype) for c, d in child_dirs.items()}
+    return measure_similarity(base_model, children, calib), expert_sizes(base_model)

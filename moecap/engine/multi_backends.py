@@ -68,7 +68,7 @@ class ConsolidatedBackend:
         from transformers import AutoTokenizer
 
         from moecap.engine.consolidate import ConsolidatedModel, ConsolidationPlan, make_plan
-        from moecap.engine.consolidate_eval import measure_children
+        from moecap.engine.consolidate import measure_children
         from moecap.models import local_path_for
 
         if len(models) < 2:

@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-
-def offline_tasks_dir() -> Path:
-    """moecap's offline lm-eval tasks (generated from the held-out corpora on first use)."""
-    from moecap.paths import cache_dir
-    from moecap.quality.tasks import TASKS_VERSION, write_offline_tasks
-
-    out = cache_dir() / "lm_eval_tasks" / f"v{TASKS_VERSION}"
-    if not (out / ".complete").is_file():
-        write_offline_tasks(out)
-        (out / ".complete").write_text("ok\n")
-    return out
 
 
 def evaluate_quality(runner: Any, workload: Any) -> dict[str, Any]:
@@ -48,6 +35,7 @@ def _evaluate_one(runner: Any, workload: Any) -> dict[str, Any]:
     if workload.lm_eval is not None:
         from moecap.quality.lm_eval_adapter import MoecapLM
         from moecap.quality.lm_eval_runner import run_lm_eval
+        from moecap.quality.tasks import offline_tasks_dir
 
         cfg = workload.lm_eval
         include = [str(offline_tasks_dir())] + ([cfg.include_path] if cfg.include_path else [])

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv) and not (
         argv and argv[0] in ("-h", "--help")
     ):
-        from moecap.quality.evaluate import offline_tasks_dir
+        from moecap.quality.tasks import offline_tasks_dir
 
         argv += ["--include_path", str(offline_tasks_dir())]
     sys.argv = ["lm-eval", *argv]

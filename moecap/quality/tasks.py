@@ -192,3 +192,14 @@ def write_offline_tasks(
         }))
         names.append(name)
     return names
+
+
+def offline_tasks_dir() -> Path:
+    """moecap's offline lm-eval tasks (generated from the held-out corpora on first use)."""
+    from moecap.paths import cache_dir
+
+    out = cache_dir() / "lm_eval_tasks" / f"v{TASKS_VERSION}"
+    if not (out / ".complete").is_file():
+        write_offline_tasks(out)
+        (out / ".complete").write_text("ok\n")
+    return out

@@ -1,4 +1,4 @@
-"""The local executor: each unit of cells runs in a worker subprocess (``python -m moecap.worker``).
+"""The local executor: each unit of cells runs in a worker subprocess (``python -m moecap.run.worker``).
 
 Units: with ``isolate="cell"`` (the default) every cell gets a fresh worker, so no CUDA state, leaked
 memory or crash carries over from one cell to the next (the model loads per cell); with
@@ -13,7 +13,7 @@ A worker starts in its own session; the driver reads its events from a pipe and 
   the servers it launched), then SIGKILL after ``kill_grace_s``. The cell (every cell the worker was
   loading the model for, when it was loading) is recorded failed, ``failure.kind: timeout``; not retried.
 * A worker that dies (a signal, a non-zero exit, ``os._exit``) before its cells finished: the cell it
-  was running is charged (see :meth:`moecap.executor.Driver.charge`), retried in a new worker up to
+  was running is charged (see :meth:`moecap.run.Driver.charge`), retried in a new worker up to
   ``max_retries`` times, then recorded failed (``worker_died``) with the exit status or signal and the
   worker's output tail. Cells it had not started go to a new worker. The suite goes on.
 * Ctrl-C / SIGTERM of ``moecap run``: results already sent are written, the worker's group is torn
@@ -33,8 +33,15 @@ import threading
 import time
 from typing import Any
 
-from moecap.executor import CellResult, DeferredSignals, Driver, ExecutorOptions
+from typing import TYPE_CHECKING
+
+from moecap.run.base import ExecutorOptions
+from moecap.run.measure import CellResult
+from moecap.run.signals import DeferredSignals
 from moecap.suite import Cell
+
+if TYPE_CHECKING:  # the driver imports this module (make_executor), never the other way round
+    from moecap.run.driver import Driver
 
 TAIL_CHARS = 4000
 _EOF = object()
@@ -59,7 +66,7 @@ class _Worker:
         rfd, wfd = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [python, "-m", "moecap.worker", str(wfd)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [python, "-m", "moecap.run.worker", str(wfd)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, pass_fds=(wfd,), start_new_session=True,
             )
         except BaseException:

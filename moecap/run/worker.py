@@ -1,7 +1,7 @@
-"""``python -m moecap.worker FD``: a worker subprocess of the local executor (moecap.local_executor).
+"""``python -m moecap.run.worker FD``: a worker subprocess of the local executor (moecap.run.local_executor).
 
-It reads a unit spec (JSON, :func:`moecap.executor.unit_spec`) from standard input, measures the unit's
-cells with :func:`moecap.executor.run_unit` and writes one JSON event per line to the pipe ``FD``
+It reads a unit spec (JSON, :func:`moecap.run.unit_spec`) from standard input, measures the unit's
+cells with :func:`moecap.run.run_unit` and writes one JSON event per line to the pipe ``FD``
 (``loading``, ``loaded``, ``start``, ``result``, then ``done``). Its own standard output is sent to
 standard error, so that nothing a library prints can mix with the events.
 
@@ -39,7 +39,7 @@ def _watch_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m moecap.worker FD  (the unit spec on standard input)", file=sys.stderr)
+        print("usage: python -m moecap.run.worker FD  (the unit spec on standard input)", file=sys.stderr)
         return 2
     fd = int(args[0])
     os.set_inheritable(fd, False)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         events.write(json.dumps(event, separators=(",", ":")) + "\n")
         events.flush()
 
-    from moecap.executor import run_unit
+    from moecap.run.measure import run_unit
 
     run_unit(spec, emit)  # closes the runner (and stops its servers) before it returns
     emit({"event": "done"})

@@ -52,16 +52,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from moecap.executor import (
-    CellResult,
-    DeferredSignals,
-    Driver,
-    ExecutorOptions,
-    cells_of_spec,
-    run_unit,
-    session_of_spec,
-)
+from typing import TYPE_CHECKING
+
+from moecap.run.base import ExecutorOptions
+from moecap.run.measure import CellResult, cells_of_spec, run_unit, session_of_spec
+from moecap.run.signals import DeferredSignals
 from moecap.suite import Cell
+
+if TYPE_CHECKING:  # the driver imports this module (make_executor), never the other way round
+    from moecap.run.driver import Driver
 
 
 def cell_gpus(cell: Cell, cluster_has_gpus: bool) -> int:

@@ -137,8 +137,11 @@ class OpenAIRunner(Runner):
         n_warm = self.args.warmup_requests
         # the warm-up sends prompts of its own (another salt), so it never primes a cache for the
         # measured ones; the measured prompts are the workload's when unique_prompts is off
-        warm_prompts = self._prompts(workload, (salt if salt is not None else secrets.randbits(31)) ^ 0x5A5A5A5A) if n_warm else []
-        warm_items = [(*warm_prompts[i % len(warm_prompts)], targets[i % len(targets)]) for i in range(n_warm)] if warm_prompts else []
+        warm_items: list[tuple[Any, int | None, str]] = []
+        if n_warm:
+            warm_salt = (salt if salt is not None else secrets.randbits(31)) ^ 0x5A5A5A5A
+            warm = self._prompts(workload, warm_salt)
+            warm_items = [(*warm[i % len(warm)], targets[i % len(targets)]) for i in range(n_warm)]
         if load.kind == "rate":
             concurrency, rate = None, load.rate
         else:

@@ -158,6 +158,9 @@ def _build() -> list[Figure]:
         Figure("duration_s", ("throughput", "duration_s"), "throughput", "Duration", "s",
                "the benchmark's wall time: first dispatch to the end of the last request, failed ones included",
                None, decimals=3),
+        Figure("short_requests", ("requests", "short"), "throughput", "Short outputs", "requests",
+               "completed requests with fewer tokens than output_tokens under ignore_eos (cut short by the "
+               "server)", False, decimals=0),
         Figure("failed_requests", ("throughput", "failed"), "throughput", "Failed requests", "requests",
                "requests that failed (HTTP error, broken stream, token counts that contradict the usage)",
                False, decimals=0),

@@ -122,6 +122,7 @@ class Report(TypedDict, total=False):
     per_model: dict[str, Any]
     client: dict[str, Any]
     errors: dict[str, int]
+    requests: dict[str, Any]
     basis: dict[str, Literal["measured", "traced", "recorded", "estimated"]]
     notes: list[str]
 

@@ -130,6 +130,11 @@ class WorkloadConfig(_Strict):
     """Generate exactly ``output_tokens`` tokens per request (as vLLM's benchmarks do)."""
     perplexity: PerplexityConfig | None = None
     lm_eval: LmEvalConfig | None = None
+    max_failed_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    """The share of a performance cell's requests that may fail (an HTTP error, a broken stream, a count
+    the server's usage contradicts, or fewer tokens than ``output_tokens`` under ``ignore_eos``) with the
+    cell still ok; above it the cell is recorded failed, its figures and requests kept. Default 0: any
+    failed request fails the cell."""
     slo_ms: dict[str, float] | None = None
     """Goodput SLOs, e.g. ``{ttft_ms: 500, tpot_ms: 50}`` (keys: ttft_ms, tpot_ms, e2el_ms). Not part of
     the cell's identity: a changed SLO re-scores the stored requests of finished cells, it re-runs
@@ -289,7 +294,8 @@ class Cell:
         return {
             "model": self.model.model_dump(mode="json"),
             "runner": self.runner.model_dump(mode="json"),
-            "workload": self.workload.model_dump(mode="json", exclude_none=True, exclude={"slo_ms"}),
+            "workload": self.workload.model_dump(mode="json", exclude_none=True,
+                                                 exclude={"slo_ms", "max_failed_fraction"}),
             "load": self.load.model_dump(mode="json", exclude_defaults=True) if self.load else None,
             "hardware": {"device": self.suite.hardware.device},
         }

@@ -243,3 +243,43 @@ def test_multi_model_workload_reports_each_model(tmp_path, tiny_moe_dir):
     reqs = [json.loads(line) for line in (tmp_path / "results" / "serving" / o.record.artifacts["requests"])
             .read_text().splitlines()]
     assert {r["model"] for r in reqs} == {"tiny", "missing"}
+
+
+@pytest.mark.parametrize("flags,budget,status,fragment", [
+    (["--fail-every", "1"], None, "failed", "4 of 4 requests failed"),
+    (["--fail-every", "2"], None, "failed", "2 of 4 requests failed"),
+    (["--fail-every", "2"], 0.5, "ok", None),
+    (["--short", "0.25"], None, "failed", "4 of 4 requests stopped short of output_tokens=8"),
+], ids=["all-500", "half-500", "half-500-within-budget", "quarter-of-the-tokens"])
+def test_a_cell_is_only_as_ok_as_its_requests(tmp_path, tiny_moe_dir, flags, budget, status, fragment):
+    """Issue 17: every request answered HTTP 500, half of them, or a quarter of the tokens under ignore_eos
+    was an ok record; now the cell fails (figures and requests kept) unless the workload's budget allows."""
+    runner = {"type": "server", "args": {"command": _server_cmd() + flags, "model": "tiny",
+                                         "startup_timeout_s": 120, "warmup_requests": 0}}
+    raw = _suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 2}], output_tokens=8)
+    if budget is not None:
+        raw["workloads"][0]["max_failed_fraction"] = budget
+    (o,) = _run(raw).outcomes
+    rec = o.record
+    assert rec.status == status, rec.error
+    req = rec.report["requests"]
+    assert req["total"] == 4 and req["max_failed_fraction"] == (budget or 0.0)
+    if status == "failed":
+        assert fragment in rec.error and rec.model_extra["failure"] == {"kind": "requests"}
+        assert rec.artifacts.get("requests")  # the failed requests are kept for the post-mortem
+    if "--short" in flags:
+        assert req["short"] == 4 and req["short_outputs"]["got_min"] == 2
+    else:
+        assert req["failed"] == (4 if flags[-1] == "1" else 2)
+
+
+def test_moecap_run_exits_nonzero_when_requests_fail(tmp_path, tiny_moe_dir):
+    import yaml
+    from test_e2e_cli import moecap
+
+    runner = {"type": "server", "args": {"command": _server_cmd() + ["--fail-every", "1"], "model": "tiny",
+                                         "startup_timeout_s": 120, "warmup_requests": 0}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 2}])))
+    proc = moecap("run", str(path), check=1)
+    assert "0 ok, 1 failed" in proc.stdout

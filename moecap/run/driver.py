@@ -30,7 +30,9 @@ twice.
 Failure kinds (``record.failure.kind``): ``exception`` (the cell raised; the measurement's own verdict),
 ``timeout`` (it ran past the cell timeout and its worker was killed), ``worker_died`` (its worker
 process died: segfault, OOM kill, ``os._exit``), ``node_died`` (Ray lost the node), ``unschedulable``
-(no node of the Ray cluster can hold it). A worker that dies is charged to the cell it was running (to
+(no node of the Ray cluster can hold it), ``requests`` (the cell ran, but more of its requests failed or
+stopped short than the workload's ``max_failed_fraction`` allows; its figures and requests are kept). A
+worker that dies is charged to the cell it was running (to
 every cell it was loading the model for, when it died while loading); that cell is retried in a new
 worker up to ``max_retries`` times, then recorded failed with ``failure.attempts``; cells the dead worker
 had not started yet are simply run by a new worker. Timeouts, exceptions and unschedulable cells are

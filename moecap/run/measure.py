@@ -36,15 +36,51 @@ def _cell_config(cell: Cell, runner_info: dict[str, Any] | None, hw: dict[str, A
     return cfg
 
 
+def request_verdict(trace: Any, workload: Any) -> tuple[dict[str, Any], str | None]:
+    """What a cell's requests say of it: ({failed, short, total, budget, ...}, why the cell fails or None).
+
+    A request failed when it has an error; under ``ignore_eos`` a completed request with fewer tokens than
+    ``output_tokens`` was cut short by the server (flagged, and counted against the budget too). The cell
+    fails when failed + short requests exceed ``workload.max_failed_fraction`` of all requests."""
+    requests = list(trace.requests)
+    failed = [r for r in requests if r.error or not r.token_times_s]
+    short = []
+    if workload.ignore_eos and workload.output_tokens:
+        short = [r for r in requests if not r.error and r.token_times_s and r.output_tokens < workload.output_tokens]
+    total = len(requests)
+    bad = len(failed) + len(short)
+    info: dict[str, Any] = {"total": total, "failed": len(failed), "short": len(short),
+                            "max_failed_fraction": workload.max_failed_fraction}
+    if short:
+        info["short_outputs"] = {"expected": workload.output_tokens,
+                                 "got_min": min(r.output_tokens for r in short),
+                                 "ids": [r.id for r in short[:20]]}
+    if total and bad / total > workload.max_failed_fraction:
+        why = [f"{len(failed)} of {total} requests failed"] if failed else []
+        if short:
+            why.append(f"{len(short)} of {total} requests stopped short of output_tokens={workload.output_tokens} "
+                       f"under ignore_eos (fewest: {info['short_outputs']['got_min']})")
+        errors: dict[str, int] = {}
+        for r in failed:
+            errors[str(r.error)] = errors.get(str(r.error), 0) + 1
+        top = "; ".join(f"{n}x {e[:200]}" for e, n in sorted(errors.items(), key=lambda kv: -kv[1])[:3])
+        return info, (" and ".join(why) + f" (allowed: {workload.max_failed_fraction:.0%}, the workload's "
+                      "max_failed_fraction)" + (f": {top}" if top else ""))
+    return info, None
+
+
 def _measure_cell(
     runner: Any, cell: Cell, peaks: Any, store: "ArtifactSink", hw: dict[str, Any] | None
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Run one cell on a loaded runner: performance (traces -> figures, artifacts) and/or quality."""
+) -> tuple[dict[str, Any], dict[str, str], str | None]:
+    """Run one cell on a loaded runner: performance (traces -> figures, artifacts) and/or quality; with
+    why its requests fail it (None: they do not)."""
+    problem = None
     report: dict[str, Any] = {}
     arts: dict[str, str] = {}
     if cell.workload.measures_performance:
         trace = runner.run(cell.workload, cell.load)
         report, rows = build_report(trace, peaks, cell.workload.slo_ms)
+        report["requests"], problem = request_verdict(trace, cell.workload)
         report["cost"] = price_run(report, hw, cell.suite.cost)
         if getattr(runner, "remote", False):
             report["cost"] = _remote_cost(report["cost"], cell.suite.cost)
@@ -70,7 +106,7 @@ def _measure_cell(
     from moecap.figures import bases
 
     report["basis"] = bases(report)  # per figure family: measured, traced, recorded or estimated
-    return report, arts
+    return report, arts, problem
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,9 +228,14 @@ class GroupSession:
         info = None
         try:
             info = self.runner.info()
-            report, arts = _measure_cell(self.runner, cell, self.peaks, sink, self.hw_dict)
+            report, arts, problem = _measure_cell(self.runner, cell, self.peaks, sink, self.hw_dict)
             arts.update(_save_logs(self.runner, sink, cell))
-            rec = self._record(cell, "ok", config=_cell_config(cell, info, self.hw_dict), report=report, artifacts=arts)
+            if problem is None:
+                rec = self._record(cell, "ok", config=_cell_config(cell, info, self.hw_dict), report=report,
+                                   artifacts=arts)
+            else:  # its requests failed it: the figures and every request stay for the post-mortem
+                rec = self._record(cell, "failed", error=problem, config=_cell_config(cell, info, self.hw_dict),
+                                   report=report, artifacts=arts, failure={"kind": "requests"})
         except Exception:
             err = traceback.format_exc()
             sink = ArtifactSink()  # artifacts of a half-measured cell are not kept

@@ -14,7 +14,8 @@ running usage, and the final usage rides on the chunk that carries the empty-tex
 running usage, as speculative decoding streams). ``--usage-offset N`` adds N to every reported
 ``completion_tokens`` (a server whose count contradicts its stream). ``--drop-after N`` closes a kept-alive
 connection, without an answer, when it brings a request after N answered ones (what a client sees when it
-reuses a connection the server has just closed).
+reuses a connection the server has just closed). ``--fail-every N`` answers every Nth completion request
+with HTTP 500; ``--short F`` ends every stream after F x max_tokens tokens whatever ``ignore_eos`` says.
 
 Requests run on their own threads; the model steps one token at a time under a lock, so concurrent
 requests interleave token by token. Not a benchmark target: it exists so the client is tested against
@@ -77,7 +78,10 @@ class ApiError(Exception):
 
 
 def make_handler(engine: Engine, style: str = "vllm", chunk_tokens: int = 3, usage_offset: int = 0,
-                 drop_after: int | None = None):
+                 drop_after: int | None = None, fail_every: int | None = None, short: float | None = None):
+    counter = {"n": 0}
+    count_lock = threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         answered = 0  # requests answered on this connection
@@ -153,6 +157,11 @@ def make_handler(engine: Engine, style: str = "vllm", chunk_tokens: int = 3, usa
             raise ApiError(400, "'prompt' must be a string or a non-empty list of token ids")
 
         def _complete(self, req, chat: bool) -> None:
+            with count_lock:
+                counter["n"] += 1
+                nth = counter["n"]
+            if fail_every and nth % fail_every == 0:
+                raise ApiError(500, "injected failure", "InternalServerError")
             if req.get("model") != engine.name:
                 raise ApiError(404, f"The model `{req.get('model')}` does not exist.", "NotFoundError")
             ids = self._prompt_ids(req, chat)
@@ -179,7 +188,7 @@ def make_handler(engine: Engine, style: str = "vllm", chunk_tokens: int = 3, usa
                     return {"index": 0, "delta": {"content": text}, "finish_reason": finish}
                 return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
-            gen = engine.generate(ids, max_tokens, ignore_eos)
+            gen = engine.generate(ids, max(1, int(max_tokens * short)) if short else max_tokens, ignore_eos)
             if not req.get("stream"):
                 toks, text = [], ""
                 for tok, delta in gen:
@@ -249,10 +258,12 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-tokens", type=int, default=3, help="tokens per chunk with --style multi")
     ap.add_argument("--usage-offset", type=int, default=0)
     ap.add_argument("--drop-after", type=int, default=None)
+    ap.add_argument("--fail-every", type=int, default=None)
+    ap.add_argument("--short", type=float, default=None)
     args = ap.parse_args(argv)
     engine = Engine(args.model, args.served_model_name)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(
-        engine, args.style, args.chunk_tokens, args.usage_offset, args.drop_after))
+        engine, args.style, args.chunk_tokens, args.usage_offset, args.drop_after, args.fail_every, args.short))
     server.daemon_threads = True
     print(f"serving {engine.name} on http://{args.host}:{args.port}", flush=True)
     try:

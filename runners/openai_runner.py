@@ -390,10 +390,17 @@ class ServedRunner(OpenAIRunner):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load(self, model: Any) -> None:
-        from moecap.runners.server import ServerProcess, free_port
+        from moecap.runners.server import ServerProcess, free_port, listeners, port_in_use
 
         super().load(model)
         self.port = self.args.port or free_port(self.args.host)
+        if self.args.port and port_in_use(self.args.host, self.port):
+            holders = listeners(self.port)
+            raise RuntimeError(
+                f"runner {self.name}: port {self.port} on {self.args.host} is already in use"
+                + (f" (pid {', '.join(map(str, holders))})" if holders else "")
+                + f": moecap would measure whatever answers there; set another runners[].args.port, or leave "
+                "it unset for a free one")
         cmd = self.server_command(self.model_argument(model))
         fd, self.log_path = tempfile.mkstemp(prefix=f"moecap-{self.name}-{self.port}-", suffix=".log")
         os.close(fd)
@@ -402,6 +409,7 @@ class ServedRunner(OpenAIRunner):
         self.server = ServerProcess(cmd, self.log_path, env=self.server_env()).start()
         try:
             self.startup_s = self.server.wait_ready(self.base_url + self.ready_path(), self.args.startup_timeout_s)
+            self.server.check_owns(self.port)  # the process answering is the one we started
             self.on_server_ready()
         except BaseException:
             self.close()

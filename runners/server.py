@@ -38,6 +38,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (a bind to it fails)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are not listeners
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def listeners(port: int) -> list[int]:
+    """PIDs of the processes listening on TCP ``port`` (any address) that this user may see."""
+    import psutil
+
+    pids = set()
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            pids.add(c.pid)
+    return sorted(pids)
+
+
 def live_servers() -> list["ServerProcess"]:
     with _LOCK:
         return list(_LIVE)
@@ -183,6 +208,31 @@ class ServerProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def tree_pids(self) -> set[int]:
+        """Every live process of the server: the group leader and all its descendants."""
+        if self.proc is None:
+            return set()
+        try:
+            import psutil
+
+            lead = psutil.Process(self.proc.pid)
+            return {lead.pid, *(c.pid for c in lead.children(recursive=True))}
+        except Exception:
+            return set()
+
+    def check_owns(self, port: int) -> None:
+        """Raise unless the process listening on ``port`` is this server (or one of its children): a
+        server that died at start-up must not leave its port to whatever else answers there."""
+        ours = self.tree_pids()
+        theirs = listeners(port)
+        if not theirs:
+            raise RuntimeError(f"nothing of this server listens on port {port} although the port answered; "
+                               f"log {self.log_path}:\n{self.log_tail()}")
+        if not set(theirs) & ours:
+            raise RuntimeError(f"port {port} is answered by pid(s) {theirs}, not by the server moecap started "
+                               f"(pids {sorted(ours)}): refusing to measure a process it did not launch; "
+                               f"log {self.log_path}:\n{self.log_tail()}")
 
     def log_tail(self, n_chars: int = 4000) -> str:
         try:

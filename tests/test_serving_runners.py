@@ -283,3 +283,40 @@ def test_moecap_run_exits_nonzero_when_requests_fail(tmp_path, tiny_moe_dir):
     path.write_text(yaml.safe_dump(_suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 2}])))
     proc = moecap("run", str(path), check=1)
     assert "0 ok, 1 failed" in proc.stdout
+
+
+def test_a_taken_port_fails_the_cell_instead_of_measuring_another_server(tmp_path, tiny_moe_dir):
+    """Issue 17: with a fixed port already served by another process, the launched server died with
+    "Address already in use" and moecap measured the other one as ok."""
+    port = free_port()
+    other = [PYTHON, SERVER, "--model", str(tiny_moe_dir), "--port", str(port), "--served-model-name", "tiny"]
+    with running_server(other, f"http://127.0.0.1:{port}/health"):
+        runner = {"type": "server", "args": {"command": _server_cmd(), "model": "tiny", "port": port,
+                                             "startup_timeout_s": 60}}
+        (o,) = _run(_suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 1}])).outcomes
+    assert o.status == "failed"
+    assert f"port {port} on 127.0.0.1 is already in use" in o.record.error and "leave it unset" in o.record.error
+
+
+def test_the_process_answering_must_be_the_one_started(tmp_path, tiny_moe_dir):
+    from moecap.runners.server import ServerProcess
+
+    port = free_port()
+    other = [PYTHON, SERVER, "--model", str(tiny_moe_dir), "--port", str(port), "--served-model-name", "tiny"]
+    with running_server(other, f"http://127.0.0.1:{port}/health"):
+        # a "server" that never binds its port (as one that died at start-up, its guard alive)
+        mine = ServerProcess([PYTHON, "-c", "import time; time.sleep(60)"], tmp_path / "log").start()
+        try:
+            mine.wait_ready(f"http://127.0.0.1:{port}/health", 30)  # the port answers: someone else's
+            with pytest.raises(RuntimeError, match=f"port {port} is answered by pid"):
+                mine.check_owns(port)
+        finally:
+            mine.stop()
+    # and a real launch passes its own check
+    port = free_port()
+    ok = ServerProcess([PYTHON, SERVER, "--model", str(tiny_moe_dir), "--port", str(port)], tmp_path / "log2").start()
+    try:
+        ok.wait_ready(f"http://127.0.0.1:{port}/health", 60)
+        ok.check_owns(port)
+    finally:
+        ok.stop()

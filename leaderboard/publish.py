@@ -104,7 +104,11 @@ def _collect(paths: Iterable[str | Path]) -> list[_Item]:
         files.extend(found)
     seen: dict[str, _Item] = {}
     items: list[_Item] = []
-    for f in dict.fromkeys(x.resolve() for x in files):
+    for f in dict.fromkeys(files):
+        if f.is_symlink():
+            problems.append(f"{f}: a symbolic link; publish copies regular files only")
+            continue
+        f = f.resolve()
         rec, probs = _problems(f)
         problems.extend(probs)
         if rec is None:
@@ -118,10 +122,16 @@ def _collect(paths: Iterable[str | Path]) -> list[_Item]:
         extra: dict[str, Path] = {}
         if art_dir.is_dir():
             for a in sorted(art_dir.rglob("*")):
-                if a.is_file() and not a.name.startswith("."):
+                if (a.is_file() or a.is_symlink()) and not a.name.startswith("."):
                     extra[a.relative_to(f.parent).as_posix()] = a
         for rel in rec.artifacts.values():
             extra.setdefault(Path(rel).as_posix(), f.parent / rel)
+        root = f.parent.resolve()
+        for rel, src in extra.items():  # only regular files inside the results folder leave it
+            if src.is_symlink():
+                problems.append(f"{src}: a symbolic link; publish copies regular files only")
+            elif root not in src.resolve().parents:
+                problems.append(f"{src}: outside the results folder {root}")
         item.files = [(src, f"{item.suite}/{rel}") for rel, src in extra.items()]
         items.append(item)
     if not items and not problems:
@@ -146,11 +156,34 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 
 
 def _stage(items: list[_Item], root: Path) -> None:
-    """Copy the items under ``root``: artifacts first, then the record (so a record never points at missing files)."""
+    """Copy the items under ``root``: artifacts first, then the record (so a record never points at missing
+    files), the record written again with every secret redacted (records of older versions may hold them)."""
+    from moecap.paths import atomic_write_text
+    from moecap.redact import redact
+
     for item in items:
         for src, rel in item.files:
             _atomic_copy(src, root / rel)
-        _atomic_copy(item.src, root / item.rel)
+        data = json.loads(item.src.read_text(encoding="utf-8"))
+        atomic_write_text(root / item.rel, json.dumps(redact(data), indent=2, ensure_ascii=False) + "\n")
+
+
+def _publish_local(items: list[_Item], root: Path) -> None:
+    """All or nothing: everything is copied into a staging folder beside the target first (where a
+    missing file, a full disk or a permission fails it and the target is left as it was), then moved
+    into place, artifacts before records."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".moecap-publish-", dir=root))
+    try:
+        _stage(items, staging)
+        moved = sorted((p for p in staging.rglob("*") if p.is_file()),
+                       key=lambda p: (p.suffix == ".json" and p.parent.parent == staging, str(p)))
+        for p in moved:
+            dst = root / p.relative_to(staging)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 _HF_TARGET = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.*))?$")
@@ -189,7 +222,7 @@ def publish(paths: Iterable[str | Path], target: str | Path, message: str | None
         prefix = f"hf://datasets/{repo_id}" + (f"@{rev}" if rev else "") + (f"/{sub}" if sub else "")
         return [f"{prefix}/{i.rel}" for i in items]
     root = Path(target_s).expanduser()
-    _stage(items, root)
+    _publish_local(items, root)
     return [str(root / i.rel) for i in items]
 
 

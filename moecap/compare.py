@@ -16,8 +16,11 @@ Accuracy is judged on an absolute threshold widened to the binomial standard err
 where the record has it; perplexity and other figures without samples on the threshold alone. The
 report says which basis each verdict used.
 
-Exit status: 0 no gated regression, 1 a gated regression or a cell that was ok and now failed,
-2 bad input (a missing path, no records, no cell in common).
+Exit status: 0 no gated finding; 1 a gated regression of a figure; 3 no regression, but the comparison
+is incomplete, which the gate treats as a failure too (it fails closed): a cell missing from current or
+only in current, a cell that failed or is not ok now, or a record file that cannot be read on either
+side; 2 bad input (a missing path, no records, no cell in common); 4 an internal error of moecap compare
+(a bug: the message says so, never a traceback).
 
 Only numpy is needed (imported on first use): ``import moecap.compare`` stays light.
 """
@@ -35,7 +38,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
-from moecap.records import Record, load_records
+from moecap.records import Record, scan_records
 from moecap.report import dig
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,11 @@ VERDICT_TEXT = {
     MISSING: "missing in current",
     REGRESSION: "regression",
 }
+
+
+EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERNAL = 1, 2, 3, 4
+# cell statuses that fail the gate on their own: the current side cannot vouch for the cell
+INCOMPLETE = ("failed_now", "not_ok_now", "only_baseline", "only_current", "unreadable")
 
 
 class CompareInputError(Exception):
@@ -533,7 +541,8 @@ class CellResult:
     suite: str
     cell_id: str
     description: str
-    status: str  # compared | failed_now | not_ok_now | baseline_not_ok | only_baseline | only_current
+    # compared | failed_now | not_ok_now | baseline_not_ok | only_baseline | only_current | unreadable
+    status: str
     baseline_path: str | None = None
     current_path: str | None = None
     note: str | None = None
@@ -545,7 +554,12 @@ class CellResult:
 
     @property
     def failing(self) -> bool:
-        return self.status == "failed_now" or bool(self.regressions)
+        return self.incomplete or bool(self.regressions)
+
+    @property
+    def incomplete(self) -> bool:
+        """A gated finding about the cell itself rather than its figures (exit status 3)."""
+        return self.status in INCOMPLETE
 
     def to_dict(self) -> dict[str, Any]:
         return {"suite": self.suite, "cell_id": self.cell_id, "description": self.description,
@@ -565,7 +579,9 @@ class Comparison:
 
     @property
     def exit_status(self) -> int:
-        return 1 if any(c.failing for c in self.cells) else 0
+        if any(c.regressions for c in self.cells):
+            return EXIT_REGRESSION
+        return EXIT_INCOMPLETE if any(c.incomplete for c in self.cells) else 0
 
     def to_dict(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -585,14 +601,16 @@ def _describe_cell(rec: Record) -> str:
     return " · ".join(str(row[k]) for k in ("model", "runner", "workload", "load") if row.get(k))
 
 
-def _index(root: str | Path, side: str) -> tuple[dict[tuple[str, str], tuple[Path, Record]], int, list[str]]:
-    """The records under ``root`` by (suite, cell_id); the newest wins where a cell appears twice."""
+def _index(root: str | Path, side: str) -> tuple[dict[tuple[str, str], tuple[Path, Record]], int, list[str],
+                                                 list[tuple[Path, str]]]:
+    """The records under ``root`` by (suite, cell_id), the newest where a cell appears twice; and the
+    record files that cannot be read (path, why)."""
     path = Path(root)
     if not path.exists():
         raise CompareInputError(f"{side} {str(root)!r} does not exist: expected a record JSON file or a folder of "
                                 f"records (e.g. results/quickstart, as `moecap run` writes them)")
-    found = load_records(path)
-    if not found:
+    found, bad = scan_records(path)
+    if not found and not bad:
         raise CompareInputError(f"{side} {str(root)!r} holds no moecap records: expected a record JSON file or a "
                                 f"folder searched recursively for <cell_id>.json files with schema_version and cell_id "
                                 f"(the output folder of `moecap run`)")
@@ -606,7 +624,7 @@ def _index(root: str | Path, side: str) -> tuple[dict[tuple[str, str], tuple[Pat
             index[key] = newer
         else:
             index[key] = (p, rec)
-    return index, len(found), notes
+    return index, len(found), notes, bad
 
 
 def _accuracy_threshold(fb: Figure, fc: Figure, floor: float, z: float) -> tuple[float, str]:
@@ -755,19 +773,19 @@ def compare_paths(baseline: str | Path, current: str | Path, settings: Settings 
     ``history``: result sets of earlier runs of the same suite, older than the baseline; each figure's
     threshold is at least ``settings.noise_factor`` times its run-to-run spread over them and the baseline."""
     settings = settings or Settings()
-    base_index, n_base, notes = _index(baseline, "baseline")
-    cur_index, n_cur, notes_c = _index(current, "current")
+    base_index, n_base, notes, bad_base = _index(baseline, "baseline")
+    cur_index, n_cur, notes_c, bad_cur = _index(current, "current")
     notes += notes_c
     past: dict[tuple[str, str], list[Record]] = {}
     for h in history:
-        h_index, n_h, _ = _index(h, "history")
+        h_index, n_h, _, _ = _index(h, "history")
         used = 0
         for key, (_, rec) in h_index.items():
             if rec.status == "ok" and key in base_index:
                 past.setdefault(key, []).append(rec)
                 used += 1
         notes.append(f"history {str(h)!r}: {used} of {n_h} records match a baseline cell")
-    if not set(base_index) & set(cur_index):
+    if not set(base_index) & set(cur_index) and not (bad_cur and base_index):
         def suites(ix: dict[tuple[str, str], Any]) -> str:
             return ", ".join(sorted({k[0] for k in ix}))
 
@@ -777,14 +795,22 @@ def compare_paths(baseline: str | Path, current: str | Path, settings: Settings 
             f"name and cell_id, a hash of the cell's configuration, so both must come from the same suite with the "
             f"same models, runners, workloads and loads")
     cells: list[CellResult] = []
+    unreadable_cur = {path.stem: (path, why) for path, why in bad_cur}
     for key in sorted(set(base_index) | set(cur_index)):
         suite, cell_id = key
         b = base_index.get(key)
         c = cur_index.get(key)
         rec = (c or b)[1]  # type: ignore[index]
-        cell = CellResult(suite, cell_id, _describe_cell(rec), "compared",
+        try:
+            description = _describe_cell(rec)
+        except Exception as err:  # an odd record: a finding about it, never a traceback
+            description = f"(undescribable record: {type(err).__name__}: {err})"
+        cell = CellResult(suite, cell_id, description, "compared",
                           str(b[0]) if b else None, str(c[0]) if c else None)
-        if b is None:
+        if c is None and cell_id in unreadable_cur:
+            path, why = unreadable_cur.pop(cell_id)
+            cell.status, cell.current_path, cell.note = "unreadable", str(path), f"current record unreadable: {why}"
+        elif b is None:
             cell.status, cell.note = "only_current", "no baseline record: nothing to compare against"
         elif c is None:
             cell.status, cell.note = "only_baseline", "not in current: the cell was not run"
@@ -798,10 +824,19 @@ def compare_paths(baseline: str | Path, current: str | Path, settings: Settings 
         elif c[1].status != "ok":
             cell.status, cell.note = "not_ok_now", f"ok in baseline, {c[1].status} now: not compared"
         else:
-            cell.metrics = compare_records(b[0], b[1], c[0], c[1], settings, past.get(key, []))
+            try:
+                cell.metrics = compare_records(b[0], b[1], c[0], c[1], settings, past.get(key, []))
+            except Exception as err:  # a record the comparison cannot read: a finding, not a crash
+                cell.status = "unreadable"
+                cell.note = f"cannot compare these records: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
         cells.append(cell)
+    for side, items in (("current", unreadable_cur.values()), ("baseline", bad_base)):
+        for path, why in items:
+            cells.append(CellResult(path.parent.name, path.stem, "(unreadable record file)", "unreadable",
+                                    str(path) if side == "baseline" else None,
+                                    str(path) if side == "current" else None, f"{side} record unreadable: {why}"))
     # a pattern that names nothing in these records is most likely a typo: say so
-    met = {spec.name: spec for c in cells if c.status == "compared"
+    met = {spec.name: spec for c in cells if c.status == "compared" and c.metrics
            for rec in (base_index[(c.suite, c.cell_id)][1], cur_index[(c.suite, c.cell_id)][1])
            for spec in (f.spec for f in record_figures(rec).values())}
     for kind, patterns in (("--gate", settings.gate or []), ("--no-gate", settings.no_gate),
@@ -846,16 +881,16 @@ def _md_escape(s: str) -> str:
 def format_markdown(cmp: Comparison) -> str:
     lines = ["# moecap compare", ""]
     regs = [(c, m) for c in cmp.cells for m in c.regressions]
-    failed = [c for c in cmp.cells if c.status == "failed_now"]
+    failed = [c for c in cmp.cells if c.incomplete]
     if cmp.exit_status:
         parts = []
         if regs:
             parts.append(f"{len(regs)} gated regression{'s' if len(regs) != 1 else ''}")
         if failed:
-            parts.append(f"{len(failed)} cell{'s' if len(failed) != 1 else ''} ok before and failed now")
-        lines.append(f"**❌ {', '.join(parts)}** (exit status 1)")
+            parts.append(f"{len(failed)} cell{'s' if len(failed) != 1 else ''} failed, missing, extra or unreadable")
+        lines.append(f"**❌ {', '.join(parts)}** (exit status {cmp.exit_status})")
     else:
-        lines.append("**✅ no gated regression** (exit status 0)")
+        lines.append("**✅ no gated finding** (exit status 0)")
     counts: dict[str, int] = {}
     for c in cmp.cells:
         counts[c.status] = counts.get(c.status, 0) + 1
@@ -866,7 +901,8 @@ def format_markdown(cmp: Comparison) -> str:
         f"- cells: {counts.get('compared', 0)} compared, {counts.get('failed_now', 0)} failed now, "
         f"{counts.get('only_baseline', 0)} only in baseline, {counts.get('only_current', 0)} only in current, "
         f"{counts.get('baseline_not_ok', 0)} with a baseline that is not ok"
-        + (f", {counts['not_ok_now']} not ok now" if counts.get("not_ok_now") else ""),
+        + (f", {counts['not_ok_now']} not ok now" if counts.get("not_ok_now") else "")
+        + (f", {counts['unreadable']} unreadable" if counts.get("unreadable") else ""),
         f"- a regression: the figure moved beyond its threshold in the bad direction and, where both records "
         f"have per-pass or per-request traces, the samples behind it moved significantly beyond the threshold "
         f"too: the bootstrap {s.confidence:.0%} CI of the ratio current/baseline of their statistic ({s.resamples} "
@@ -880,7 +916,7 @@ def format_markdown(cmp: Comparison) -> str:
     for note in cmp.notes:
         lines.append(f"- note: {note}")
     if regs or failed:
-        lines += ["", "## Regressions", ""]
+        lines += ["", "## Gated findings", ""]
         for c in failed:
             lines.append(f"- ❌ {c.suite} · {c.description} (`{c.cell_id}`): {c.note}")
         for c, m in regs:
@@ -900,8 +936,8 @@ def format_markdown(cmp: Comparison) -> str:
     others = [c for c in cmp.cells if c.status != "compared"]
     if others:
         lines += ["", "## Not compared", ""]
-        icons = {"failed_now": "❌", "not_ok_now": "⚠️", "only_baseline": "⚠️", "only_current": "ℹ️",
-                 "baseline_not_ok": "ℹ️"}
+        icons = {"failed_now": "❌", "not_ok_now": "❌", "only_baseline": "❌", "only_current": "❌",
+                 "unreadable": "❌", "baseline_not_ok": "ℹ️"}
         for c in others:
             lines.append(f"- {icons.get(c.status, '')} {c.suite} · {c.description} (`{c.cell_id}`): {c.note}")
     return "\n".join(lines) + "\n"
@@ -974,7 +1010,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Run the comparison; the exit status: 0 no gated regression, 1 a gated regression, 2 bad input."""
+    """Run the comparison; the exit status: see the module docstring (0, 1 regression, 2 bad input,
+    3 incomplete, 4 internal error)."""
     if getattr(args, "list_metrics", False):
         print(list_metrics())
         return 0
@@ -996,10 +1033,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         confidence=args.confidence, resamples=args.resamples, noise_factor=args.noise_factor)
     try:
         cmp = compare_paths(args.baseline, args.current, settings, history=list(args.history or []))
+        text = format_json(cmp) if args.format == "json" else format_markdown(cmp)
     except CompareInputError as err:
         print(f"moecap compare: {err}", file=sys.stderr)
-        return 2
-    text = format_json(cmp) if args.format == "json" else format_markdown(cmp)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # a bug of ours, said as one; never an exit status that reads as a verdict
+        print(f"moecap compare: internal error (a bug in moecap, please report it): {type(err).__name__}: "
+              f"{' '.join(str(err).split())[:500]}", file=sys.stderr)
+        return EXIT_INTERNAL
     print(text, end="")
     if args.report:
         from moecap.paths import atomic_write_text
@@ -1014,7 +1055,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="moecap compare", description="Compare two result sets cell by cell; exit 1 on a gated regression.")
+        prog="moecap compare", description="Compare two result sets cell by cell; exit 1 on a gated regression, "
+        "3 when a cell failed, is missing, extra or unreadable, 2 on bad input, 4 on an internal error.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

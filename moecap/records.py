@@ -222,8 +222,14 @@ class ResultStore:
         return str(path.relative_to(self.dir))
 
     def write(self, record: Record) -> Path:
+        """Write a record atomically, every secret in it redacted (``moecap.redact``): its runner arguments,
+        its command line, its error text."""
+        from moecap.redact import redact
+
         path = self.record_path(record.cell_id)
-        atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
+        data = record.model_dump(mode="json")
+        data = {**data, **{k: redact(data[k]) for k in ("config", "environment", "error") if k in data}}
+        atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         return path
 
     def write_result(self, record: Record, files: dict[str, str]) -> Path:
@@ -365,7 +371,9 @@ class RunManifest(BaseModel):
 
     @staticmethod
     def driver_info(argv: list[str]) -> dict[str, Any]:
-        return _holder_info({"argv": argv})
+        from moecap.redact import redact
+
+        return _holder_info({"argv": redact(list(argv))})
 
 
 def iter_record_files(root: str | Path) -> list[Path]:
@@ -377,21 +385,41 @@ def iter_record_files(root: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.json") if not any(x.startswith(".") for x in p.relative_to(root).parts))
 
 
-def load_records(root: str | Path) -> list[tuple[Path, Record]]:
-    """Load every record under ``root``; unreadable or foreign JSON files are skipped with a warning."""
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def scan_records(root: str | Path) -> tuple[list[tuple[Path, Record]], list[tuple[Path, str]]]:
+    """(every record under ``root``, every file that should have been one and is not: (path, why)).
+    A file is a record candidate when it is JSON with a ``cell_id``, or when it is not readable JSON at
+    all (a truncated record); JSON without ``cell_id`` is someone else's file and is left out."""
     out: list[tuple[Path, Record]] = []
+    bad: list[tuple[Path, str]] = []
     for path in iter_record_files(root):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            log.warning("skipping %s: not readable JSON (%s)", path, err)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            bad.append((path, f"not readable JSON ({_one_line(err)})"))
             continue
-        if not isinstance(data, dict) or "schema_version" not in data or "cell_id" not in data:
+        if not isinstance(data, dict) or "cell_id" not in data:
+            continue
+        if "schema_version" not in data:
+            bad.append((path, "a record without schema_version"))
             continue
         try:
             rec = Record.model_validate(data)
         except Exception as err:
-            log.warning("skipping %s: not a moecap record (%s)", path, err)
+            bad.append((path, f"not a valid moecap record ({_one_line(err)})"))
             continue
         out.append((path, rec))
+    return out, bad
+
+
+def load_records(root: str | Path) -> list[tuple[Path, Record]]:
+    """Load every record under ``root``; unreadable or invalid record files are skipped with a warning
+    (:func:`scan_records` returns them too)."""
+    out, bad = scan_records(root)
+    for path, why in bad:
+        log.warning("skipping %s: %s", path, why)
     return out

@@ -306,7 +306,9 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        from moecap.redact import redact  # a key is no part of what a cell measures: it never moves the id
+
+        digest = hashlib.sha256(json.dumps(redact(self.config_dict()), sort_keys=True).encode()).hexdigest()[:8]
         parts = [self.model.display_name, self.runner.display_name, self.workload.display_name, self.load_slug]
         slug = "__".join(re.sub(r"[^\w.\-]+", "-", p) for p in parts)
         return f"{slug}__{digest}"

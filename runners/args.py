@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 
 class RunnerArgs(BaseModel):
@@ -64,7 +64,8 @@ class _ServingArgs(RunnerArgs):
     """Tokenizer (local path or hub id) for building prompts; unset: the model's, when it is local."""
     chat: bool = False
     """Send ``/v1/chat/completions`` with text prompts instead of token ids to ``/v1/completions``."""
-    api_key: str | None = None
+    api_key: SecretStr | None = None
+    """A bearer token for the endpoint; never written to a record (dumps show it masked)."""
     request_timeout_s: float | None = Field(default=600, gt=0)
     warmup_requests: int = Field(default=1, ge=0)
     """Untimed requests sent (and awaited) before the measured window (prompts of their own, never the

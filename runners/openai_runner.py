@@ -158,7 +158,7 @@ class OpenAIRunner(Runner):
                     trace = await stream_request(
                         session, self.base_url, target, prompt, workload.output_tokens,
                         workload.ignore_eos, self.args.chat, extra=extra_body, origin=origin, id=next(counter),
-                        input_tokens=n_in, api_key=self.args.api_key,
+                        input_tokens=n_in, api_key=self._api_key(),
                         timeout_s=self.args.request_timeout_s,
                     )
                     trace.model = target
@@ -219,7 +219,11 @@ class OpenAIRunner(Runner):
 
     def _auth(self) -> dict[str, str]:
         """The endpoint's bearer token, as the streaming client sends it."""
-        return {"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else {}
+        key = self._api_key()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _api_key(self) -> str | None:
+        return self.args.api_key.get_secret_value() if self.args.api_key else None
 
     def quality_models(self) -> list[str]:
         """The served models whose quality a cell measures (several for a multi-model workload)."""
@@ -382,7 +386,12 @@ class ServedRunner(OpenAIRunner):
         except OSError:
             return {}
         self._log_offset += len(data)
-        return {"server.log": data.decode("utf-8", errors="replace")} if data else {}
+        if not data:
+            return {}
+        from moecap.redact import scrub, secret_values
+
+        secrets_ = secret_values(self.args.model_dump()) | secret_values(self.args.env or {})
+        return {"server.log": scrub(data.decode("utf-8", errors="replace"), secrets_)}
 
     def storage_bytes(self) -> tuple[float | None, float]:
         """(bytes per weight, bytes per KV element) as the server stores them; None: unknown."""
@@ -399,7 +408,7 @@ class ServedRunner(OpenAIRunner):
             raise RuntimeError(
                 f"runner {self.name}: port {self.port} on {self.args.host} is already in use"
                 + (f" (pid {', '.join(map(str, holders))})" if holders else "")
-                + f": moecap would measure whatever answers there; set another runners[].args.port, or leave "
+                + ": moecap would measure whatever answers there; set another runners[].args.port, or leave "
                 "it unset for a free one")
         cmd = self.server_command(self.model_argument(model))
         fd, self.log_path = tempfile.mkstemp(prefix=f"moecap-{self.name}-{self.port}-", suffix=".log")

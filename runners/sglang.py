@@ -276,7 +276,7 @@ class SGLangRunner(EngineServedRunner):
         """POST one of SGLang's expert-distribution routes; raise with the answer when it is not 2xx."""
         req = urllib.request.Request(f"{self.base_url}/{route}", data=b"", method="POST")
         if self.args.api_key:
-            req.add_header("Authorization", f"Bearer {self.args.api_key}")
+            req.add_header("Authorization", f"Bearer {self.args.api_key.get_secret_value()}")
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 resp.read()

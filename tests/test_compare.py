@@ -57,7 +57,7 @@ def compare(capsys, *argv: str) -> tuple[int, str, str]:
 
 def compare_json(capsys, *argv: str) -> tuple[int, dict]:
     rc, out, err = compare(capsys, *argv, "--format", "json")
-    assert rc in (0, 1), err
+    assert rc in (0, 1, 3), err
     return rc, json.loads(out)
 
 
@@ -209,7 +209,7 @@ def test_injected_10_percent_slowdown_is_flagged(two_runs, tmp_path, capsys):
     assert all(m["verdict"] == "ok" for m in rows(data, "ppl:tiny-code"))
 
     rc, out, _ = compare(capsys, cur, slow)
-    assert rc == 1 and "**❌" in out and "## Regressions" in out
+    assert rc == 1 and "**❌" in out and "## Gated findings" in out
     assert any(line.startswith("| output_tokens_per_s | yes |") and "❌ regression" in line
                for line in out.splitlines())
 
@@ -288,10 +288,10 @@ def test_a_single_stalled_pass_is_noise(two_runs, tmp_path, capsys):
             assert m["verdict"] == "noise" and m["change"] < -0.05, m
             assert m["significance"]["tested"] and not m["significance"]["significant"]
     rc, out, _ = compare(capsys, cur, stalled)
-    assert rc == 0 and "⚠️ beyond threshold, not significant" in out and "**✅ no gated regression**" in out
+    assert rc == 0 and "⚠️ beyond threshold, not significant" in out and "**✅ no gated finding**" in out
 
 
-def test_cell_that_failed_now_is_a_regression(two_runs, tmp_path, capsys):
+def test_cell_that_failed_now_fails_the_gate(two_runs, tmp_path, capsys):
     _, cur = two_runs
     broken = tmp_path / "broken"
     shutil.copytree(cur, broken)
@@ -302,8 +302,8 @@ def test_cell_that_failed_now_is_a_regression(two_runs, tmp_path, capsys):
     victim.write_text(json.dumps(rec))
 
     rc, out, _ = compare(capsys, cur, broken)
-    assert rc == 1
-    assert "1 cell ok before and failed now" in out and "RuntimeError: CUDA out of memory" in out
+    assert rc == 3  # a finding about the cell, distinct from a figure's regression
+    assert "1 cell failed, missing, extra or unreadable" in out and "RuntimeError: CUDA out of memory" in out
     rc, data = compare_json(capsys, cur, broken)
     (failed,) = [c for c in data["cells"] if c["status"] == "failed_now"]
     assert failed["cell_id"] == rec["cell_id"] and failed["failing"]
@@ -313,10 +313,60 @@ def test_cell_that_failed_now_is_a_regression(two_runs, tmp_path, capsys):
     assert rc == 0
     assert [c["status"] for c in data["cells"]].count("baseline_not_ok") == 1
 
-    # a cell missing from one side is reported, not failed
+    # a cell missing from current fails the gate closed (issue 17: it printed "no gated regression", exit 0)
     victim.unlink()
     rc, data = compare_json(capsys, cur, broken)
-    assert rc == 0 and [c["status"] for c in data["cells"]].count("only_baseline") == 1
+    assert rc == 3 and [c["status"] for c in data["cells"]].count("only_baseline") == 1
+
+
+def test_the_gate_fails_closed_on_missing_extra_and_unreadable_cells(two_runs, tmp_path, capsys):
+    """Issue 17: CUR lacking 1 or 5 of 6 cells, or holding a truncated record, passed the gate; a
+    schema-valid record with an odd field crashed compare with a traceback and exit status 1."""
+    base, cur = two_runs
+    files = sorted((cur / SUITE).glob("*.json"))
+    tried = handled = 0
+    for keep in (len(files) - 1, 1):  # lacks one cell, lacks all but one
+        part = tmp_path / f"part{keep}"
+        (part / SUITE).mkdir(parents=True)
+        for f in files[:keep]:
+            shutil.copy(f, part / SUITE / f.name)
+        rc, data = compare_json(capsys, base, part)
+        tried += 1
+        handled += rc == 3 and [c["status"] for c in data["cells"]].count("only_baseline") == len(files) - keep
+    truncated = tmp_path / "truncated"
+    shutil.copytree(cur, truncated)
+    victim = sorted((truncated / SUITE).glob("*.json"))[0]
+    victim.write_text(victim.read_text()[: len(victim.read_text()) // 2])
+    rc, out, err = compare(capsys, base, truncated)
+    tried += 1
+    handled += rc == 3 and "current record unreadable: not readable JSON" in out and "Traceback" not in out + err
+    odd = tmp_path / "odd"
+    shutil.copytree(cur, odd)
+    victim = sorted((odd / SUITE).glob("*.json"))[0]
+    rec = json.loads(victim.read_text())
+    rec["report"]["throughput"]["completed"] = "four"
+    victim.write_text(json.dumps(rec))
+    rc, out, err = compare(capsys, base, odd)
+    tried += 1
+    handled += rc == 3 and "report.throughput.completed" in out and "Traceback" not in out + err
+    extra = tmp_path / "extra"
+    shutil.copytree(cur, extra)
+    rec = json.loads(files[0].read_text())
+    rec["cell_id"] = rec["cell_id"] + "x"
+    (extra / SUITE / (rec["cell_id"] + ".json")).write_text(json.dumps(rec))
+    rc, data = compare_json(capsys, base, extra)
+    tried += 1
+    handled += rc == 3 and [c["status"] for c in data["cells"]].count("only_current") == 1
+    assert (tried, handled) == (5, 5)
+
+
+def test_an_internal_error_has_its_own_exit_status(two_runs, capsys, monkeypatch):
+    from moecap import compare as cmp_mod
+
+    base, cur = two_runs
+    monkeypatch.setattr(cmp_mod, "format_markdown", lambda c: 1 / 0)
+    rc, out, err = compare(capsys, base, cur)
+    assert rc == 4 and "internal error (a bug in moecap" in err and "ZeroDivisionError" in err and out == ""
 
 
 def test_bad_inputs_exit_2_and_name_the_path(two_runs, tmp_path, capsys):

@@ -400,3 +400,70 @@ def test_real_quickstart_records(tmp_path_factory, tiny_moe_dir):
     assert lb.pareto_front(perf, [("output_tokens_per_s", True), ("ttft_ms_p50", False)]).any()
     published = publish([out], out.parent / "lb-real-published")
     assert len(published) == 3 and len(lb.load_results(out.parent / "lb-real-published")) == 3
+
+
+def test_publish_copies_regular_files_inside_the_results_folder_only(results, tmp_path):
+    """Issue 17: publish copied symlinked files from outside the results folder."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("private")
+    (results / "quickstart" / "tiny__hf__bs1" / "notes.txt").symlink_to(outside)
+    target = tmp_path / "published"
+    with pytest.raises(ValueError, match="notes.txt: a symbolic link; publish copies regular files only"):
+        publish([results], target)
+    assert not target.exists() or not list(target.rglob("*.json"))
+
+
+def test_publish_is_all_or_nothing_and_redacts_secrets(results, tmp_path, monkeypatch):
+    import moecap.leaderboard.publish as pub
+
+    rec_path = results / "quickstart" / "tiny__hf__bs4.json"
+    rec = json.loads(rec_path.read_text())  # a record of an older version that still holds a key
+    rec["config"]["runner"]["args"] = {"api_key": "sk-live-0123456789"}
+    rec["environment"] = {"argv": ["moecap", "run", "s.yaml", "--set", "runners.0.args.api_key=sk-live-0123456789"]}
+    rec_path.write_text(json.dumps(rec))
+    target = tmp_path / "published"
+    calls = {"n": 0}
+    real = pub._atomic_copy
+
+    def flaky(src, dst):  # the disk fills up half way
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(pub, "_atomic_copy", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        publish([results], target)
+    assert not list(target.rglob("*.json")) and not list(target.rglob("*.jsonl"))  # nothing half-published
+    monkeypatch.setattr(pub, "_atomic_copy", real)
+    publish([results], target)
+    text = (target / "quickstart" / "tiny__hf__bs4.json").read_text()
+    assert "sk-live-0123456789" not in text and "***redacted***" in text
+    assert len(list(target.rglob("*.json"))) == 4 and not list(target.rglob(".moecap-publish-*"))
+
+
+def test_redact_covers_args_argv_env_and_headers():
+    from moecap.redact import REDACTED, redact, scrub, secret_values
+
+    data = {"args": {"api_key": "k-123456", "model": "m", "env": {"HF_TOKEN": "hf_abcdef", "PATH": "/bin"}},
+            "argv": ["x", "--api-key", "k-123456", "--set", "runners.0.args.api_key=k-123456", "--model", "m"],
+            "error": "HTTP 401 with Authorization: Bearer k-123456"}
+    out = redact(data)
+    assert out["args"]["api_key"] == REDACTED and out["args"]["model"] == "m"
+    assert out["args"]["env"] == {"HF_TOKEN": REDACTED, "PATH": "/bin"}
+    assert out["argv"] == ["x", "--api-key", REDACTED, "--set", f"runners.0.args.api_key={REDACTED}", "--model", "m"]
+    assert "k-123456" not in json.dumps(out)
+    assert secret_values(data) == {"k-123456", "hf_abcdef"}
+    assert scrub("started with key k-123456 and hf_abcdef", secret_values(data)).count(REDACTED) == 2
+
+
+def test_secret_names_and_figure_names_are_told_apart():
+    from moecap.redact import is_secret_name
+
+    for name in ("api_key", "hf_token", "OPENAI_API_KEY", "--api-key", "Authorization", "password", "apiKey",
+                 "runners.0.args.api_key", "GITHUB_TOKEN", "aws_secret_access_key", "token", "auth_token"):
+        assert is_secret_name(name), name
+    for name in ("output_tokens", "output_tokens_per_s", "usd_per_1m_output_tokens", "max_tokens", "tokenizer",
+                 "keys", "key_cache", "input_tokens", "completion_tokens", "model", "joules_per_output_token",
+                 "bos_token", "pad_token", "max_new_token"):
+        assert not is_secret_name(name), name

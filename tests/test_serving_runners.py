@@ -320,3 +320,31 @@ def test_the_process_answering_must_be_the_one_started(tmp_path, tiny_moe_dir):
         ok.check_owns(port)
     finally:
         ok.stop()
+
+
+def test_a_key_never_reaches_the_record_the_manifest_or_the_id(tmp_path, tiny_moe_dir):
+    """Issue 17: --set runners.0.args.api_key=... was stored in plain text three times in every record."""
+    import yaml
+    from test_e2e_cli import moecap
+
+    port = free_port()
+    cmd = [PYTHON, SERVER, "--model", str(tiny_moe_dir), "--port", str(port), "--served-model-name", "tiny"]
+    secret = "sk-test-5ecr3t-0123456789"
+    with running_server(cmd, f"http://127.0.0.1:{port}/health"):
+        runner = {"type": "openai", "args": {"base_url": f"http://127.0.0.1:{port}", "model": "tiny",
+                                             "warmup_requests": 0}}
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump(_suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 1}], num_prompts=2)))
+        moecap("run", str(path), "--set", f"runners.0.args.api_key={secret}", check=0)
+        ids = {p.name for p in (tmp_path / "results" / "serving").glob("*.json")}
+        moecap("run", str(path), "--set", "runners.0.args.api_key=another-key-98765", check=0)
+    files = [p for p in (tmp_path / "results").rglob("*") if p.is_file()]
+    leaked = [str(p) for p in files if secret in p.read_text(errors="replace")]
+    assert not leaked, leaked
+    (rec_path,) = list((tmp_path / "results" / "serving").glob("*.json"))
+    rec = json.loads(rec_path.read_text())
+    assert rec["config"]["runner"]["args"]["api_key"] == "***redacted***"
+    assert rec["config"]["runner"]["resolved_args"]["api_key"] in ("***redacted***", "**********")
+    assert any("api_key=***redacted***" in a for a in rec["environment"]["argv"])
+    # the key is no part of the cell: another key finds the same cell done
+    assert {p.name for p in (tmp_path / "results" / "serving").glob("*.json")} == ids

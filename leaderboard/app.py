@@ -107,6 +107,14 @@ def _numeric_keys(df: pd.DataFrame) -> list[str]:
     return [c.key for c in columns_for(df) if c.dtype in ("float", "int")]
 
 
+def _plain(value: Any) -> str:
+    """A name shown in a plot as text: plotly renders a subset of HTML in legends and hovers (an
+    ``<a href>`` in a system name would become a live link), so markup characters are escaped."""
+    import html
+
+    return html.escape(str(value), quote=False)
+
+
 def _label(key: str) -> str:
     try:
         return column(key).header
@@ -183,13 +191,13 @@ def scatter_figure(df: pd.DataFrame, x: str, y: str) -> go.Figure:
         sub = data[data["system"].astype(str) == s]
         on = front.loc[sub.index]
         hover = [
-            f"<b>{r.get('model')}</b><br>{r.get('system')} · {r.get('hardware')} · "
-            f"{r.get('precision')} · {r.get('load')}<br>{_label(x)}: {r['_x']:.4g}<br>"
-            f"{_label(y)}: {r['_y']:.4g}<br>{r.get('cell_id')}"
+            f"<b>{_plain(r.get('model'))}</b><br>{_plain(r.get('system'))} · {_plain(r.get('hardware'))} · "
+            f"{_plain(r.get('precision'))} · {_plain(r.get('load'))}<br>{_label(x)}: {r['_x']:.4g}<br>"
+            f"{_label(y)}: {r['_y']:.4g}<br>{_plain(r.get('cell_id'))}"
             for _, r in sub.iterrows()
         ]
         fig.add_trace(go.Scatter(
-            x=sub["_x"], y=sub["_y"], mode="markers", name=s, legendgroup=s,
+            x=sub["_x"], y=sub["_y"], mode="markers", name=_plain(s), legendgroup=s,
             marker={
                 "color": colors[s],
                 "size": [16 if f else 9 for f in on],
@@ -253,11 +261,11 @@ def radar_figure(df: pd.DataFrame, systems: list[str] | None) -> go.Figure:
         raw = g.loc[s]
         vals = [r["C"], r["A"], r["P"]]
         fig.add_trace(go.Scatterpolar(
-            r=vals + vals[:1], theta=theta + theta[:1], fill="toself", name=str(s),
+            r=vals + vals[:1], theta=theta + theta[:1], fill="toself", name=_plain(s),
             line={"color": PALETTE[i % len(PALETTE)]}, opacity=0.7,
             text=[f"$ {raw['C']:.4g}/1M tok", f"{raw['A']:.4g}", f"{raw['P']:.4g} tok/s",
                   f"$ {raw['C']:.4g}/1M tok"],
-            hovertemplate="%{theta}: %{r:.2f} (raw %{text})<extra>" + str(s) + "</extra>",
+            hovertemplate="%{theta}: %{r:.2f} (raw %{text})<extra>" + _plain(s) + "</extra>",
         ))
     fig.update_layout(
         template="plotly_white", height=430, margin={"l": 60, "r": 60, "t": 40, "b": 40},
@@ -289,10 +297,10 @@ def roofline_figure(df: pd.DataFrame) -> go.Figure:
         for j, (key, title) in enumerate(ROOFLINE_PANELS):
             vals = _num(sub, key)
             fig.add_trace(go.Scatter(
-                x=sub["_bs"], y=vals, mode="lines+markers", name=name, legendgroup=name,
+                x=sub["_bs"], y=vals, mode="lines+markers", name=_plain(name), legendgroup=name,
                 showlegend=(j == 0), line={"color": color}, marker={"size": 8},
-                text=sub["cell_id"].astype(str),
-                hovertemplate=f"{name}<br>batch %{{x}}<br>{title}: %{{y:.2%}}<br>%{{text}}"
+                text=[_plain(c) for c in sub["cell_id"].astype(str)],
+                hovertemplate=f"{_plain(name)}<br>batch %{{x}}<br>{title}: %{{y:.2%}}<br>%{{text}}"
                               "<extra></extra>",
             ), row=j // 2 + 1, col=j % 2 + 1)
     fig.update_xaxes(title_text="batch size", type="log", dtick=math.log10(2))

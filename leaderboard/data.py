@@ -482,8 +482,15 @@ def display_frame(df: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFra
 
 
 def to_csv(df: pd.DataFrame) -> str:
-    """CSV text of ``df`` (full precision, no index)."""
-    return df.to_csv(index=False)
+    """CSV text of ``df`` (full precision, no index); text cells neutralised against spreadsheet formula
+    injection (:func:`moecap.report.csv_safe`)."""
+    from moecap.report import csv_safe
+
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
+            out[col] = out[col].map(lambda v: csv_safe(v) if isinstance(v, str) else v)
+    return out.to_csv(index=False)
 
 
 __all__ = [

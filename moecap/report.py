@@ -79,6 +79,17 @@ def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return cols + [(k, k, ".2f" if k.startswith("ppl:") else ".4g") for k in extra]
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (it starts with ``=``, ``+``, ``-``, ``@``,
+    a tab or a carriage return) gets a leading ``'`` (OWASP's advice); numbers and other text pass."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _fmt(v: Any, fmt: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -98,7 +109,7 @@ def format_rows(rows: list[dict[str, Any]], fmt: str = "table") -> str:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["cell_id"] + [c[0] for c in cols])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: csv_safe(v) for k, v in r.items()} for r in rows)
         return buf.getvalue()
     headers = [c[1] for c in cols]
     cells = [[_fmt(r.get(c[0]), c[2]) for c in cols] for r in rows]

@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from moecap.registry import EMBEDDED_MODELS, RUNNERS, load_object
 
@@ -34,7 +34,15 @@ class SuiteError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # unknown keys are errors, floats are finite (no .inf / .nan rates or SLOs)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# an integer written as one: ``true`` and ``4.0`` are refused, not read as 1 and 4
+Count = Annotated[int, Strict()]
+MAX_TOKENS = 1 << 21  # prompt or output length: above any model's context today (2M tokens)
+MAX_PROMPTS = 1_000_000
+MAX_PROMPT_TOKENS_TOTAL = 200_000_000  # prompts x their length held as token ids at once (1.6 GB)
 
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -82,10 +90,10 @@ class PerplexityConfig(_Strict):
     datasets: list[str] = Field(min_length=1)
     """Embedded held-out corpora (``tiny-code``, ``tiny-prose``, ``tiny-c``) or, with a network,
     ``wikitext2``, ``ptb``, ``c4``."""
-    context_length: int | None = Field(default=None, gt=1)
+    context_length: Count | None = Field(default=None, gt=1, le=MAX_TOKENS)
     """Window length; default 2048, or the model's maximum if shorter."""
-    batch_size: int = Field(default=8, gt=0)
-    max_windows: int | None = Field(default=None, gt=0)
+    batch_size: Count = Field(default=8, gt=0, le=4096)
+    max_windows: Count | None = Field(default=None, gt=0)
     """Evaluate only the first N windows (quick runs)."""
 
     @field_validator("datasets")
@@ -122,10 +130,10 @@ class WorkloadConfig(_Strict):
     """``random``: uniformly drawn token ids; ``text``: consecutive pieces of a text file, tokenized."""
     text_file: str | None = None
     """For ``source: text``; default: text of the Python standard library on this machine."""
-    input_tokens: int | None = Field(default=None, gt=0)
-    output_tokens: int | None = Field(default=None, gt=0)
-    num_prompts: int | None = Field(default=None, gt=0)
-    seed: int = 0
+    input_tokens: Count | None = Field(default=None, gt=0, le=MAX_TOKENS)
+    output_tokens: Count | None = Field(default=None, gt=0, le=MAX_TOKENS)
+    num_prompts: Count | None = Field(default=None, gt=0, le=MAX_PROMPTS)
+    seed: Count = 0
     ignore_eos: bool = True
     """Generate exactly ``output_tokens`` tokens per request (as vLLM's benchmarks do)."""
     perplexity: PerplexityConfig | None = None
@@ -157,6 +165,9 @@ class WorkloadConfig(_Strict):
         if perf and len(perf) != 3:
             missing = sorted({"input_tokens", "output_tokens", "num_prompts"} - set(perf))
             raise ValueError(f"a performance workload sets input_tokens, output_tokens and num_prompts; missing {missing}")
+        if perf and self.num_prompts * self.input_tokens > MAX_PROMPT_TOKENS_TOTAL:
+            raise ValueError(f"num_prompts x input_tokens = {self.num_prompts * self.input_tokens:,} prompt tokens; "
+                             f"at most {MAX_PROMPT_TOKENS_TOTAL:,} (they are built in memory before the run)")
         if not perf and self.perplexity is None and self.lm_eval is None:
             raise ValueError(
                 "a workload measures performance (input_tokens, output_tokens, num_prompts), "
@@ -184,8 +195,8 @@ class WorkloadConfig(_Strict):
 class LoadConfig(_Strict):
     """Exactly one of: a static batch size, a max concurrency, or an arrival rate (requests/s)."""
 
-    batch_size: int | None = Field(default=None, gt=0)
-    concurrency: int | None = Field(default=None, gt=0)
+    batch_size: Count | None = Field(default=None, gt=0, le=MAX_PROMPTS)
+    concurrency: Count | None = Field(default=None, gt=0, le=MAX_PROMPTS)
     rate: float | None = Field(default=None, gt=0)
     arrival: Literal["poisson", "gamma"] = "poisson"
     burstiness: float = Field(default=1.0, gt=0)
@@ -264,6 +275,17 @@ class Suite(_Strict):
     """Required when a workload measures performance."""
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     cost: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("cost")
+    @classmethod
+    def _cost(cls, v: dict[str, Any]) -> dict[str, Any]:
+        import math
+
+        bad = {k: x for k, x in v.items() if isinstance(x, bool) or (isinstance(x, (int, float)) and not (
+            math.isfinite(x) and x >= 0))}
+        if bad:
+            raise ValueError(f"cost inputs are finite and >= 0 (a price, a rate, a count); got {bad}")
+        return v
     """Cost inputs by name (prices, amortization, PUE, tariff, cloud rates; ``moecap cost --help``
     lists them); anything unset comes from moecap/data/catalog.yaml for the detected hardware."""
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -362,7 +384,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
         key, sep, value_s = item.partition("=")
         if not sep or not key:
             raise SuiteError(f"--set {item!r}: expected key=value, e.g. workloads.0.num_prompts=4")
-        value = yaml.safe_load(value_s) if value_s != "" else ""
+        from moecap import safe_yaml
+
+        try:
+            value = safe_yaml.load(value_s) if value_s != "" else ""
+        except yaml.YAMLError as err:
+            raise SuiteError(f"--set {item!r}: the value is not valid YAML: {' '.join(str(err).split())}") from None
         parts = key.split(".")
         node: Any = raw
         for i, part in enumerate(parts):
@@ -481,11 +508,41 @@ def _runner_errors(i: int, r: RunnerConfig, source: str) -> list[str]:
     return []
 
 
+def _model_context(m: ModelConfig) -> int | None:
+    """The model's context length where its config is at hand without loading it (``random:`` configs
+    and local directories); None otherwise (a hub id, an embedded model not built yet)."""
+    try:
+        if m.id.startswith("random:"):
+            from moecap.metrics.accounting import builtin_config_names
+            from moecap.models import random_config_dict
+
+            ref = m.id.removeprefix("random:")
+            if ref not in builtin_config_names() and not Path(ref).expanduser().exists():
+                return None  # a hub config: validation never goes to the network
+            cfg = random_config_dict(ref, getattr(m, "overrides", None))
+        else:
+            path = Path(m.id).expanduser() / "config.json"
+            if not path.is_file():
+                return None
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+    except Exception:
+        return None
+    v = cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("seq_length")
+    return int(v) if isinstance(v, int) and v > 0 else None
+
+
 def validate_semantics(suite: Suite, source: str) -> None:
-    """Checks beyond types: registered runners and their args, load kinds, model ids, unique names."""
+    """Checks beyond types: registered runners and their args, load kinds, model ids, unique names, and
+    prompts that fit every model's context."""
     errors: list[str] = []
     for i, m in enumerate(suite.models):
         errors += _model_errors(i, m, source)
+        ctx = _model_context(m)
+        for j, w in enumerate(suite.workloads):
+            if ctx and w.measures_performance and w.input_tokens + w.output_tokens > ctx:
+                errors.append(f"{source}: workloads[{j}]: input_tokens + output_tokens = "
+                              f"{w.input_tokens + w.output_tokens} exceeds the context of models[{i}] ({m.id}): "
+                              f"{ctx} tokens")
     if any(w.measures_performance for w in suite.workloads) and not suite.loads:
         errors.append(f"{source}: loads: required (at least one) when a workload measures performance")
     for i, r in enumerate(suite.runners):
@@ -558,8 +615,14 @@ def parse_suite(raw: Any, source: str) -> Suite:
 def load_suite(spec: str, overrides: list[str] | None = None) -> Suite:
     path = resolve_suite_path(spec)
     source = str(path)
+    from moecap import safe_yaml
+
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_yaml.load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SuiteError(f"{source}: not UTF-8 text (byte {err.start}: {err.reason}); save the suite as UTF-8") from None
+    except OSError as err:
+        raise SuiteError(f"{source}: cannot read it: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise SuiteError(f"{source}: not valid YAML: {err}") from None
     if overrides:

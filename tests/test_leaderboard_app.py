@@ -142,6 +142,24 @@ def test_scatter_front_and_radar_figures():
     assert r["a"] == [1.0, 0.7 / 0.9, 0.5] and r["b"] == [1.0 / 2.5, 1.0, 1.0]
 
 
+def test_names_render_as_text_in_plots():
+    """Issue 17: an <a href> in a system name became a live link in a plot legend."""
+    import pandas as pd
+
+    from moecap.leaderboard.app import radar_figure, scatter_figure
+
+    evil = "<a href='http://evil.example'>click</a>"
+    df = pd.DataFrame({"system": [evil, "b"], "model": "<b>m</b>", "hardware": "h", "precision": "p",
+                       "load": "bs=1", "cell_id": ["c1", "c2"], "usd_per_1m_output_tokens": [1.0, 2.0],
+                       "accuracy": [0.5, 0.7], "output_tokens_per_s": [10.0, 20.0]})
+    fig = scatter_figure(df, "usd_per_1m_output_tokens", "accuracy")
+    names = [t.name for t in fig.data]
+    assert "&lt;a href='http://evil.example'&gt;click&lt;/a&gt;" in names and evil not in names
+    assert all("<a href" not in str(t.text) and "<b>m</b>" not in str(t.text) for t in fig.data)
+    radar = radar_figure(df, [evil, "b"])
+    assert evil not in [t.name for t in radar.data]
+
+
 def test_empty_results_folder(tmp_path):
     from gradio_client import Client
 

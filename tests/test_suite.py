@@ -202,3 +202,74 @@ def test_unknown_gpu_price_leaves_cost_unavailable_not_the_cell_failed():
     assert cost["available"] is False and "gpu_price_usd" in cost["reason"]
     priced = price_run(report, hw, {"gpu_price_usd": 10000, "gpu_tdp_w": 300})
     assert priced["usd_per_1m_output_tokens"] > 0
+
+
+def test_hostile_and_careless_suites_are_refused_before_anything_runs(tmp_path):
+    """Issue 17: each of these was accepted and then failed late, ran with wrong settings, or (the alias
+    bomb) ran past 90 s and 2.9 GB; each is now a one-line error naming the field."""
+    import time
+
+    bomb = "".join(f"{chr(97 + i)}: &{chr(97 + i)} [" + ",".join([f"*{chr(96 + i)}"] * 9 if i else ['"x"'] * 9) + "]\n"
+                   for i in range(9))
+    cases = {
+        "alias bomb": (bomb, "expands to more than"),
+        "duplicate key": (yaml.safe_dump(BASE) + "name: again\n", "duplicate key 'name'"),
+        "input_tokens 1e9": ({**BASE, "workloads": [{**BASE["workloads"][0], "input_tokens": 1_000_000_000}]},
+                             "workloads[0].input_tokens"),
+        "num_prompts 1e20": ({**BASE, "workloads": [{**BASE["workloads"][0], "num_prompts": 1e20}]},
+                             "workloads[0].num_prompts"),
+        "num_prompts true": ({**BASE, "workloads": [{**BASE["workloads"][0], "num_prompts": True}]},
+                             "workloads[0].num_prompts"),
+        "rate .inf": ({**BASE, "runners": [{"type": "server", "args": {"command": ["x"]}}],
+                       "loads": [{"rate": float("inf")}]}, "loads[0].rate"),
+        "negative cost": ({**BASE, "cost": {"usd_per_kwh": -0.1}}, "cost inputs are finite and >= 0"),
+        "beyond the context": ({**BASE, "models": [{"id": "random:mixtral-8x7b",
+                                                    "overrides": {"num_hidden_layers": 1, "max_position_embeddings": 64}}],
+                                "workloads": [{**BASE["workloads"][0], "input_tokens": 60, "output_tokens": 8}]},
+                               "exceeds the context of models[0]"),
+        "too many prompt tokens": ({**BASE, "workloads": [{**BASE["workloads"][0], "num_prompts": 1_000_000,
+                                                           "input_tokens": 1000}]}, "prompt tokens; at most"),
+    }
+    tried, handled, missed = 0, 0, []
+    for name, (data, fragment) in cases.items():
+        tried += 1
+        t0 = time.perf_counter()
+        try:
+            msg = err_of(tmp_path, data)
+        except BaseException as err:  # noqa: BLE001 - any other outcome is a miss
+            missed.append((name, repr(err)[:200]))
+            continue
+        if fragment in msg and time.perf_counter() - t0 < 5:
+            handled += 1
+        else:
+            missed.append((name, msg[:300]))
+    assert (tried, handled) == (len(cases), len(cases)), missed
+
+
+def test_unreadable_suites_and_bad_overrides_are_one_line_errors(tmp_path):
+    from test_e2e_cli import moecap
+
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SuiteError, match="not UTF-8 text"):
+        load_suite(str(p))
+    good = write(tmp_path, BASE)
+    with pytest.raises(SuiteError, match="--set .* the value is not valid YAML"):
+        load_suite(str(good), ["workloads.0.num_prompts=[1,"])
+    for args in (["run", str(p), "--dry-run"], ["run", str(good), "--dry-run", "--set", "loads=[{batch_size: 1"]):
+        proc = moecap(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.strip(), proc.stderr
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised():
+    import pandas as pd
+
+    from moecap.leaderboard.data import to_csv
+    from moecap.report import csv_safe, format_rows
+
+    for bad in ("=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\t=1"):
+        assert csv_safe(bad) == "'" + bad
+    assert csv_safe("tiny-moe") == "tiny-moe" and csv_safe(-1.5) == -1.5
+    text = format_rows([{"cell_id": "c", "model": '=HYPERLINK("http://evil")', "runner": "hf"}], "csv")
+    assert "'=HYPERLINK" in text
+    assert "'=HYPERLINK" in to_csv(pd.DataFrame([{"model": '=HYPERLINK("http://evil")', "x": -1.0}]))

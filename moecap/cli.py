@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -49,6 +50,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         if importlib.util.find_spec("ray") is None:
             problems.append("--executor ray needs Ray, which is not installed: pip install 'moecap[ray]'")
+    if not args.dry_run:
+        why = _unwritable(Path(suite.output.dir) / suite.name)
+        if why:
+            problems.append(f"cannot write the results folder {Path(suite.output.dir) / suite.name}: {why}; "
+                            "choose another with -o DIR")
     if problems:
         print("moecap run: " + "\nmoecap run: ".join(problems), file=sys.stderr)
         return 2
@@ -180,10 +186,30 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot take records (created if missing), or None."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".moecap-write-check-"):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.port:
+        from moecap.runners.server import port_in_use
+
+        if port_in_use(args.host, args.port):
+            print(f"moecap leaderboard: port {args.port} on {args.host} is already in use; choose another with "
+                  "--port N (or leave it out for a free one)", file=sys.stderr)
+            return 2
     from moecap.leaderboard.app import launch
 
     launch(args.results, host=args.host, port=args.port, share=args.share)

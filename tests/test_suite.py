@@ -273,3 +273,23 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_neutralised():
     text = format_rows([{"cell_id": "c", "model": '=HYPERLINK("http://evil")', "runner": "hf"}], "csv")
     assert "'=HYPERLINK" in text
     assert "'=HYPERLINK" in to_csv(pd.DataFrame([{"model": '=HYPERLINK("http://evil")', "x": -1.0}]))
+
+
+def test_an_unwritable_results_folder_and_a_taken_leaderboard_port_are_one_line_errors(tmp_path):
+    """Issue 17: both were tracebacks."""
+    import socket
+
+    from test_e2e_cli import moecap
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = moecap("run", str(write(tmp_path, BASE)), "-o", str(blocker))
+    assert proc.returncode == 2 and "cannot write the results folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = moecap("leaderboard", str(tmp_path), "--port", str(port))
+    assert proc.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr

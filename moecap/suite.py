@@ -275,6 +275,9 @@ class Suite(_Strict):
     """Required when a workload measures performance."""
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     cost: dict[str, Any] = Field(default_factory=dict)
+    """Cost inputs by name (prices, amortization, PUE, tariff, cloud rates; ``moecap cost --help``
+    lists them); anything unset comes from moecap/data/catalog.yaml for the detected hardware."""
+    output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("cost")
     @classmethod
@@ -286,9 +289,6 @@ class Suite(_Strict):
         if bad:
             raise ValueError(f"cost inputs are finite and >= 0 (a price, a rate, a count); got {bad}")
         return v
-    """Cost inputs by name (prices, amortization, PUE, tariff, cloud rates; ``moecap cost --help``
-    lists them); anything unset comes from moecap/data/catalog.yaml for the detected hardware."""
-    output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("cost")
     @classmethod

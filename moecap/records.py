@@ -227,7 +227,7 @@ class ResultStore:
         from moecap.redact import redact
 
         path = self.record_path(record.cell_id)
-        data = record.model_dump(mode="json")
+        data = json.loads(record.model_dump_json())  # JSON as pydantic writes it (NaN and inf as null)
         data = {**data, **{k: redact(data[k]) for k in ("config", "environment", "error") if k in data}}
         atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         return path

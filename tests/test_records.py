@@ -59,3 +59,12 @@ def test_report_formats():
     csv = format_rows([row], "csv")
     assert csv.splitlines()[0].startswith("cell_id,model")
     assert json.loads(format_rows([row], "json"))[0]["cell_id"] == "c1"
+
+
+def test_a_record_on_disk_is_strict_json(tmp_path):
+    """NaN and inf figures (a zero-length window) are written as null: other JSON readers choke on NaN."""
+    store = ResultStore(tmp_path, "s")
+    path = store.write(make(report={"throughput": {"output_tokens_per_s": float("nan")}, "x": float("inf")}))
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["report"]["throughput"]["output_tokens_per_s"] is None

@@ -187,15 +187,15 @@ def _cmd_cost(args: argparse.Namespace) -> int:
 
 
 def _unwritable(folder: Path) -> str | None:
-    """Why ``folder`` cannot take records (created if missing), or None."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".moecap-write-check-"):
-            pass
-    except OSError as err:
-        return err.strerror or str(err)
+    """Why ``folder`` could not take records, or None; nothing is created (a refused run leaves no trace):
+    the nearest part of the path that exists must be a folder this user may write into."""
+    probe = folder.expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"no permission to write into {probe}"
     return None
 
 

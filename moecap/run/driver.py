@@ -234,11 +234,12 @@ def make_executor(kind: str, options: ExecutorOptions | None = None) -> Executor
 # which cells run; resuming
 
 
-def _rescore(store: ResultStore, cell: Cell, run_id: str) -> Record | None:
-    """A finished cell re-scored for its workload's SLOs, under its claim (None: nothing to do)."""
+def _rescore(store: ResultStore, cell: Cell, run_id: str, rec: Record | None) -> Record | None:
+    """A finished cell (``rec``, its record as last read) re-scored for its workload's SLOs, under its
+    claim (None: nothing to do)."""
     from moecap.run.rescore import needs_rescore, rescore
 
-    if not needs_rescore(store.load(cell.cell_id), cell):
+    if not needs_rescore(rec, cell):
         return None
     claim = store.claim(cell.cell_id, run_id)
     if claim is None:  # another process is running it: it will score it itself
@@ -345,12 +346,13 @@ def run_suite(
             snapshot[cell.cell_id] = (rec.run_id, rec.status) if rec is not None else None
             todo.append(cell)
         else:
-            rescored = _rescore(store, cell, run_id)
+            rec = store.load(cell.cell_id)
+            rescored = _rescore(store, cell, run_id, rec)
             if rescored is not None:  # the workload's SLOs changed: the stored requests are scored again
                 outcome.outcomes.append(CellOutcome(cell, "rescored", rescored, str(store.record_path(cell.cell_id))))
                 continue
             outcome.outcomes.append(CellOutcome(cell, "skipped", path=str(store.record_path(cell.cell_id))))
-            skipped_ok += store.is_done(cell.cell_id)
+            skipped_ok += rec is not None and rec.status == "ok"
     if skipped_ok and not outcome_resumed:
         log(f"moecap: {skipped_ok} of {len(cells)} cells already have an ok record (use --force to re-run them)")
     if not todo and manifest is None:  # nothing to run: no run to record

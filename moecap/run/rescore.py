@@ -42,7 +42,8 @@ def needs_rescore(rec: Record | None, cell: Cell) -> bool:
 
 
 def rescore(store: ResultStore, cell: Cell) -> Record | None:
-    """The cell's record re-scored and rewritten; None when it needs none or its requests are gone."""
+    """The cell's record re-scored and rewritten; None when it needs none or its requests are gone.
+    Read again here: the caller holds the cell's claim, and the record may have changed since it looked."""
     from moecap.metrics.latency import summarize_requests
 
     rec = store.load(cell.cell_id)
@@ -61,6 +62,6 @@ def rescore(store: ResultStore, cell: Cell) -> Record | None:
                                                         slo_ms=slo)["throughput"]}
             for m, sec in report["per_model"].items()}
     report["rescored"] = {"at": now_iso(), "slo_ms": slo, "previous_slo_ms": previous}
-    new = rec.model_copy(update={"report": report})
-    store.write(Record.model_validate(new.model_dump()))
-    return store.load(cell.cell_id)
+    new = Record.model_validate({**rec.model_dump(), "report": report})
+    store.write(new)
+    return new

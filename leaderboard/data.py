@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from moecap.figures import dig
 from moecap.records import SCHEMA_VERSION, iter_record_files, migrate
 
 
@@ -147,8 +148,6 @@ def default_keys() -> list[str]:
 
 
 def _get(d: Any, *path: str) -> Any:
-    from moecap.figures import dig
-
     return dig(d, path)
 
 

@@ -38,8 +38,9 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
+from moecap.figures import dig
+from moecap.figures import number as _number
 from moecap.records import Record, scan_records
-from moecap.report import dig
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +176,6 @@ class Figure:
     value: float
     stderr: float | None = None
     n: int | None = None
-
-
-def _number(v: Any) -> float | None:
-    from moecap.figures import number
-
-    return number(v)
 
 
 def record_figures(rec: Record) -> dict[str, Figure]:

@@ -14,9 +14,11 @@ directly, so it needs neither torch nor transformers and reads one tensor at a t
   ``gpt2`` vocabulary with pre-tokenizer ``gpt-2`` (what llama.cpp's converter cannot recognise for a
   locally trained tokenizer, whose hash it does not know).
 
-Weight types: ``f32``, ``f16``, ``bf16``, ``q8_0`` or ``q4_0`` (1-D tensors such as norms stay f32, as
-llama.cpp's converter keeps them; a matrix whose rows do not divide into 32-weight blocks stays f32). Other tokenizers (SentencePiece) and architectures: use llama.cpp's
-``convert_hf_to_gguf.py``.
+Weight types: ``f32``, ``f16``, ``bf16``, ``q8_0`` or ``q4_0``. As llama.cpp's converter and its
+``llama-quantize`` do, some tensors stay f32 at every weight type: 1-D tensors such as norms, and the
+router ``ffn_gate_inp`` (routing picks experts by comparing its logits: rounding them changes which experts
+run). A matrix whose rows do not divide into 32-weight blocks also stays f32. Other tokenizers
+(SentencePiece) and architectures: use llama.cpp's ``convert_hf_to_gguf.py``.
 """
 
 from __future__ import annotations
@@ -169,11 +171,19 @@ def _file_type(weight_type: str) -> Any:
     }[weight_type]
 
 
-def _encode(arr: np.ndarray, weight_type: str) -> tuple[np.ndarray, Any]:
-    """``arr`` (float32) stored as ``weight_type``; 1-D tensors, and rows a block type cannot block, stay f32."""
+# tensors llama.cpp's converter (``ModelBase.prepare_tensors``) and quantizer keep f32 at every file type
+_ALWAYS_F32 = re.compile(r"(^|\.)ffn_gate_inp(_shexp)?\.weight$|_norm\.weight$")
+
+# bump when the exporter writes different bytes for the same checkpoint: cached exports are re-made
+EXPORT_FORMAT = 2
+
+
+def _encode(arr: np.ndarray, weight_type: str, name: str = "") -> tuple[np.ndarray, Any]:
+    """``arr`` (float32) stored as ``weight_type``; 1-D tensors, routers and norms, and rows a block type
+    cannot block, stay f32."""
     import gguf
 
-    if arr.ndim == 1 or weight_type == "f32":
+    if arr.ndim == 1 or weight_type == "f32" or _ALWAYS_F32.search(name):
         return arr.astype(np.float32), gguf.GGMLQuantizationType.F32
     qtype = _qtype(weight_type)
     if weight_type == "f16":
@@ -275,7 +285,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, weight_type: str = 
     def put(name: str, arr: np.ndarray) -> None:
         nonlocal n_bytes, n_params
         n_params += int(arr.size)
-        data, qtype = _encode(arr, weight_type)
+        data, qtype = _encode(arr, weight_type, name)
         n_bytes += int(data.nbytes)
         writer.add_tensor(name, data, raw_dtype=qtype)
 
@@ -327,6 +337,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, weight_type: str = 
         "architecture": "llama",
         "model_type": family,
         "weight_type": weight_type,
+        "export_format": EXPORT_FORMAT,
         "layers": n_layer,
         "moe_layers": moe_layers,
         "experts": n_experts,
@@ -358,7 +369,7 @@ def ensure_gguf(model_dir: str | Path, weight_type: str = "f32", cache_root: str
     model_dir = Path(model_dir)
     root = Path(cache_root) if cache_root else cache_dir() / "gguf"
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_dir.name) or "model"
-    out = root / f"{name}-{_digest(model_dir)}-{weight_type}.gguf"
+    out = root / f"{name}-{_digest(model_dir)}-v{EXPORT_FORMAT}-{weight_type}.gguf"
     if not out.is_file():
         info = export_gguf(model_dir, out, weight_type, progress=progress)
         (out.with_suffix(".json")).write_text(json.dumps(info, indent=2))

@@ -176,3 +176,63 @@ def test_export_gguf_cli(tiny_moe_dir, tmp_path):
     assert info["weight_type"] == "f16" and out.is_file() and info["file_bytes"] == out.stat().st_size
     bad = moecap("export-gguf", str(tmp_path / "missing"), check=2)
     assert "not a local model directory" in bad.stderr
+
+
+def _llama_cpp_tree():
+    from moecap.llamacpp_build import find_source_tree
+
+    tree = find_source_tree()
+    if tree is None:
+        pytest.skip("llama.cpp's source tree is not here (set MOECAP_LLAMA_CPP_DIR, or `moecap llamacpp build`)")
+    return tree
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight_type", ["f32", "f16", "q8_0"])
+def test_export_matches_llama_cpp_converter(tiny_moe_dir, tmp_path, weight_type):
+    """Tensor for tensor, moecap's export is what llama.cpp's own converter writes for the same checkpoint:
+    the same names, shapes, storage types (the router and the norms F32 at every type) and bytes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moecap.gguf_export import export_gguf
+
+    tree = _llama_cpp_tree()
+    ours = tmp_path / "ours.gguf"
+    theirs = tmp_path / "theirs.gguf"
+    export_gguf(tiny_moe_dir, ours, weight_type)
+    wrapper = Path(__file__).parent / "tools" / "convert_declared_gpt2.py"
+    res = subprocess.run([sys.executable, str(wrapper), str(tree), str(tiny_moe_dir), "--outtype", weight_type,
+                          "--outfile", str(theirs)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
+    assert set(a) == set(b)
+    router = [n for n in a if "ffn_gate_inp" in n]
+    assert router and all(a[n].tensor_type == gguf.GGMLQuantizationType.F32 for n in router)
+    for name in sorted(a):
+        x, y = a[name], b[name]
+        assert x.tensor_type == y.tensor_type, (name, x.tensor_type.name, y.tensor_type.name)
+        assert list(x.shape) == list(y.shape), name
+        assert np.array_equal(np.asarray(x.data), np.asarray(y.data)), name
+    r = gguf.GGUFReader(str(theirs))
+    for key in ("llama.expert_count", "llama.expert_used_count", "llama.rope.freq_base", "general.file_type",
+                "llama.attention.head_count_kv", "tokenizer.ggml.pre"):
+        assert gguf.GGUFReader(str(ours)).fields[key].contents() == r.fields[key].contents(), key
+
+
+def test_router_stays_f32_at_every_weight_type(tiny_moe_dir, tmp_path):
+    """The router decides which experts run; llama.cpp's converter and quantizer never round it."""
+    from moecap.gguf_export import WEIGHT_TYPES, export_gguf
+
+    for wt in WEIGHT_TYPES:
+        out = tmp_path / f"m-{wt}.gguf"
+        export_gguf(tiny_moe_dir, out, wt)
+        types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out)).tensors}
+        routers = {n: t for n, t in types.items() if "ffn_gate_inp" in n}
+        assert routers and set(routers.values()) == {gguf.GGMLQuantizationType.F32}, (wt, routers)
+        norms = {t for n, t in types.items() if n.endswith("_norm.weight")}
+        assert norms == {gguf.GGMLQuantizationType.F32}, wt
+        if wt != "f32":
+            assert types["blk.0.ffn_gate_exps.weight"] != gguf.GGMLQuantizationType.F32, wt

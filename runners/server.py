@@ -2,7 +2,9 @@
 
 :class:`ServerProcess` launches a command in its own process group (``start_new_session=True``), sends
 its stdout and stderr to a log file, waits until an HTTP endpoint answers, and stops the whole group
-(SIGTERM, then SIGKILL after a timeout), reaping the leader. Every started server sits in a module-level
+(SIGTERM, then SIGKILL after a timeout), reaping the leader. A process the server detaches from the group
+(``setsid``, a double fork) is still found and stopped: every launched command carries a tag of its own
+in its environment (``MOECAP_SERVER_TAG``), which its descendants inherit wherever they move. Every started server sits in a module-level
 registry until it is stopped; the registry is emptied by an ``atexit`` hook and by SIGTERM/SIGINT
 handlers, installed while at least one server is alive, which stop every server and then re-raise
 ``KeyboardInterrupt`` (SIGINT) or exit (SIGTERM). So Ctrl-C, a ``kill`` or an exception leave no orphan
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.error
+import uuid
 import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,6 +64,61 @@ def listeners(port: int) -> list[int]:
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
             pids.add(c.pid)
     return sorted(pids)
+
+
+TAG_ENV = "MOECAP_SERVER_TAG"
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """PIDs of this user's processes whose environment carries ``MOECAP_SERVER_TAG=tag``: a server's
+    descendants, wherever ``setsid`` or a double fork moved them."""
+    import psutil
+
+    needle = f"{TAG_ENV}={tag}".encode()
+    out = []
+    me = os.getpid()
+    for pid in psutil.pids():
+        if pid == me:
+            continue
+        try:  # /proc/PID/environ directly: psutil's environ() parses every variable of every process
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    out.append(pid)
+        except OSError:  # gone, or another user's
+            continue
+    return out
+
+
+def kill_tagged(tag: str, grace_s: float = 5.0) -> list[int]:
+    """SIGTERM every process tagged ``tag``, SIGKILL what is left after ``grace_s``; return the PIDs
+    that were found."""
+    found = tagged_pids(tag)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in found:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        end = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < end and any(_exists(pid) for pid in found):
+            time.sleep(0.05)
+    return found
+
+
+def _exists(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone: only its parent can reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 def live_servers() -> list["ServerProcess"]:
@@ -163,6 +221,7 @@ class ServerProcess:
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
         self.pgid: int | None = None
+        self.tag = f"{os.getpid()}-{uuid.uuid4().hex}"
         self._log = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -176,9 +235,10 @@ class ServerProcess:
         if self.guard:
             argv = [sys.executable, "-m", "moecap.runners.server_guard", str(os.getpid()),
                     str(self.orphan_grace_s), "--", *self.cmd]
+        env = {**(self.env if self.env is not None else os.environ), TAG_ENV: self.tag}
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                         stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+                                         stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
                                          start_new_session=True)
         except Exception:
             self._log.close()
@@ -281,11 +341,18 @@ class ServerProcess:
             pass
 
     def stop(self, timeout_s: float = 15) -> int | None:
-        """SIGTERM the whole group, SIGKILL it after ``timeout_s``, reap the leader. Idempotent.
-        Returns the leader's exit status (None if it never started)."""
+        """SIGTERM the whole group, SIGKILL it after ``timeout_s``, reap the leader, then stop every process
+        the server detached from its group (found by its tag). Idempotent. Returns the leader's exit status
+        (None if it never started)."""
         if self.proc is None:
             return None
         try:
+            detached = [p for p in tagged_pids(self.tag) if _pgid(p) != self.pgid]
+            for pid in detached:  # out of the group: it would not see the group's SIGTERM
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
             if self._group_alive():
                 self._signal_group(signal.SIGTERM)
                 deadline = time.monotonic() + timeout_s
@@ -306,6 +373,7 @@ class ServerProcess:
                 end = time.monotonic() + 5
                 while self._group_alive() and time.monotonic() < end:
                     time.sleep(0.05)
+            kill_tagged(self.tag, grace_s=min(timeout_s, 5.0))  # what is left outside the group
         finally:
             _unregister(self)
             if self._log is not None:

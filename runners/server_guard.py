@@ -4,8 +4,9 @@ outlive the process that launched it, even when that process is SIGKILLed (which
 The guard is the leader of the server's process group (:class:`~moecap.runners.server.ServerProcess`
 starts it in a new session). It runs ``CMD`` as its child, in the same group, and watches its own
 parent: once ``PARENT_PID`` is no longer its parent (the launcher died and the guard was re-parented),
-it sends SIGTERM to the whole group, waits up to ``GRACE_S`` for the server to exit, then SIGKILLs
-the group (itself included). Otherwise it mirrors the server: a SIGTERM/SIGINT sent to the group
+it sends SIGTERM to the whole group and to every process that carries the server's tag
+(``MOECAP_SERVER_TAG``: the ones the server detached with ``setsid``), waits up to ``GRACE_S`` for the
+server to exit, then SIGKILLs them all (the group, itself included, last). Otherwise it mirrors the server: a SIGTERM/SIGINT sent to the group
 reaches the server directly, one sent to the guard alone is forwarded, and the guard exits with the
 server's exit status.
 """
@@ -18,10 +19,13 @@ import subprocess
 import sys
 import time
 
+from moecap.runners.server import TAG_ENV, kill_tagged
+
 POLL_S = 0.2
 
 
 def _kill_group(grace_s: float, child: subprocess.Popen) -> None:
+    tag = os.environ.get(TAG_ENV)
     try:
         os.killpg(0, signal.SIGTERM)
     except ProcessLookupError:
@@ -29,6 +33,8 @@ def _kill_group(grace_s: float, child: subprocess.Popen) -> None:
     end = time.monotonic() + grace_s
     while time.monotonic() < end and child.poll() is None:
         time.sleep(0.05)
+    if tag:  # detached descendants: out of the group, but tagged
+        kill_tagged(tag, grace_s=max(0.0, end - time.monotonic()))
     os.killpg(0, signal.SIGKILL)  # the guard goes with the group
 
 

@@ -3,12 +3,14 @@ guarantee that a launched server never outlives moecap (exceptions, SIGINT, SIGT
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -349,3 +351,81 @@ def test_a_key_never_reaches_the_record_the_manifest_or_the_id(tmp_path, tiny_mo
     assert any("api_key=***redacted***" in a for a in rec["environment"]["argv"])
     # the key is no part of the cell: another key finds the same cell done
     assert {p.name for p in (tmp_path / "results" / "serving").glob("*.json")} == ids
+
+
+def _detaching_server_cmd(pidfile: Path, port="{port}", double_fork: bool = False) -> list[str]:
+    """The test server, started by a shell that first detaches a helper process into a session of its
+    own (``setsid``; with ``double_fork``, also orphaned to init), writing the helper's pid to ``pidfile``."""
+    inner = f"echo $$ > {pidfile}; exec sleep 600"
+    detach = f"setsid sh -c '{inner}' &" if not double_fork else f"(setsid sh -c '{inner}' &) &"
+    server = " ".join([PYTHON, SERVER, "--model", "{model}", "--port", str(port), "--served-model-name", "tiny"])
+    return ["sh", "-c", f"{detach} exec {server}"]
+
+
+def _wait_pid(pidfile: Path, deadline_s: float = 30) -> int:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            return int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise AssertionError(f"{pidfile} never written")
+
+
+def _gone(pid: int, deadline_s: float = 20) -> bool:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("double_fork", [False, True], ids=["setsid", "setsid-orphaned"])
+def test_a_process_the_server_detaches_dies_with_it(tmp_path, tiny_moe_dir, double_fork):
+    """Issue 17: a process that a server command detaches with ``setsid`` (out of the process group
+    moecap stops) outlived the run."""
+    pidfile = tmp_path / "detached.pid"
+    runner = {"type": "server", "args": {"command": _detaching_server_cmd(pidfile, double_fork=double_fork),
+                                         "model": "tiny", "startup_timeout_s": 60}}
+    (o,) = _run(_suite(tmp_path, tiny_moe_dir, runner, [{"concurrency": 1}])).outcomes
+    assert o.status == "ok", o.record.error
+    pid = _wait_pid(pidfile)
+    try:
+        assert _gone(pid), f"detached process {pid} outlived the run"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_detached_process_dies_when_the_launcher_is_killed(tmp_path, tiny_moe_dir):
+    """SIGKILL of the launcher: the guard stops the group and the tagged process outside it."""
+    pidfile = tmp_path / "detached.pid"
+    port = free_port()
+    code = (
+        "import sys, time\n"
+        "from moecap.runners.server import ServerProcess\n"
+        f"s = ServerProcess({_detaching_server_cmd(pidfile, port)!r}, {str(tmp_path / 'log')!r}, orphan_grace_s=2)\n"
+        "s.start()\n"
+        f"s.wait_ready('http://127.0.0.1:{port}/health', 60)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    ).replace("{model}", str(tiny_moe_dir))
+    launcher = subprocess.Popen([PYTHON, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pid = None
+    try:
+        assert launcher.stdout.readline().decode().strip() == "ready", launcher.stderr.read().decode()[-3000:]
+        pid = _wait_pid(pidfile)
+        assert os.getpgid(pid) != os.getpgid(launcher.pid)
+        launcher.kill()
+        launcher.wait(timeout=30)
+        assert _gone(pid, 30), f"detached process {pid} outlived its SIGKILLed launcher"
+        assert not _procs_with(port)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for p in _procs_with(port):
+            p.kill()

@@ -189,6 +189,8 @@ def system_name(runner: dict[str, Any]) -> str | None:
             continue
         seen.add(short)
         parts.append(f"{short}={_fmt_setting(v)}")
+    if runner.get("serving") == "serialised":  # one request at a time: not comparable with batching servers
+        parts.append("serialised")
     return f"{name} ({', '.join(parts)})" if parts else str(name)
 
 

@@ -148,11 +148,24 @@ _BUFT_RE = re.compile(r"^(?P<pattern>.+)=(?P<buft>[A-Za-z0-9_:.\-]+)$")
 
 
 class LlamaCppRunnerArgs(_LaunchArgs):
-    """llama.cpp through ``llama-cpp-python[server]`` (``python -m llama_cpp.server``), on a GGUF file that
-    moecap exports from the suite's Hugging Face model unless ``gguf`` names one."""
+    """llama.cpp serving a GGUF file that moecap exports from the suite's Hugging Face model unless ``gguf``
+    names one: through llama.cpp's own C++ ``llama-server`` (continuous batching over parallel slots), or,
+    as a fallback, llama-cpp-python's server (one request at a time: records say ``serialised``)."""
 
-    prompt_format: Literal["ids", "text"] = "text"
-    """llama-cpp-python's server takes text prompts only."""
+    server: Literal["auto", "llama-server", "llama-cpp-python"] = "auto"
+    """``llama-server``: llama.cpp's C++ server (``server_binary``, ``$MOECAP_LLAMA_SERVER``, moecap's own
+    build from ``moecap llamacpp build``, or ``llama-server`` on PATH); ``llama-cpp-python``: its Python
+    server, which serves one request at a time; ``auto``: llama-server when one is found, else the Python
+    server."""
+    server_binary: str | None = None
+    """Path of the ``llama-server`` to launch (a release binary, your own build)."""
+    parallel: int | None = Field(default=None, ge=1, le=1024)
+    """llama-server's parallel slots (``-np``): requests decoded together; unset: llama-server's own
+    default. The KV cache is one pool shared by the slots (``--kv-unified``), so every request may use
+    the whole context."""
+    prompt_format: Literal["ids", "text"] | None = None
+    """``ids``: token-id prompts of exactly the workload's length (llama-server takes them); ``text``: texts
+    that encode to it (what llama-cpp-python's server needs); unset: ``ids`` on llama-server, else ``text``."""
     gguf: str | None = None
     """An existing GGUF file to serve; unset: export the suite model (cached under ``<cache>/gguf``)."""
     weight_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f32"
@@ -167,16 +180,16 @@ class LlamaCppRunnerArgs(_LaunchArgs):
     """llama.cpp tensor buffer overrides, ``REGEX=BUFFER_TYPE`` (``--override-tensor``), e.g.
     ``blk\\.(1[0-9])\\.ffn_.*_exps=CPU``."""
     n_threads: int | None = Field(default=None, ge=1)
-    """Decode threads; unset: llama-cpp-python's default (half the cores)."""
+    """Decode threads; unset: the server's default."""
     n_threads_batch: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=1)
     n_ubatch: int = Field(default=512, ge=1)
     flash_attn: bool = False
     use_mmap: bool = True
     python: str | None = None
-    """Interpreter that has llama-cpp-python; unset: moecap's own."""
+    """Interpreter that has llama-cpp-python (its server only); unset: moecap's own."""
     extra_args: list[str] = Field(default_factory=list)
-    """Further ``llama_cpp.server`` flags, passed verbatim."""
+    """Further flags of the server that runs (``llama-server`` or ``llama_cpp.server``), passed verbatim."""
     verbose: bool = False
     """llama.cpp's own load and timing logs in the server log."""
 

@@ -87,12 +87,16 @@ class OpenAIRunner(Runner):
 
         tok = self._get_tokenizer()
         special = list(getattr(tok, "all_special_ids", []) or [])
-        if self.args.prompt_format == "text" and not self.args.chat:
+        if self.prompt_format() == "text" and not self.args.chat:
             return make_text_prompts(workload, tok, special, salt=salt)
         prompts = make_prompts(workload, len(tok), tok, special, salt=salt)
         if self.args.chat:  # the chat template adds tokens: the server's usage says how many
             return [(tok.decode(p), None) for p in prompts]
         return [(p, len(p)) for p in prompts]
+
+    def prompt_format(self) -> str:
+        """``ids`` (token-id prompts) or ``text``."""
+        return self.args.prompt_format
 
     def _request_models(self, n: int, seed: int) -> list[str]:
         """The served model of each request: the one model, or a seeded draw from ``args.models``."""

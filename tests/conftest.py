@@ -8,6 +8,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _pin_llama_cpp() -> None:
+    """llama.cpp's ``llama-server`` and source tree as found in the user's own cache (``moecap llamacpp
+    build``) or on PATH, named by environment variables before the session swaps the cache for a fresh
+    one: the tests that need them run, and those that find none skip."""
+    from moecap.llamacpp_build import LlamaCppNotFound, find_llama_server, find_source_tree
+
+    try:
+        server = find_llama_server()
+    except LlamaCppNotFound:
+        server = None
+    if server and not os.environ.get("MOECAP_LLAMA_SERVER"):
+        os.environ["MOECAP_LLAMA_SERVER"] = str(server)
+    tree = find_source_tree()
+    if tree and not os.environ.get("MOECAP_LLAMA_CPP_DIR"):
+        os.environ["MOECAP_LLAMA_CPP_DIR"] = str(tree)
+
+
+_pin_llama_cpp()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Every test session builds its own zoo models and calibrations: nothing from ~/.cache leaks in."""

@@ -62,6 +62,29 @@ def hf_config_from_dict(cfg: dict[str, Any]):
     return AutoConfig.for_model(model_type, **cfg)
 
 
+def parse_model_specs(specs: list[str]) -> dict[str, str]:
+    """``MODEL`` or ``NAME=MODEL`` arguments (``moecap serve``'s) -> {served name: source}. A directory is
+    served under its folder name, anything else (an embedded name, a hub id) under itself."""
+    import os
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or "/" in name or os.sep in name:
+            name, source = "", spec
+        if not source:
+            raise ValueError(f"{spec!r}: empty model")
+        if not name:
+            p = Path(source).expanduser()
+            name = p.resolve().name if p.is_dir() else source
+        if name in out:
+            raise ValueError(f"two models are served as {name!r}; name them with NAME=MODEL")
+        out[name] = source
+    if not out:
+        raise ValueError("no models given")
+    return out
+
+
 def local_path_for(model_id: str) -> str:
     """Embedded names become their (built on first use) cache folder; other ids pass through."""
     entry = EMBEDDED_MODELS.get(model_id)

@@ -502,10 +502,35 @@ def _runner_errors(i: int, r: RunnerConfig, source: str) -> list[str]:
         return [f"{source}: runners[{i}].type: unknown runner {r.type!r}; allowed: {', '.join(sorted(RUNNERS))}"]
     args_cls = load_object(entry.args)
     try:
-        args_cls.model_validate(r.args)
+        args = args_cls.model_validate(r.args)
     except ValidationError as err:
         return [format_validation_error(err, args_cls, f"{source}: runners[{i}].args")]
+    if r.type == "moecap-serve":
+        return _served_model_errors(f"{source}: runners[{i}].args", args)
     return []
+
+
+def _served_model_errors(where: str, args: Any) -> list[str]:
+    """``moecap-serve``: every served model resolves, and a multi-model workload names served ones only
+    (refused here rather than when the server is up and the first request names an unknown child)."""
+    from moecap.models import parse_model_specs
+
+    specs = list(args.serve) or list(args.models or [])
+    if not specs:
+        return []  # the suite's model, checked with the models
+    field = "serve" if args.serve else "models"
+    try:
+        served = parse_model_specs(specs)
+    except ValueError as err:
+        return [f"{where}.{field}: {err}"]
+    errors = [f"{where}.{field}: {problem}" for name, src in served.items()
+              if (problem := _check_model_id(ModelConfig(id=src)))]
+    if args.models:  # requests name served models: a directory is served under its folder's name
+        extra = sorted(set(args.models) - set(served))
+        if extra:
+            errors.append(f"{where}.models: {', '.join(map(repr, extra))} not served; served: "
+                          f"{', '.join(served)} (args.serve lists them; NAME=MODEL names one)")
+    return errors
 
 
 def _model_context(m: ModelConfig) -> int | None:
@@ -576,12 +601,36 @@ def validate_semantics(suite: Suite, source: str) -> None:
         if dups:
             errors.append(f"{source}: {what}: duplicate names {dups}; give each a distinct 'name'")
     for i, w in enumerate(suite.workloads):
+        errors += _task_errors(i, w, source)
         if w.source == "text" and w.text_file and not Path(w.text_file).expanduser().is_file():
             errors.append(f"{source}: workloads[{i}].text_file: no such file {w.text_file!r}")
         if w.source == "random" and w.text_file:
             errors.append(f"{source}: workloads[{i}].text_file: only used with source: text")
     if errors:
         raise SuiteError("\n".join(errors))
+
+
+def _task_errors(i: int, w: WorkloadConfig, source: str) -> list[str]:
+    """lm-eval task names that no registry knows: refused here, not after the performance cells ran."""
+    if w.lm_eval is None:
+        return []
+    where = f"{source}: workloads[{i}].lm_eval"
+    inc = w.lm_eval.include_path
+    if inc and not Path(inc).expanduser().is_dir():
+        return [f"{where}.include_path: no such folder {inc!r}"]
+    from moecap.quality.tasks import UnknownTaskError, offline_task_names, task_manager_for
+
+    rest = [t for t in w.lm_eval.tasks if t not in offline_task_names()]
+    if not rest:
+        return []
+    try:
+        task_manager_for(rest, str(Path(inc).expanduser()) if inc else None)
+    except ImportError:
+        return [f"{where}.tasks: lm-eval is not installed (pip install 'moecap[quality]'), so tasks "
+                f"{rest} cannot be checked or run"]
+    except UnknownTaskError as err:
+        return [f"{where}.tasks: {err}"]
+    return []
 
 
 def _entry_errors(raw: dict[str, Any], source: str) -> list[str]:

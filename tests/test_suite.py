@@ -293,3 +293,55 @@ def test_an_unwritable_results_folder_and_a_taken_leaderboard_port_are_one_line_
         proc = moecap("leaderboard", str(tmp_path), "--port", str(port))
     assert proc.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _quality_suite(tasks, include_path=None):
+    lm = {"tasks": tasks, **({"include_path": include_path} if include_path else {})}
+    return {**BASE, "workloads": [{"name": "q", "lm_eval": lm}]}
+
+
+def test_unknown_lm_eval_task_is_refused_at_validation(tmp_path):
+    """Issue 17: an unknown lm-eval task was accepted, and failed only once its cell ran."""
+    pytest.importorskip("lm_eval")
+    msg = err_of(tmp_path, _quality_suite(["moecap_mc_code", "arc_eazy"]))
+    assert "workloads[0].lm_eval.tasks" in msg and "'arc_eazy'" in msg and "arc_easy" in msg
+    assert "moecap_mc_code" not in msg.split("unknown", 1)[1].split("\n")[1]  # only the unknown one is listed
+    load_suite(str(write(tmp_path, _quality_suite(["moecap_mc_code", "arc_easy"]))))  # both known
+
+
+def test_offline_tasks_and_include_path_tasks_validate(tmp_path):
+    pytest.importorskip("lm_eval")
+    load_suite(str(write(tmp_path, _quality_suite(["moecap_rolling_prose", "moecap_mc_c"]))))
+    msg = err_of(tmp_path, _quality_suite(["moecap_mc_klingon"]))
+    assert "'moecap_mc_klingon'" in msg
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text(yaml.safe_dump({
+        "task": "my_local_task", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": "x.jsonl"}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{q}}", "doc_to_target": 0,
+        "doc_to_choice": ["a", "b"], "metric_list": [{"metric": "acc"}]}))
+    load_suite(str(write(tmp_path, _quality_suite(["my_local_task"], str(tasks)))))
+    msg = err_of(tmp_path, _quality_suite(["my_local_task"], str(tmp_path / "nowhere")))
+    assert "include_path: no such folder" in msg
+
+
+def _serve_suite(args):
+    return {**BASE, "runners": [{"type": "moecap-serve", "args": args}], "loads": [{"concurrency": 1}]}
+
+
+def test_unknown_served_child_is_refused_at_validation(tmp_path):
+    """Issue 17: an unknown served child was accepted, and failed once the server was up."""
+    msg = err_of(tmp_path, _serve_suite({"models": {"tiny-moe-code": 1, "tiny-moe-klingon": 1}}))
+    assert "runners[0].args.models" in msg and "unknown model 'tiny-moe-klingon'" in msg
+    msg = err_of(tmp_path, _serve_suite({"serve": ["tiny-moe-code", "tiny-moe-prose"],
+                                        "models": {"tiny-moe-code": 1, "tiny-moe-c": 1}}))
+    assert "'tiny-moe-c' not served" in msg and "served: tiny-moe-code, tiny-moe-prose" in msg
+    msg = err_of(tmp_path, _serve_suite({"serve": ["tiny-moe-code", "tiny-moe-code"]}))
+    assert "two models are served as 'tiny-moe-code'" in msg
+    d = tmp_path / "child"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    msg = err_of(tmp_path, _serve_suite({"models": {str(d): 1}}))
+    assert "not served; served: child" in msg
+    ok = _serve_suite({"serve": ["code=tiny-moe-code", "org/some-model"], "models": {"code": 3, "org/some-model": 1}})
+    load_suite(str(write(tmp_path, ok)))

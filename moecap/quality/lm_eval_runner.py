@@ -14,12 +14,13 @@ Command line, with the ``moecap`` model registered and moecap's offline tasks on
 
 from __future__ import annotations
 
-import difflib
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from moecap.quality.tasks import UnknownTaskError, task_manager_for  # noqa: F401  (re-exported)
 
 PERPLEXITY_LABELS = {
     "word_perplexity": "lm-eval word perplexity: exp(-document log-likelihood / whitespace-separated words); "
@@ -27,55 +28,6 @@ PERPLEXITY_LABELS = {
     "byte_perplexity": "lm-eval byte perplexity: exp(-document log-likelihood / UTF-8 bytes); NOT token perplexity",
     "bits_per_byte": "-document log-likelihood / (UTF-8 bytes * ln 2); NOT token perplexity",
 }
-
-
-class UnknownTaskError(KeyError):
-    """Task names lm-eval does not know (the message lists close matches)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-def _paths(include_path: Any) -> list[str]:
-    if include_path is None:
-        return []
-    if isinstance(include_path, (str, Path)):
-        include_path = [include_path]
-    return [str(Path(p).expanduser()) for p in include_path if p]
-
-
-def task_manager_for(tasks: list[str], include_path: Any = None, include_defaults: bool = True):
-    """A ``TaskManager`` that knows every name in ``tasks``, else ``UnknownTaskError``.
-
-    Indexing lm-eval's ~15,000 built-in tasks takes seconds, so when the include paths alone define
-    every requested task, only they are indexed. ``include_defaults=False``: never the built-in ones.
-    """
-    from lm_eval.tasks import TaskManager
-
-    paths = _paths(include_path)
-
-    def missing(tm) -> list[str]:
-        known = set(tm.all_tasks)
-        return [t for t in tasks if t not in known and not Path(t).is_file()]
-
-    tm = None
-    if paths or not include_defaults:
-        tm = TaskManager(include_path=paths or None, include_defaults=False)
-    if include_defaults and (tm is None or missing(tm)):
-        tm = TaskManager(include_path=paths or None)
-    unknown = missing(tm)
-    if unknown:
-        lines = []
-        for t in unknown:
-            close = difflib.get_close_matches(t, tm.all_tasks, n=5, cutoff=0.6)
-            lines.append(f"  {t!r}: " + (f"did you mean {', '.join(close)}?" if close else "no close match"))
-        where = ", ".join((["lm-eval's built-in tasks"] if include_defaults else []) + paths) or "nothing"
-        raise UnknownTaskError(
-            f"unknown lm-eval task(s) (searched {where}):\n" + "\n".join(lines)
-            + "\nmoecap's offline tasks: moecap_rolling_<domain>, moecap_mc_<domain> for code, prose, c; "
-            "`lm-eval ls tasks` lists the built-in ones"
-        )
-    return tm
 
 
 def _num(value: Any) -> float | None:

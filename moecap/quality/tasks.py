@@ -20,6 +20,7 @@ byte-identical files.
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 from pathlib import Path
@@ -203,3 +204,57 @@ def offline_tasks_dir() -> Path:
         write_offline_tasks(out)
         (out / ".complete").write_text("ok\n")
     return out
+
+
+def offline_task_names() -> list[str]:
+    """The names of moecap's offline tasks, without writing them."""
+    return [f"moecap_{kind}_{d}" for d in DOMAINS for kind in ("rolling", "mc")]
+
+
+class UnknownTaskError(KeyError):
+    """Task names lm-eval does not know (the message lists close matches)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _paths(include_path: Any) -> list[str]:
+    if include_path is None:
+        return []
+    if isinstance(include_path, (str, Path)):
+        include_path = [include_path]
+    return [str(Path(p).expanduser()) for p in include_path if p]
+
+
+def task_manager_for(tasks: list[str], include_path: Any = None, include_defaults: bool = True):
+    """A ``TaskManager`` that knows every name in ``tasks``, else ``UnknownTaskError``.
+
+    Indexing lm-eval's ~15,000 built-in tasks takes seconds, so when the include paths alone define
+    every requested task, only they are indexed. ``include_defaults=False``: never the built-in ones.
+    """
+    from lm_eval.tasks import TaskManager
+
+    paths = _paths(include_path)
+
+    def missing(tm) -> list[str]:
+        known = set(tm.all_tasks)
+        return [t for t in tasks if t not in known and not Path(t).is_file()]
+
+    tm = None
+    if paths or not include_defaults:
+        tm = TaskManager(include_path=paths or None, include_defaults=False)
+    if include_defaults and (tm is None or missing(tm)):
+        tm = TaskManager(include_path=paths or None)
+    unknown = missing(tm)
+    if unknown:
+        lines = []
+        for t in unknown:
+            close = difflib.get_close_matches(t, tm.all_tasks, n=5, cutoff=0.6)
+            lines.append(f"  {t!r}: " + (f"did you mean {', '.join(close)}?" if close else "no close match"))
+        where = ", ".join((["lm-eval's built-in tasks"] if include_defaults else []) + paths) or "nothing"
+        raise UnknownTaskError(
+            f"unknown lm-eval task(s) (searched {where}):\n" + "\n".join(lines)
+            + "\nmoecap's offline tasks: moecap_rolling_<domain>, moecap_mc_<domain> for code, prose, c; "
+            "`lm-eval ls tasks` lists the built-in ones"
+        )
+    return tm

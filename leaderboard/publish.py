@@ -186,6 +186,20 @@ def _publish_local(items: list[_Item], root: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+class PublishError(RuntimeError):
+    """The target could not take the records (unreachable, refused, out of space): nothing was published."""
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: its type, the first line of its message and of its cause's (hub errors
+    carry whole pages)."""
+    text = " ".join(str(err).split("\n")[:1]).strip() or type(err).__name__
+    root = err.__cause__ or err.__context__
+    if root is not None and str(root).strip() and str(root).strip() not in text:
+        text += f" ({str(root).strip().splitlines()[0]})"
+    return f"{type(err).__name__}: {text}"
+
+
 _HF_TARGET = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.*))?$")
 
 
@@ -204,26 +218,35 @@ def publish(paths: Iterable[str | Path], target: str | Path, message: str | None
             raise ValueError(f"not a Hugging Face dataset address: {target_s!r} (want hf://datasets/<org>/<name>)")
         repo_id, rev, sub = m["repo"], m["rev"], (m["sub"] or "").strip("/") or None
         from huggingface_hub import HfApi
+        from huggingface_hub.utils import logging as hub_logging
 
+        # the hub client retries a failed connection a few times, logging each retry: the outcome is ours to say
+        hub_logging.set_verbosity_error()
         api = HfApi(token=token or os.environ.get("HF_TOKEN"))
         n = len(items)
         suites = sorted({i.suite for i in items})
         msg = message or f"moecap: publish {n} record{'s' if n != 1 else ''} ({', '.join(suites)})"
         with tempfile.TemporaryDirectory(prefix="moecap-publish-") as tmp:
             _stage(items, Path(tmp))
-            api.upload_folder(
-                folder_path=tmp,
-                repo_id=repo_id,
-                repo_type="dataset",
-                revision=rev,
-                path_in_repo=sub,
-                commit_message=msg,
-            )
+            try:  # one commit: the hub takes every file or none
+                api.upload_folder(
+                    folder_path=tmp,
+                    repo_id=repo_id,
+                    repo_type="dataset",
+                    revision=rev,
+                    path_in_repo=sub,
+                    commit_message=msg,
+                )
+            except Exception as err:  # offline, unknown repo, no or bad token, refused push
+                raise PublishError(f"cannot publish to hf://datasets/{repo_id}: {_one_line(err)}") from err
         prefix = f"hf://datasets/{repo_id}" + (f"@{rev}" if rev else "") + (f"/{sub}" if sub else "")
         return [f"{prefix}/{i.rel}" for i in items]
     root = Path(target_s).expanduser()
-    _publish_local(items, root)
+    try:
+        _publish_local(items, root)
+    except OSError as err:  # all or nothing: _publish_local leaves the target as it was
+        raise PublishError(f"cannot publish to {root}: {err.strerror or err}") from err
     return [str(root / i.rel) for i in items]
 
 
-__all__ = ["validate_record", "publish", "STATUSES"]
+__all__ = ["validate_record", "publish", "PublishError", "STATUSES"]

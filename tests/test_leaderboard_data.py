@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -432,7 +433,7 @@ def test_publish_is_all_or_nothing_and_redacts_secrets(results, tmp_path, monkey
         real(src, dst)
 
     monkeypatch.setattr(pub, "_atomic_copy", flaky)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(pub.PublishError, match="No space left"):
         publish([results], target)
     assert not list(target.rglob("*.json")) and not list(target.rglob("*.jsonl"))  # nothing half-published
     monkeypatch.setattr(pub, "_atomic_copy", real)
@@ -440,6 +441,22 @@ def test_publish_is_all_or_nothing_and_redacts_secrets(results, tmp_path, monkey
     text = (target / "quickstart" / "tiny__hf__bs4.json").read_text()
     assert "sk-live-0123456789" not in text and "***redacted***" in text
     assert len(list(target.rglob("*.json"))) == 4 and not list(target.rglob(".moecap-publish-*"))
+
+
+def test_publish_to_an_unreachable_hub_is_one_line_and_exit_1(results, tmp_path):
+    """Issue 17: publishing offline ended in an httpx traceback (and exit 0 behind a pipe). Real
+    huggingface_hub against an endpoint where nothing listens."""
+    from conftest import free_port
+
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_TOKEN": "hf_unused_0123456789",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.run([sys.executable, "-m", "moecap", "publish", str(results), "--to", "hf://datasets/org/res"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("moecap publish: nothing published: cannot publish to hf://datasets/org/res")
+    assert "hf_unused_0123456789" not in proc.stderr
 
 
 def test_redact_covers_args_argv_env_and_headers():

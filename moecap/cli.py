@@ -217,13 +217,16 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from moecap.leaderboard.publish import publish
+    from moecap.leaderboard.publish import PublishError, publish
 
     try:
         written = publish(args.paths, args.to, message=args.message)
     except ValueError as err:
         print(f"moecap publish: nothing published\n{err}", file=sys.stderr)
         return 2
+    except PublishError as err:
+        print(f"moecap publish: nothing published: {err}", file=sys.stderr)
+        return 1
     print(f"published {len(written)} record(s) to {args.to}")
     return 0
 
@@ -329,6 +332,36 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _cmd_llamacpp_build(args: argparse.Namespace) -> int:
+    from moecap.llamacpp_build import build_llama_server
+
+    if args.jobs is not None and args.jobs < 1:
+        print("moecap llamacpp build: --jobs must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        binary = build_llama_server(jobs=args.jobs, cuda=args.cuda)
+    except (RuntimeError, OSError) as err:
+        print(f"moecap llamacpp build: {err}", file=sys.stderr)
+        return 1
+    print(binary)
+    return 0
+
+
+def _cmd_llamacpp_where(args: argparse.Namespace) -> int:
+    from moecap.llamacpp_build import LlamaCppNotFound, find_llama_server, find_source_tree, server_version
+
+    try:
+        binary = find_llama_server()
+    except LlamaCppNotFound as err:
+        print(f"moecap llamacpp: {err}", file=sys.stderr)
+        return 2
+    tree = find_source_tree()
+    print(f"llama-server: {binary or 'not found (moecap llamacpp build)'}"
+          + (f" ({server_version(binary)})" if binary else ""))
+    print(f"source tree:  {tree or 'not found'}")
+    return 0 if binary else 1
 
 
 def _floats(text: str) -> list[float]:
@@ -493,7 +526,7 @@ def _cmd_engine_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from moecap.engine.server import parse_model_specs, serve
+    from moecap.engine.server import API_KEY_ENV, DEFAULT_MAX_REQUEST_BYTES, check_api_key, parse_model_specs, serve
 
     try:
         models = parse_model_specs(args.models)
@@ -518,12 +551,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.consolidation_plan and not os.path.isfile(args.consolidation_plan):
         print(f"moecap serve: --consolidation-plan {args.consolidation_plan}: no such file", file=sys.stderr)
         return 2
+    max_request_bytes = DEFAULT_MAX_REQUEST_BYTES if args.max_request_bytes is None else args.max_request_bytes
+    if max_request_bytes < 1:
+        print("moecap serve: --max-request-bytes must be >= 1", file=sys.stderr)
+        return 2
+    # the flag, else the environment (vLLM's --api-key / VLLM_API_KEY); an empty variable is no key, an
+    # empty flag a mistake (--api-key "$UNSET") that must not start an open server
+    api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+    if api_key is not None:
+        try:
+            check_api_key(api_key)
+        except ValueError as err:  # never quotes the key
+            source = "--api-key" if args.api_key is not None else API_KEY_ENV
+            print(f"moecap serve: {source}: {err}", file=sys.stderr)
+            return 2
     # every backend option; make_backend drops the unset ones and names any the backend does not take
     backend_kw = {"base": args.base, "threshold": args.threshold, "plan": args.consolidation_plan,
                   "shared": args.shared, "fast_budget_gb": args.fast_budget_gb, "max_model_len": args.max_model_len}
     return serve(models, host=args.host, port=args.port, backend=args.backend, max_batch_size=args.max_batch_size,
                  max_wait_s=args.max_wait_s, max_consecutive_batches=args.max_consecutive_batches,
-                 device=args.device, dtype=args.dtype, **backend_kw)
+                 device=args.device, dtype=args.dtype, api_key=api_key, max_request_bytes=max_request_bytes,
+                 **backend_kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -707,6 +755,16 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--weight-type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0"])
     eg.set_defaults(func=_cmd_export_gguf)
 
+    lc = sub.add_parser("llamacpp", help="llama.cpp's own llama-server for the llamacpp runner").add_subparsers(
+        dest="llamacpp_command", required=True)
+    lcb = lc.add_parser("build", help="build llama-server from the llama.cpp tree that llama-cpp-python's source "
+                        "distribution vendors (cached in moecap's cache; needs cmake and a C++ compiler)")
+    lcb.add_argument("-j", "--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
+    lcb.add_argument("--cuda", action="store_true", help="build with CUDA (needs the CUDA toolkit)")
+    lcb.set_defaults(func=_cmd_llamacpp_build)
+    lc.add_parser("where", help="the llama-server and source tree moecap would use").set_defaults(
+        func=_cmd_llamacpp_where)
+
     sub.add_parser("models", help="list embedded models and built-in architectures").set_defaults(func=_cmd_models)
     sub.add_parser("runners", help="list registered runners").set_defaults(func=_cmd_runners)
 
@@ -716,8 +774,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("models", nargs="+", metavar="MODEL",
                     help="an embedded model (tiny-moe-code), a local model directory or a hub id; NAME=MODEL "
                     "serves it as NAME (default: the directory's name, else the id)")
-    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: loopback only; beyond it without an API key, a warning)")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", metavar="KEY", default=None,
+                    help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
+                    "$MOECAP_API_KEY; the variable keeps the key out of the process list)")
+    sv.add_argument("--max-request-bytes", type=int, metavar="N", default=None,
+                    help="largest request body, else 413 (default 4 MiB: a whole 128k-token prompt fits as "
+                    "token ids or as JSON-escaped text, while a runaway body is refused before it is parsed)")
     sv.add_argument("--backend", choices=sorted(BACKENDS), default="separate",
                     help="separate: every model fully loaded; consolidated: children of one base MoE sharing "
                     "similar experts, non-expert layers swapped per batch; partition: each child alone in a 1/N "

@@ -20,6 +20,7 @@ served model of a multi-model workload: the figures are those of exactly what wa
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.request
 from typing import Any
@@ -28,8 +29,9 @@ from moecap.runners.base import RunTrace
 from moecap.runners.openai_runner import ServedRunner
 
 
-def _get_json(url: str, timeout_s: float = 30) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+def _get_json(url: str, headers: dict[str, str] | None = None, timeout_s: float = 30) -> Any:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         return json.loads(resp.read())
 
 
@@ -85,8 +87,18 @@ class MoecapServeRunner(ServedRunner):
     def ready_path(self) -> str:
         return "/health"
 
+    def server_env(self) -> dict[str, str] | None:
+        """The server requires the runner's ``api_key`` if it has one (through the environment, never
+        argv), and no key from the user's shell otherwise."""
+        env = {**os.environ, **{k: str(v) for k, v in (self.args.env or {}).items()}}
+        env.pop("MOECAP_API_KEY", None)  # moecap serve's key variable (moecap.engine.server.API_KEY_ENV)
+        key = self._api_key()
+        if key:
+            env["MOECAP_API_KEY"] = key
+        return env
+
     def on_server_ready(self) -> None:
-        served = [c["id"] for c in _get_json(self.base_url + "/v1/models")["data"]]
+        served = [c["id"] for c in _get_json(self.base_url + "/v1/models", self._auth())["data"]]
         wanted = list(self.args.models or []) or [self.served_model]
         missing = [m for m in wanted if m not in served]
         if missing:
@@ -104,7 +116,7 @@ class MoecapServeRunner(ServedRunner):
         return size, size
 
     def on_measure(self) -> None:
-        self._before = _get_json(self.base_url + "/stats")  # after the warm-up: the window starts here
+        self._before = _get_json(self.base_url + "/stats", self._auth())  # after the warm-up: the window starts here
 
     def run(self, workload: Any, load: Any) -> RunTrace:
         self._before = None
@@ -112,7 +124,7 @@ class MoecapServeRunner(ServedRunner):
         try:
             if self._before is None:
                 raise RuntimeError("no /stats snapshot at the start of the measured window")
-            trace.extra["server"] = server_window(self._before, _get_json(self.base_url + "/stats"))
+            trace.extra["server"] = server_window(self._before, _get_json(self.base_url + "/stats", self._auth()))
         except Exception as err:  # the figures above stand without the server's own
             trace.extra["server"] = {"available": False, "reason": f"{type(err).__name__}: {err}"}
         return trace

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,32 @@ def test_backend_registry_and_options():
         make_backend("partition", {"a": "x", "b": "y"})
     with pytest.raises(BackendError, match="two or more children"):
         make_backend("consolidated", {"a": "x"})
+
+
+@pytest.mark.parametrize("runner_key", [None, "sk-runner-0123456789"], ids=["no-key", "runner-key"])
+def test_moecap_serve_runner_and_the_api_key(tmp_path, tiny_moe_dir, monkeypatch, runner_key):
+    """A key in the user's shell (MOECAP_API_KEY) must not lock the server the runner launches, and a
+    runner's own api_key is what the launched server requires, passed through its environment."""
+    import json as _json
+
+    from moecap.run import run_suite
+    from moecap.suite import parse_suite
+
+    monkeypatch.setenv("MOECAP_API_KEY", "sk-shell-9876543210")
+    args = {"startup_timeout_s": 300, "warmup_requests": 0, **({"api_key": runner_key} if runner_key else {})}
+    raw = {
+        "name": "key", "models": [{"id": str(tiny_moe_dir), "name": "tiny"}],
+        "runners": [{"type": "moecap-serve", "args": args}],
+        "workloads": [{"name": "w", "input_tokens": 8, "output_tokens": 4, "num_prompts": 2}],
+        "loads": [{"concurrency": 1}],
+        "hardware": {"device": "cpu", "calibrate": "never", "peaks": {"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0}}},
+        "output": {"dir": str(tmp_path / "results")},
+    }
+    (o,) = run_suite(parse_suite(raw, "test"), log=lambda s: None).outcomes
+    assert o.status == "ok", o.record.error
+    assert o.record.report["throughput"]["completed"] == 2
+    text = "".join(p.read_text() for p in (tmp_path / "results").rglob("*") if p.is_file())
+    assert "sk-shell-9876543210" not in text and (runner_key is None or runner_key not in text)
+    runner = _json.loads(next((tmp_path / "results" / "key").glob("*.json")).read_text())["config"]["runner"]
+    server_log = Path(runner["server_log"]).read_text()
+    assert ("(API key required)" in server_log) == bool(runner_key), server_log[-2000:]

@@ -1,12 +1,15 @@
 """``moecap serve``: the OpenAI-compatible server over the tiny-moe children, checked over real HTTP against
 transformers' own ``generate``; the batch scheduler's fairness with a fake backend; failures, disconnects
-and signals; moecap's own client and the ``server`` runner benchmarking it end to end."""
+and signals; moecap's own client and the ``server`` runner benchmarking it end to end; the hardening (API
+key, the warning beyond loopback, request size limits, tokenization off the event loop, malformed input)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -23,11 +26,12 @@ MODELS = ("code", "prose", "tiny-moe-c")  # the last one through its embedded na
 
 # -- helpers ---------------------------------------------------------------------------------------
 
-def _http(url: str, body: bytes | dict | None = None, method: str | None = None, timeout: float = 60):
+def _http(url: str, body: bytes | dict | None = None, method: str | None = None, timeout: float = 60,
+          headers: dict[str, str] | None = None):
     """(status, parsed JSON or text) of one request; 4xx/5xx are answers, not exceptions."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             status, raw = r.status, r.read()
@@ -88,6 +92,14 @@ def _body(model: str, prompt, max_tokens: int, **kw) -> dict:
 
 
 # -- fixtures --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_api_key_in_env():
+    """A ``MOECAP_API_KEY`` in the developer's shell would lock every server these tests start."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MOECAP_API_KEY", raising=False)
+        yield
+
 
 @pytest.fixture(scope="module")
 def zoo(tiny_moe_dir):
@@ -940,3 +952,402 @@ def test_backend_protocol_and_factory(separate):
         make_backend("separate", {"a": "b"}, fast_budget_gb=4.0)
     with pytest.raises(BackendError, match="could not load model 'a'"):  # unset options are left out
         make_backend("separate", {"a": "/nonexistent/dir"}, fast_budget_gb=None, device="cpu")
+
+
+# -- hardening: the API key, the warning beyond loopback, request limits, tokenization off the event loop,
+# -- malformed input -------------------------------------------------------------------------------
+
+KEY = "sk-moecap-test-3f9c2a7e51d0"
+REQUEST_LIMIT = 4 * 1024 * 1024  # the documented default of --max-request-bytes
+WARNING = ("moecap serve: WARNING: listening on {hostport} without an API key; anyone who can reach it can use it "
+           "(set --api-key or MOECAP_API_KEY)")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MOECAP_API_KEY"}
+    env.update(extra)
+    return env
+
+
+def _is_openai_error(out, type_: str = "invalid_request_error") -> bool:
+    return (isinstance(out, dict) and set(out) == {"error"} and set(out["error"]) == {"message", "type", "param", "code"}
+            and isinstance(out["error"]["message"], str) and bool(out["error"]["message"])
+            and out["error"]["type"] == type_)
+
+
+def test_api_key_required_on_every_endpoint_but_health(zoo):
+    """With ``--api-key``, every endpoint but ``GET /health`` answers 401 (OpenAI's shape, code
+    ``invalid_api_key``) without ``Authorization: Bearer KEY``; the key is never printed nor echoed."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [PYTHON, "-m", "moecap", "serve", f"code={zoo / 'code'}", "--port", str(port), "--device", "cpu",
+           "--api-key", KEY]
+    completion = _body("code", [5, 6, 7], 3)
+    chat = {"model": "code", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    endpoints = [("/v1/models", None), ("/v1/models/code", None), ("/stats", None), ("/v1/completions", completion),
+                 ("/v1/chat/completions", chat), ("/v1/nothing", None)]
+    refused = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+               {"Authorization": f"Bearer {KEY}x"}, {"Authorization": f"Bearer {KEY[:-1]}"},
+               {"Authorization": "Bearer "}, {"X-Api-Key": KEY}]
+    with running_server(cmd, url + "/health", deadline_s=180, env=_env()) as proc:
+        for path, body in endpoints:
+            for headers in refused:
+                status, out = _http(url + path, body, headers=headers)
+                assert status == 401, (path, headers, status, out)
+                assert _is_openai_error(out, "authentication_error"), out
+                assert out["error"]["code"] == "invalid_api_key" and out["error"]["param"] is None
+                assert KEY not in json.dumps(out)
+        bearer = {"Authorization": f"Bearer {KEY}"}
+        for path in ("/v1/models", "/v1/models/code", "/stats"):
+            assert _http(url + path, headers=bearer)[0] == 200, path
+        status, out = _http(url + "/v1/completions", completion, headers=bearer)
+        assert status == 200 and out["usage"]["completion_tokens"] == 3
+        status, out = _http(url + "/v1/chat/completions", chat, headers={"Authorization": f"bearer {KEY}"})
+        assert status == 200 and out["usage"]["completion_tokens"] == 2  # the scheme is case-insensitive
+        assert _http(url + "/v1/nothing", headers=bearer)[0] == 404  # authorized, then routed
+        for headers in ({}, {"Authorization": "Bearer wrong"}):  # the health check stays open
+            status, out = _http(url + "/health", headers=headers)
+            assert status == 200 and out["status"] == "ok"
+    output = proc.stdout.read().decode(errors="replace")
+    assert "API key required" in output and KEY not in output and "WARNING" not in output
+
+
+def test_api_key_from_the_environment_and_the_flag_first(zoo):
+    """``MOECAP_API_KEY`` sets the key when ``--api-key`` is absent (vLLM's ``VLLM_API_KEY`` convention); the
+    flag wins over it. With a key, listening on 0.0.0.0 prints no warning. ``--max-request-bytes`` is honored
+    (after the key: an unauthorized client's body is never read)."""
+    port = free_port()
+    cmd = [PYTHON, "-m", "moecap", "serve", f"code={zoo / 'code'}", "--host", "0.0.0.0", "--port", str(port),
+           "--device", "cpu", "--max-request-bytes", "65536"]
+    url = f"http://127.0.0.1:{port}"
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    with running_server(cmd, url + "/health", deadline_s=180, env=_env(MOECAP_API_KEY=KEY)) as proc:
+        assert _http(url + "/v1/models")[0] == 401
+        assert _http(url + "/v1/models", headers=bearer)[0] == 200
+        status, out = _http(url + "/v1/completions", _body("code", [5, 6], 2), headers=bearer)
+        assert status == 200 and out["usage"]["completion_tokens"] == 2
+        big = json.dumps({"model": "code", "prompt": "a" * 70_000}).encode()
+        status, out = _http(url + "/v1/completions", big)
+        assert status == 401 and _is_openai_error(out, "authentication_error")
+        status, out = _http(url + "/v1/completions", big, headers=bearer)
+        assert status == 413 and _is_openai_error(out) and "65536" in out["error"]["message"], out
+    output = proc.stdout.read().decode(errors="replace")
+    assert KEY not in output and "WARNING" not in output and "API key required" in output
+
+    port = free_port()
+    cmd = [PYTHON, "-m", "moecap", "serve", f"code={zoo / 'code'}", "--port", str(port), "--device", "cpu",
+           "--api-key", KEY]
+    url = f"http://127.0.0.1:{port}"
+    with running_server(cmd, url + "/health", deadline_s=180, env=_env(MOECAP_API_KEY="from-the-env")) as proc:
+        assert _http(url + "/v1/models", headers={"Authorization": "Bearer from-the-env"})[0] == 401
+        assert _http(url + "/v1/models", headers=bearer)[0] == 200
+    output = proc.stdout.read().decode(errors="replace")
+    assert KEY not in output and "from-the-env" not in output
+
+
+def test_api_key_must_be_sendable():
+    """An empty key (``--api-key ""``, e.g. from an unset shell variable) or one no header can carry is refused
+    at once, before any model loads, without printing it (an empty ``MOECAP_API_KEY`` means no key: see the
+    warning test)."""
+    for key in ("", "two words", "tab\there"):
+        out = subprocess.run([PYTHON, "-m", "moecap", "serve", "tiny-moe-code", "--port", str(free_port()),
+                              "--api-key", key], capture_output=True, text=True, cwd=REPO, timeout=120, env=_env())
+        assert out.returncode == 2 and "--api-key" in out.stderr, (key, out.stderr[-2000:])
+        assert not key or key not in out.stderr + out.stdout
+    out = subprocess.run([PYTHON, "-m", "moecap", "serve", "tiny-moe-code", "--port", str(free_port())],
+                         capture_output=True, text=True, cwd=REPO, timeout=120, env=_env(MOECAP_API_KEY="sk two"))
+    assert out.returncode == 2 and "MOECAP_API_KEY" in out.stderr and "sk two" not in out.stderr + out.stdout
+    from moecap.engine.server import check_api_key
+
+    assert check_api_key(KEY) == KEY
+    for bad in ("", " ", "a b", "a\nb", "\x00"):
+        with pytest.raises(ValueError):
+            check_api_key(bad)
+
+
+@pytest.mark.parametrize("address,loopback", [
+    ("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("localhost", True), ("LOCALHOST", True),
+    ("::ffff:127.0.0.1", True), ("[::1]", True),
+    ("0.0.0.0", False), ("::", False), ("10.1.2.3", False), ("192.168.0.7", False), ("fe80::1%lo", False),
+    ("2001:db8::1", False), ("example.org", False), ("", False)])
+def test_loopback_addresses(address, loopback):
+    from moecap.engine.server import is_loopback
+
+    assert is_loopback(address) is loopback
+
+
+@contextlib.contextmanager
+def _server_with_stderr(cmd: list[str], health: str, env: dict[str, str]):
+    """A server subprocess with stdout and stderr apart; yields it once ``health`` answers, then stops it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while _http_status(health) != 200:
+            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, f"{health} did not answer"
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("host,warned", [("0.0.0.0", True), ("localhost", False)])
+def test_warns_when_listening_beyond_loopback_without_a_key(zoo, host, warned):
+    """Without a key, a server reachable beyond this machine says so, once, on stderr; a loopback one does not.
+    An empty ``MOECAP_API_KEY`` is no key."""
+    port = free_port()
+    cmd = [PYTHON, "-m", "moecap", "serve", f"code={zoo / 'code'}", "--host", host, "--port", str(port),
+           "--device", "cpu"]
+    with _server_with_stderr(cmd, f"http://127.0.0.1:{port}/health", _env(MOECAP_API_KEY="")) as proc:
+        assert _http(f"http://127.0.0.1:{port}/v1/models")[0] == 200  # open: no key
+    stdout, stderr = proc.stdout.read().decode(errors="replace"), proc.stderr.read().decode(errors="replace")
+    lines = [line for line in stderr.splitlines() if "WARNING" in line]
+    assert lines == ([WARNING.format(hostport=f"{host}:{port}")] if warned else []), stderr[-2000:]
+    assert "WARNING" not in stdout and "moecap serve: stopped" in stdout
+
+
+def _post_chunked(url: str, chunks, headers: dict[str, str] | None = None) -> tuple[int, object]:
+    """POST a body sent with chunked transfer encoding (no Content-Length: the limit holds while reading)."""
+    import aiohttp
+
+    async def body():
+        for c in chunks:
+            yield c
+
+    async def go():
+        headers_ = {"Content-Type": "application/json", **(headers or {})}
+        async with aiohttp.ClientSession() as s, s.post(url, data=body(), headers=headers_) as r:
+            return r.status, await r.json(content_type=None)
+
+    return asyncio.run(go())
+
+
+def test_request_body_limit_answers_413_in_json(server):
+    """Beyond ``--max-request-bytes`` (4 MiB by default) a body is refused with 413 and OpenAI's JSON error,
+    not aiohttp's text page, whether it declares its length, streams it chunked, or inflates from gzip; a
+    body of exactly the limit is read (and then refused for its prompt's length, 400)."""
+    url, proc = server
+    head = b'{"model":"code","max_tokens":1,"prompt":"'
+    for size in (REQUEST_LIMIT + 1, 10 * 1024 * 1024):  # a 10 MB prompt: refused before it is read
+        raw = head + b"a" * (size - len(head) - 2) + b'"}'
+        status, out = _http(url + "/v1/completions", raw)
+        assert status == 413 and _is_openai_error(out), (size, status, str(out)[:300])
+        assert str(REQUEST_LIMIT) in out["error"]["message"] and out["error"]["code"] == "request_too_large"
+    status, out = _post_chunked(url + "/v1/completions", [head] + [b"a" * 65536] * 65 + [b'"}'])
+    assert status == 413 and _is_openai_error(out) and out["error"]["code"] == "request_too_large", out
+    bomb = gzip.compress(head + b"a" * (64 * 1024 * 1024) + b'"}')  # 64 MiB inflated, ~64 KiB on the wire
+    status, out = _http(url + "/v1/completions", bomb, headers={"Content-Encoding": "gzip"})
+    assert status == 413 and _is_openai_error(out), out
+    exact = head + b"a" * (REQUEST_LIMIT - len(head) - 2) + b'"}'
+    status, out = _http(url + "/v1/completions", exact)
+    assert status == 400 and out["error"]["param"] == "prompt" and "characters" in out["error"]["message"], out
+    assert proc.poll() is None
+    status, out = _http(url + "/v1/completions", _body("code", [5, 6, 7], 2))
+    assert status == 200 and out["usage"]["completion_tokens"] == 2
+
+
+class _HookedTokenizer:
+    """A real tokenizer whose encoding calls run a hook first (to count them, or to hold them on purpose)."""
+
+    def __init__(self, inner, hook):
+        self.inner, self.hook = inner, hook
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __call__(self, text, *args, **kwargs):
+        self.hook(text)
+        return self.inner(text, *args, **kwargs)
+
+
+class _TokenizerHooked:
+    """A real backend whose tokenizers are :class:`_HookedTokenizer`."""
+
+    def __init__(self, inner, hook):
+        self.inner = inner
+        self.tokenizers = {m: _HookedTokenizer(inner.tokenizer(m), hook) for m in inner.model_names()}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def tokenizer(self, model):
+        return self.tokenizers[model]
+
+
+def test_prompt_length_limit_before_tokenizing(separate):
+    """A prompt longer than the context times ``PROMPT_CHARS_PER_TOKEN`` characters is refused with 400 naming
+    the limit, without being tokenized; a shorter one beyond the context in tokens gets the context error."""
+    calls: list[int] = []
+    with _app(_TokenizerHooked(separate, lambda text: calls.append(len(text)))) as (url, server):
+        ctx = int(server.backend.context_length("code"))
+        limit = ctx * 32
+        status, out = _http(url + "/v1/completions", {"model": "code", "prompt": "a" * (limit + 1), "max_tokens": 1})
+        assert status == 400 and _is_openai_error(out) and out["error"]["param"] == "prompt", out
+        assert f"{limit} characters" in out["error"]["message"] and out["error"]["code"] == "prompt_too_long"
+        status, out = _http(url + "/v1/completions", {"model": "code", "prompt": ["é" * (limit + 1)]})
+        assert status == 400 and out["error"]["code"] == "prompt_too_long", out
+        messages = [{"role": "system", "content": "a" * (limit // 2)},
+                    {"role": "user", "content": [{"type": "text", "text": "b" * (limit // 2 + 1)}]}]
+        status, out = _http(url + "/v1/chat/completions", {"model": "code", "messages": messages})
+        assert status == 400 and out["error"]["param"] == "messages" and out["error"]["code"] == "prompt_too_long"
+        assert calls == []  # none of them was tokenized
+        # at the limit: tokenized, then refused for its tokens (the context check still holds)
+        status, out = _http(url + "/v1/completions", {"model": "code", "prompt": "ab " * (limit // 3)})
+        assert status == 400 and out["error"]["code"] == "context_length_exceeded" and calls == [limit // 3 * 3]
+        text = " ".join(str(i) for i in range(ctx + 50))  # more tokens than the context, well under the limit
+        status, out = _http(url + "/v1/completions", {"model": "code", "prompt": text})
+        assert status == 400 and out["error"]["code"] == "context_length_exceeded" and str(ctx) in out["error"]["message"]
+        status, out = _http(url + "/v1/chat/completions", {"model": "code", "messages": [{"role": "user", "content": text}]})
+        assert status == 400 and out["error"]["code"] == "context_length_exceeded" and out["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_tokenization_runs_off_the_event_loop(separate, chat):
+    """While one request's tokenization is held (a large prompt's, in slow motion), other clients are answered:
+    ``GET /health`` and a small completion (tokenized alongside) both finish before the held one does."""
+    import aiohttp
+
+    mark = "HOLD-THIS-PROMPT"
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def hold(text):
+        if mark in str(text):
+            started.set()
+            release.wait(60)  # a deadlock breaker only: the test releases it
+            finished.set()
+
+    with _app(_TokenizerHooked(separate, hold)) as (url, _):
+        async def go():
+            order = []
+
+            async def post(name, path, body):
+                async with s.post(url + path, json=body) as r:
+                    await r.read()
+                    order.append((name, r.status, finished.is_set()))
+
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+                if chat:
+                    held = post("held", "/v1/chat/completions", {
+                        "model": "code", "messages": [{"role": "user", "content": mark + " x" * 40}],
+                        "max_tokens": 2, "temperature": 0})
+                else:
+                    held = post("held", "/v1/completions", _body("code", mark + " x" * 40, 2))
+                held_task = asyncio.create_task(held)
+                assert await asyncio.to_thread(started.wait, 30), "the held tokenization never started"
+                async with s.get(url + "/health") as r:
+                    order.append(("health", r.status, finished.is_set()))
+                await post("small", "/v1/completions", _body("code", "small", 2))
+                release.set()
+                await held_task
+            return order
+
+        try:
+            order = asyncio.run(go())
+        finally:
+            release.set()
+    # the two others were answered while the held tokenization was still running
+    assert order == [("health", 200, False), ("small", 200, False), ("held", 200, True)], order
+
+
+MALFORMED = [  # (id, path, body: dict -> JSON text, bytes -> as is, headers, param)
+    ("lone-high-surrogate", "/v1/completions", {"model": "code", "prompt": "\ud800"}, None, "prompt"),
+    ("lone-low-surrogate-in-text", "/v1/completions", {"model": "code", "prompt": "ab\udfffcd"}, None, "prompt"),
+    ("surrogate-in-prompt-list", "/v1/completions", {"model": "code", "prompt": ["\ud800"]}, None, "prompt[0]"),
+    ("surrogate-chat-content", "/v1/chat/completions",
+     {"model": "code", "messages": [{"role": "user", "content": "\ud800"}]}, None, "messages[0].content"),
+    ("surrogate-chat-text-part", "/v1/chat/completions",
+     {"model": "code", "messages": [{"role": "user", "content": [{"type": "text", "text": "x\udc00"}]}]}, None,
+     "messages[0].content[0].text"),
+    ("surrogate-chat-role", "/v1/chat/completions",
+     {"model": "code", "messages": [{"role": "\ud800", "content": "x"}]}, None, "messages[0].role"),
+    ("surrogate-stop", "/v1/completions", {"model": "code", "prompt": "x", "stop": ["\ud800"]}, None, "stop[0]"),
+    ("surrogate-model", "/v1/completions", {"model": "\ud800", "prompt": "x"}, None, "model"),
+    ("surrogate-in-a-key", "/v1/completions", {"model": "code", "prompt": "x", "\ud800": 1}, None, None),
+    ("utf8-encoded-surrogate", "/v1/completions", b'{"model":"code","prompt":"\xed\xa0\x80"}', None, None),
+    ("invalid-utf8-continuation", "/v1/completions", b'{"model":"code","prompt":"\xc3\x28"}', None, None),
+    ("invalid-utf8-start", "/v1/completions", b"\xff\xfe", None, None),
+    ("overlong-utf8", "/v1/completions", b'{"model":"code","prompt":"\xc0\xaf"}', None, None),
+    ("utf16-body", "/v1/completions", json.dumps({"model": "code", "prompt": "x"}).encode("utf-16"), None, None),
+    ("mixed-ints-and-strings", "/v1/completions", {"model": "code", "prompt": [1, "a"]}, None, "prompt"),
+    ("mixed-strings-and-ints", "/v1/completions", {"model": "code", "prompt": ["a", 1]}, None, "prompt"),
+    ("id-beyond-vocabulary", "/v1/completions", {"model": "code", "prompt": [5, 10 ** 6]}, None, "prompt"),
+    ("id-beyond-int64", "/v1/completions", {"model": "code", "prompt": [2 ** 70]}, None, "prompt"),
+    ("negative-id", "/v1/completions", {"model": "code", "prompt": [-1]}, None, "prompt"),
+    ("negative-id-later", "/v1/completions", {"model": "code", "prompt": [3, 4, -7]}, None, "prompt"),
+    ("float-id", "/v1/completions", {"model": "code", "prompt": [1.5]}, None, "prompt"),
+    ("bool-id", "/v1/completions", {"model": "code", "prompt": [True]}, None, "prompt"),
+    ("null-id", "/v1/completions", {"model": "code", "prompt": [None]}, None, "prompt"),
+    ("nested-list-in-ids", "/v1/completions", {"model": "code", "prompt": [[1, [2]]]}, None, "prompt"),
+    ("triple-nested-ids", "/v1/completions", {"model": "code", "prompt": [[[1, 2]]]}, None, "prompt"),
+    ("empty-nested-list", "/v1/completions", {"model": "code", "prompt": [[]]}, None, "prompt"),
+    ("two-prompts", "/v1/completions", {"model": "code", "prompt": [[1], [2]]}, None, "prompt"),
+    ("prompt-number", "/v1/completions", {"model": "code", "prompt": 5}, None, "prompt"),
+    ("prompt-bool", "/v1/completions", {"model": "code", "prompt": True}, None, "prompt"),
+    ("content-number", "/v1/chat/completions", {"model": "code", "messages": [{"role": "user", "content": 5}]},
+     None, "messages[0].content"),
+    ("content-object", "/v1/chat/completions",
+     {"model": "code", "messages": [{"role": "user", "content": {"text": "x"}}]}, None, "messages[0].content"),
+    ("content-bool", "/v1/chat/completions", {"model": "code", "messages": [{"role": "user", "content": True}]},
+     None, "messages[0].content"),
+    ("content-list-of-ints", "/v1/chat/completions",
+     {"model": "code", "messages": [{"role": "user", "content": [1]}]}, None, "messages[0].content"),
+    ("content-image-part", "/v1/chat/completions",
+     {"model": "code", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     None, "messages[0].content"),
+    ("content-part-text-number", "/v1/chat/completions",
+     {"model": "code", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, None,
+     "messages[0].content"),
+    ("role-number", "/v1/chat/completions", {"model": "code", "messages": [{"role": 1, "content": "x"}]}, None,
+     "messages[0]"),
+    ("message-string", "/v1/chat/completions", {"model": "code", "messages": ["hi"]}, None, "messages[0]"),
+    ("messages-string", "/v1/chat/completions", {"model": "code", "messages": "hi"}, None, "messages"),
+    ("messages-object", "/v1/chat/completions", {"model": "code", "messages": {"role": "user"}}, None, "messages"),
+    ("body-array", "/v1/completions", b'[{"model":"code","prompt":"x"}]', None, None),
+    ("body-string", "/v1/completions", b'"hello"', None, None),
+    ("body-number", "/v1/completions", b"42", None, None),
+    ("body-null", "/v1/completions", b"null", None, None),
+    ("body-true", "/v1/chat/completions", b"true", None, None),
+    ("body-empty", "/v1/completions", b"", None, None),
+    ("body-not-json", "/v1/completions", b"{not json", None, None),
+    ("body-trailing-garbage", "/v1/completions", b'{"model":"code","prompt":"x"} x', None, None),
+    ("body-deeply-nested", "/v1/completions", b'{"model":"code","prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     None, None),
+    ("number-of-5000-digits", "/v1/completions", b'{"model":"code","prompt":"x","max_tokens":1' + b"0" * 5000 + b"}",
+     None, None),
+    ("nan-temperature", "/v1/completions", b'{"model":"code","prompt":"x","temperature":NaN}', None, "temperature"),
+    ("infinite-max-tokens", "/v1/completions", b'{"model":"code","prompt":"x","max_tokens":Infinity}', None,
+     "max_tokens"),
+    ("gzip-that-is-not", "/v1/completions", b"this is no gzip stream", {"Content-Encoding": "gzip"}, None),
+]
+
+
+@pytest.mark.parametrize("path,body,headers,param", [pytest.param(*case[1:], id=case[0]) for case in MALFORMED])
+def test_malformed_input_gets_a_4xx_openai_error(server, path, body, headers, param):
+    """Each malformed request is a 4xx with OpenAI's JSON error (the field named where there is one), never
+    a 500, and the server goes on."""
+    url, proc = server
+    bodies = [body]
+    if isinstance(body, dict):  # the same, streamed: refused before any event
+        bodies.append({**body, "stream": True})
+    for b in bodies:
+        status, out = _http(url + path, b, headers=headers)
+        assert 400 <= status < 500, (status, out)
+        assert _is_openai_error(out), out
+        assert out["error"]["param"] == param, out
+    assert proc.poll() is None and _http(url + "/health")[0] == 200

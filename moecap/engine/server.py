@@ -2,12 +2,14 @@
 
     moecap serve MODEL [MODEL ...] [--host 127.0.0.1] [--port 8000] [--backend separate]
                  [--max-batch-size 8] [--max-wait-s 2.0] [--max-consecutive-batches 4]
-                 [--device auto] [--dtype auto]
+                 [--device auto] [--dtype auto] [--api-key KEY] [--max-request-bytes 4194304]
 
 ``MODEL`` is an embedded model (``tiny-moe-code``), a local Hugging Face directory or a hub id, served
 under its own name (a directory: its folder name), or ``NAME=MODEL`` to choose the served name.
 
-Endpoints (aiohttp; the models run in the scheduler's worker thread, never on the event loop):
+Endpoints (aiohttp; the models run in the scheduler's worker thread, and request bodies are parsed and
+prompts tokenized in a small pool of threads, never on the event loop, so that one large prompt does not
+stall the other clients):
 
 - ``GET /health``: 200 once the models are loaded (503 while shutting down);
 - ``GET /v1/models``, ``GET /v1/models/{id}``: OpenAI's list / model objects (plus ``max_model_len``);
@@ -29,11 +31,20 @@ Endpoints (aiohttp; the models run in the scheduler's worker thread, never on th
 - ``GET /stats``: the scheduler's records (per batch: model, size, switch/prefill/decode seconds; per
   request: queue wait, TTFT, tokens) and the backend's memory.
 
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed JSON
-and missing or invalid fields (``param`` names the field), a prompt beyond the context or
-``max_tokens < 1``; 404 for an unknown model (the message lists the served ones) or route; 500 when the
-backend failed the request's batch (other batches go on); 503 while shutting down. When a stream has
-already started, a failure arrives as a ``data: {"error": ...}`` event before ``data: [DONE]``.
+Access: with an API key (``--api-key`` or, without the flag, ``$MOECAP_API_KEY``, as vLLM's ``--api-key`` /
+``VLLM_API_KEY``), every endpoint but ``GET /health`` (a load balancer's probe) wants ``Authorization: Bearer
+KEY`` and answers 401 otherwise. The key is compared in constant time and never printed. Without a key, a
+server listening beyond the loopback interface warns on stderr at start-up.
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed input
+(JSON that is not UTF-8, not an object, nested too deep, or carries unpaired UTF-16 surrogates, which no
+tokenizer can encode; missing or invalid fields, ``param`` naming the field), a prompt longer than
+``PROMPT_CHARS_PER_TOKEN`` characters per token of context (refused before tokenizing) or beyond the context
+in tokens, or ``max_tokens < 1``; 401 without the API key; 404 for an unknown model (the message lists the
+served ones) or route; 413 for a body beyond ``--max-request-bytes`` (refused before it is read when it
+declares its length); 500 when the backend failed the request's batch (other batches go on); 503 while
+shutting down. When a stream has already started, a failure arrives as a ``data: {"error": ...}`` event
+before ``data: [DONE]``.
 A client that disconnects cancels its request (its row stops generating). SIGTERM and SIGINT stop the
 server cleanly: no new connections, running requests aborted, the worker joined, exit status 0.
 """
@@ -41,16 +52,20 @@ server cleanly: no new connections, running requests aborted, the worker joined,
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +82,24 @@ from moecap.engine.scheduler import (
     SchedulerClosed,
     asyncio_sink,
 )
+from moecap.models import parse_model_specs  # noqa: F401  (moecap serve's MODEL / NAME=MODEL arguments)
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
+# A whole 128k-token prompt fits as token ids (about 7 bytes each in JSON) or as text, even JSON-escaped;
+# a bigger body is refused with 413 before it is parsed (or, when it declares its length, read).
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# Characters of prompt per token of context a prompt may have before it is tokenized: real text averages
+# 3-5 characters a token and no tokenizer's tokens average 32, so only a prompt that could never fit is
+# refused, without paying its tokenization (seconds and hundreds of MB for a 10 MB prompt).
+PROMPT_CHARS_PER_TOKEN = 32
+# Bodies beyond this are parsed in the tokenizer threads rather than on the event loop.
+PARSE_IN_THREAD_BYTES = 64 * 1024
+# Threads that parse bodies and tokenize prompts: enough that one huge prompt leaves room for the others.
+TOKENIZER_THREADS = 4
+API_KEY_ENV = "MOECAP_API_KEY"
 SHUTDOWN_TIMEOUT_S = 5.0
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -89,6 +117,8 @@ class ApiError(Exception):
 
 
 def _error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
     if status == 404:
         return "not_found_error"
     if status == 503:
@@ -175,23 +205,108 @@ def _stop_strings(body: dict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(v))
 
 
+def _surrogate_at(body: Any) -> tuple[bool, str | None]:
+    """(found, where): the first string (value or key) of a parsed JSON body holding an unpaired UTF-16
+    surrogate, which JSON's ``\\ud800`` escapes can produce and no tokenizer can encode, and the field path
+    (``messages[0].content``; None for the top level). Iterative: the body may be deeply nested."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return True, path or None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if _SURROGATE.search(k):
+                    return True, path or None
+                stack.append((v, f"{path}.{k}" if path else k))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value) if isinstance(v, (str, dict, list)))
+    return False, None
+
+
+def _decode_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 saying why not. Strict: UTF-8 only (RFC 8259; ``json.loads``
+    of bytes would also take UTF-16 and smuggled surrogates), no unpaired surrogates in any string."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ApiError(400, f"the request body is not valid UTF-8: {err}") from None
+    try:
+        body = json.loads(text)
+    except ValueError as err:
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    found, where = _surrogate_at(body)
+    if found:
+        raise ApiError(400, f"{'the request body' if where is None else repr(where)} holds an unpaired UTF-16 "
+                            "surrogate (a \\ud800-\\udfff escape without its pair), which is no text",
+                       param=where)
+    return body
+
+
+def check_api_key(key: str) -> str:
+    """``key`` if a client can send it as ``Authorization: Bearer KEY``, else ValueError (which never quotes
+    the key): an empty one (``--api-key "$UNSET"``) would otherwise lock nothing or everything."""
+    if not key:
+        raise ValueError("the API key is empty")
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise ValueError("the API key holds whitespace or control characters, which no Authorization header carries")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, as given or as bound) reaches this machine only: 127.0.0.0/8, ::1 (also
+    IPv4-mapped) or ``localhost``. ``0.0.0.0``, ``::`` and other names are taken as reachable from outside."""
+    host = host.strip()
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 class OpenAIServer:
-    """The aiohttp application over a :class:`Scheduler` and its backend."""
+    """The aiohttp application over a :class:`Scheduler` and its backend. With ``api_key``, every endpoint but
+    ``GET /health`` wants ``Authorization: Bearer api_key``; a body beyond ``max_request_bytes`` gets 413."""
 
     def __init__(self, backend: Any, scheduler: Scheduler, backend_kind: str = "separate",
-                 sources: dict[str, str] | None = None):
+                 sources: dict[str, str] | None = None, api_key: str | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.backend = backend
         self.scheduler = scheduler
         self.backend_kind = backend_kind
         self.sources = dict(sources or {})
         self.created = int(time.time())
         self.models = list(backend.model_names())
+        self.max_request_bytes = int(max_request_bytes)
+        # bytes, compared with hmac.compare_digest: its str form wants ASCII only
+        self._api_key = check_api_key(api_key).encode("utf-8", "surrogateescape") if api_key is not None else None
         self._vocab = {m: len(backend.tokenizer(m)) for m in self.models}
+        self._max_chars = {m: int(backend.context_length(m)) * PROMPT_CHARS_PER_TOKEN for m in self.models}
+        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="moecap-tokenize")
         self._shutting_down = False
+
+    @property
+    def requires_api_key(self) -> bool:
+        return self._api_key is not None
 
     # -- the app --------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[self._errors], client_max_size=self.max_request_bytes)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
@@ -213,13 +328,28 @@ class OpenAIServer:
 
     async def _on_cleanup(self, app: web.Application) -> None:
         self.scheduler.shutdown(0.1)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _authorized(self, request: web.Request) -> bool:
+        """No key set, the health probe, or ``Authorization: Bearer KEY`` (the scheme in any case), compared
+        in constant time so that the answer's timing does not tell how much of a guess was right."""
+        if self._api_key is None or (request.method in ("GET", "HEAD") and request.path == "/health"):
+            return True
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), self._api_key)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
+            if not self._authorized(request):  # before routing or reading: nothing for an unknown client
+                raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
             return await handler(request)
         except ApiError as err:
-            return _json_response(err.status, err.body())
+            headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+            return _json_response(err.status, err.body(), headers)
         except web.HTTPException as err:  # unknown route, wrong method, body too large ...
             if err.status < 400:
                 raise
@@ -279,17 +409,37 @@ class OpenAIServer:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=True)
 
+    def _too_large(self, size: str) -> ApiError:
+        return ApiError(413, f"the request body is {size}; this server takes at most {self.max_request_bytes} "
+                             "bytes (moecap serve --max-request-bytes)", code="request_too_large")
+
     async def _read_body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
+        """The body as a JSON object. One that declares a length beyond the limit is refused unread; one that
+        does not (chunked, compressed) is cut off once it passes the limit. A large one is parsed off the loop."""
+        declared = request.content_length
+        if declared is not None and declared > self.max_request_bytes and "Content-Encoding" not in request.headers:
+            raise self._too_large(f"{declared} bytes")
         try:
-            body = json.loads(raw)
-        except ValueError as err:  # includes undecodable bytes
-            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise self._too_large(f"over {self.max_request_bytes} bytes") from None
+        except web.RequestPayloadError as err:  # a broken chunked or compressed body
+            raise ApiError(400, f"the request body could not be read: {err}") from None
+        if len(raw) <= PARSE_IN_THREAD_BYTES:
+            return _decode_body(raw)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, _decode_body, raw)
+
+    def _check_chars(self, model: str, n: int, param: str) -> None:
+        """Refuse a prompt of ``n`` characters that no context could hold, before paying its tokenization."""
+        limit = self._max_chars[model]
+        if n > limit:
+            raise ApiError(400, f"the prompt has {n} characters; this server takes at most {limit} characters "
+                                f"for model {model!r} ({PROMPT_CHARS_PER_TOKEN} per token of its "
+                                f"{limit // PROMPT_CHARS_PER_TOKEN}-token context)", param=param, code="prompt_too_long")
 
     def _prompt_ids(self, model: str, body: dict[str, Any], chat: bool) -> list[int]:
+        """The prompt's token ids. Runs in a tokenizer thread: chat templates and tokenizers take time in
+        proportion to the prompt, which the character bound checked first keeps finite."""
         tok = self.backend.tokenizer(model)
         if chat:
             messages = body.get("messages")
@@ -316,6 +466,7 @@ class OpenAIServer:
                     raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
                                    param=f"messages[{i}].content")
                 clean.append({"role": m["role"], "content": content})
+            self._check_chars(model, sum(len(m["role"]) + len(m["content"]) for m in clean), "messages")
             if getattr(tok, "chat_template", None):
                 try:
                     text = tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
@@ -336,6 +487,7 @@ class OpenAIServer:
         if isinstance(prompt, str):
             if not prompt:
                 raise ApiError(400, "'prompt' is empty", param="prompt")
+            self._check_chars(model, len(prompt), "prompt")
             ids = list(tok(prompt)["input_ids"])
         elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
             ids = list(prompt)
@@ -429,8 +581,9 @@ class OpenAIServer:
         if self._shutting_down or self.scheduler.closing:
             raise ApiError(503, "the server is shutting down")
         body = await self._read_body(request)
-        model, ids, params, opts = self._parse(body, chat)
         loop = asyncio.get_running_loop()
+        # validation, chat template and tokenizer off the event loop: one large prompt stalls no one else
+        model, ids, params, opts = await loop.run_in_executor(self._pool, self._parse, body, chat)
         queue: asyncio.Queue[Event] = asyncio.Queue()
         req = Request(model, ids, params, asyncio_sink(loop, queue),
                       request_id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex)
@@ -601,27 +754,6 @@ def _chat_logprob(tokenizer: Any, token_id: int, score: Any) -> dict[str, Any]:
 
 # -- the command -------------------------------------------------------------------------------------
 
-def parse_model_specs(specs: list[str]) -> dict[str, str]:
-    """``MODEL`` or ``NAME=MODEL`` arguments -> {served name: source}. A directory is served under its
-    folder name, anything else (an embedded name, a hub id) under itself."""
-    out: dict[str, str] = {}
-    for spec in specs:
-        name, sep, source = spec.partition("=")
-        if not sep or not name or "/" in name or os.sep in name:
-            name, source = "", spec
-        if not source:
-            raise ValueError(f"{spec!r}: empty model")
-        if not name:
-            p = Path(source).expanduser()
-            name = p.resolve().name if p.is_dir() else source
-        if name in out:
-            raise ValueError(f"two models are served as {name!r}; name them with NAME=MODEL")
-        out[name] = source
-    if not out:
-        raise ValueError("no models given")
-    return out
-
-
 def _bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket before the (slow) model load, so a taken port fails at once."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -644,15 +776,33 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def serve(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, backend: str = "separate",
           max_batch_size: int = 8, max_wait_s: float | None = 2.0, max_consecutive_batches: int | None = 4,
-          device: str = "auto", dtype: str = "auto", **backend_kw: Any) -> int:
-    """Load ``models`` into a ``backend`` and serve them until SIGTERM/SIGINT; return the exit status."""
+          device: str = "auto", dtype: str = "auto", api_key: str | None = None,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, **backend_kw: Any) -> int:
+    """Load ``models`` into a ``backend`` and serve them until SIGTERM/SIGINT; return the exit status.
+    ``api_key`` (the command line's ``--api-key`` or ``$MOECAP_API_KEY``; this function reads no environment)
+    locks every endpoint but ``/health``; it is never printed."""
     from moecap.engine.backend import BackendError, make_backend
 
+    if api_key is not None:
+        try:
+            check_api_key(api_key)
+        except ValueError as err:
+            print(f"moecap serve: --api-key: {err}", file=sys.stderr)
+            return 2
+    if max_request_bytes < 1:
+        print("moecap serve: --max-request-bytes must be >= 1", file=sys.stderr)
+        return 2
     try:
         sock = _bind(host, port)
     except OSError as err:
         print(f"moecap serve: cannot listen on {host}:{port}: {err}", file=sys.stderr)
         return 2
+    actual = sock.getsockname()[1]
+    # the address actually bound decides (a host name may resolve to a loopback address), at once: an
+    # operator sees it before the (slow) model load
+    if api_key is None and not is_loopback(str(sock.getsockname()[0])):
+        print(f"moecap serve: WARNING: listening on {_host_port(host, actual)} without an API key; anyone who can "
+              f"reach it can use it (set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
     try:
         t0 = time.perf_counter()
         print(f"moecap serve: loading {len(models)} model(s) with the {backend} backend: "
@@ -680,10 +830,11 @@ def serve(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, bac
         scheduler = Scheduler(be, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
                               max_consecutive_batches=max_consecutive_batches)
         sources = {m: (be.source(m) if hasattr(be, "source") else str(models.get(m, m))) for m in be.model_names()}
-        server = OpenAIServer(be, scheduler, backend_kind=backend, sources=sources)
-        actual = sock.getsockname()[1]
+        server = OpenAIServer(be, scheduler, backend_kind=backend, sources=sources, api_key=api_key,
+                              max_request_bytes=max_request_bytes)
         print(f"moecap serve: {', '.join(be.model_names())} on {be.device()} loaded in "
-              f"{time.perf_counter() - t0:.1f} s; listening on http://{host}:{actual}", flush=True)
+              f"{time.perf_counter() - t0:.1f} s; listening on http://{_host_port(host, actual)}"
+              + (" (API key required)" if server.requires_api_key else ""), flush=True)
         web.run_app(server.app(), sock=sock, print=None, access_log=None, handler_cancellation=True,
                     shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     finally:

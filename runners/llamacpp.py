@@ -112,6 +112,9 @@ class LlamaCppRunner(ServedRunner):
     def server_command(self, model_arg: str) -> list[str]:
         a = self.args
         n_gpu_layers = a.n_gpu_layers if a.n_gpu_layers is not None else (0 if self._device == "cpu" else -1)
+        # expert placement: llama-server's own flags, which moecap.runners.llamacpp_server spells the same
+        placement = (["--n-cpu-moe", str(a.n_cpu_moe)] if a.n_cpu_moe else []) + [
+            flag for item in a.override_tensor for flag in ("--override-tensor", item)]
         if self.kind == "llama-server":
             cmd = [
                 self.binary, "--model", model_arg, "--alias", self.served_model,
@@ -129,13 +132,9 @@ class LlamaCppRunner(ServedRunner):
                 cmd += ["--threads", str(a.n_threads)]
             if a.n_threads_batch:
                 cmd += ["--threads-batch", str(a.n_threads_batch)]
-            if a.n_cpu_moe:
-                cmd += ["--n-cpu-moe", str(a.n_cpu_moe)]
-            for item in a.override_tensor:
-                cmd += ["--override-tensor", item]
             if a.verbose:
                 cmd += ["--verbose"]
-            return cmd + list(a.extra_args)
+            return cmd + placement + list(a.extra_args)
         cmd = [
             a.python or sys.executable, "-m", "moecap.runners.llamacpp_server",
             "--model", model_arg,
@@ -153,11 +152,7 @@ class LlamaCppRunner(ServedRunner):
             cmd += ["--n_threads", str(a.n_threads)]
         if a.n_threads_batch:
             cmd += ["--n_threads_batch", str(a.n_threads_batch)]
-        if a.n_cpu_moe:
-            cmd += ["--n-cpu-moe", str(a.n_cpu_moe)]
-        for item in a.override_tensor:
-            cmd += ["--override-tensor", item]
-        return cmd + list(a.extra_args)
+        return cmd + placement + list(a.extra_args)
 
     def storage_bytes(self) -> tuple[float | None, float]:
         if self.args.weight_bytes_per_param:

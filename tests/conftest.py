@@ -90,18 +90,21 @@ from moecap.runners.server import free_port  # noqa: E402,F401  (re-exported for
 
 
 @contextlib.contextmanager
-def running_server(cmd: list[str], ready_url: str, deadline_s: float = 120, env: dict | None = None):
-    """Start a server subprocess, wait until ``ready_url`` answers 200, yield it; always stop it."""
+def running_server(cmd: list[str], ready_url: str, deadline_s: float = 120, env: dict | None = None,
+                   separate_stderr: bool = False):
+    """Start a server subprocess, wait until ``ready_url`` answers 200, yield it; always stop it.
+    ``separate_stderr``: stderr on its own pipe (``proc.stderr``), not merged into stdout."""
     import subprocess
     import time
     import urllib.request
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE if separate_stderr else subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + deadline_s
         while True:
             if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace")[-2000:]
+                out = (proc.stderr if separate_stderr else proc.stdout).read().decode(errors="replace")[-2000:]
                 raise RuntimeError(f"server exited with {proc.returncode} before it was ready:\n{out}")
             try:
                 with urllib.request.urlopen(ready_url, timeout=2) as r:

@@ -1076,34 +1076,6 @@ def test_loopback_addresses(address, loopback):
     assert is_loopback(address) is loopback
 
 
-@contextlib.contextmanager
-def _server_with_stderr(cmd: list[str], health: str, env: dict[str, str]):
-    """A server subprocess with stdout and stderr apart; yields it once ``health`` answers, then stops it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while _http_status(health) != 200:
-            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:]
-            assert time.monotonic() < deadline, f"{health} did not answer"
-            time.sleep(0.2)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status
-    except OSError:
-        return None
-
-
 @pytest.mark.parametrize("host,warned", [("0.0.0.0", True), ("localhost", False)])
 def test_warns_when_listening_beyond_loopback_without_a_key(zoo, host, warned):
     """Without a key, a server reachable beyond this machine says so, once, on stderr; a loopback one does not.
@@ -1111,7 +1083,8 @@ def test_warns_when_listening_beyond_loopback_without_a_key(zoo, host, warned):
     port = free_port()
     cmd = [PYTHON, "-m", "moecap", "serve", f"code={zoo / 'code'}", "--host", host, "--port", str(port),
            "--device", "cpu"]
-    with _server_with_stderr(cmd, f"http://127.0.0.1:{port}/health", _env(MOECAP_API_KEY="")) as proc:
+    with running_server(cmd, f"http://127.0.0.1:{port}/health", 180, _env(MOECAP_API_KEY=""),
+                        separate_stderr=True) as proc:
         assert _http(f"http://127.0.0.1:{port}/v1/models")[0] == 200  # open: no key
     stdout, stderr = proc.stdout.read().decode(errors="replace"), proc.stderr.read().decode(errors="replace")
     lines = [line for line in stderr.splitlines() if "WARNING" in line]

@@ -414,3 +414,28 @@ def test_rope_scaling_comes_from_transformers(rope):
     ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         torch.testing.assert_close(em(ids, use_cache=False).logits, ref(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_training_reports_progress_when_output_is_not_a_terminal():
+    """Issue 18: training showed nothing between two perplexity lines when stderr was not a terminal
+    (a log file, CI). It logs step, loss and time left at every tenth of the steps."""
+    import re
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moecap.zoo.tiny_moe import PROFILES, train
+
+    profile = PROFILES["test"]
+    cfg = {**profile.config, "vocab_size": 64}
+    model_type = cfg.pop("model_type")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg), dtype=torch.float32)
+    stream = torch.randint(0, 64, (4 * profile.seq_len,), generator=torch.Generator().manual_seed(0))
+    lines: list[str] = []
+    losses = train(model, [stream], 20, 1e-3, profile, 0, "tiny-moe base", log=lines.append)
+    assert len(losses) == 20 and len(lines) == 10
+    pattern = re.compile(r"^moecap zoo: tiny-moe base step (\d+)/20, loss \d+\.\d{3}, [\d.]+ (s|min) elapsed, "
+                         r"~[\d.]+ (s|min) left$")
+    assert all(pattern.match(line) for line in lines), lines
+    assert [int(pattern.match(line)[1]) for line in lines] == list(range(2, 21, 2))
+    assert lines[-1].endswith("~0 s left")

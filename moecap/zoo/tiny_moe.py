@@ -175,9 +175,23 @@ def held_out_perplexity(model, windows) -> float:
     return perplexity([(nll, count)])["perplexity"]
 
 
-def train(model, streams: list, steps: int, lr: float, profile: Profile, seed: int, desc: str) -> list[float]:
+def _progress_line(desc: str, step: int, steps: int, loss: float, elapsed_s: float) -> str:
+    left = elapsed_s / step * (steps - step) if step else 0.0
+    return (f"moecap zoo: {desc} step {step}/{steps}, loss {loss:.3f}, "
+            f"{_duration(elapsed_s)} elapsed, ~{_duration(left)} left")
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
+
+
+def train(model, streams: list, steps: int, lr: float, profile: Profile, seed: int, desc: str,
+          log=None) -> list[float]:
     """AdamW with linear warm-up and cosine decay on random windows of ``streams`` (batches drawn
-    round-robin from the streams, so that every domain weighs the same); returns the loss curve."""
+    round-robin from the streams, so that every domain weighs the same); returns the loss curve.
+
+    Progress: a tqdm bar (step, loss, time left) on a terminal; otherwise, through ``log``, one line
+    with the same figures at every tenth of the steps, so that a log or a CI job shows it too."""
     import torch
     from tqdm.auto import tqdm
 
@@ -193,7 +207,10 @@ def train(model, streams: list, steps: int, lr: float, profile: Profile, seed: i
     model.train()
     model.config.output_router_logits = True  # adds the load-balancing loss: every expert gets used
     losses: list[float] = []
-    with tqdm(range(steps), desc=desc, unit="step", disable=None) as bar:
+    tty = sys.stderr.isatty()
+    every = max(1, steps // 10)
+    t0 = time.perf_counter()
+    with tqdm(range(steps), desc=desc, unit="step", disable=not tty) as bar:
         for step in bar:
             stream = streams[step % len(streams)]
             starts = torch.randint(0, len(stream) - profile.seq_len - 1, (profile.batch_size,), generator=gen)
@@ -208,6 +225,9 @@ def train(model, streams: list, steps: int, lr: float, profile: Profile, seed: i
             losses.append(float(out.loss.detach()))
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            done = step + 1
+            if not tty and log is not None and (done % every == 0 or done == steps):
+                log(_progress_line(desc, done, steps, losses[-1], time.perf_counter() - t0))
     model.config.output_router_logits = False
     model.eval()
     return losses
@@ -285,7 +305,7 @@ def build(profile: Profile | None = None, root: Path | None = None, variants: tu
         log(f"moecap zoo: {n_params / 1e6:.2f}M parameters; random-init test perplexity "
             + ", ".join(f"{d} {v:.0f}" for d, v in ppl_random.items()))
         losses = train(model, [train_ids[d] for d in DOMAINS], profile.base_steps, profile.lr, profile,
-                       profile.seed, "tiny-moe base")
+                       profile.seed, "tiny-moe base", log=log)
         ppl_base = {d: held_out_perplexity(model, test_windows[d]) for d in DOMAINS}
         log("moecap zoo: base test perplexity " + ", ".join(f"{d} {v:.2f}" for d, v in ppl_base.items()))
         _save(model, tokenizer, root / "base", {**common, "role": "base", "test_perplexity": ppl_base})
@@ -308,7 +328,7 @@ def build(profile: Profile | None = None, root: Path | None = None, variants: tu
             raise ValueError(f"unknown tiny-moe variant {domain!r}; allowed: {', '.join(DOMAINS)}")
         model.load_state_dict(base_state)
         ft_losses = train(model, [train_ids[domain]], profile.finetune_steps, profile.finetune_lr, profile,
-                          profile.seed + 1 + DOMAINS.index(domain), f"tiny-moe-{domain}")
+                          profile.seed + 1 + DOMAINS.index(domain), f"tiny-moe-{domain}", log=log)
         ppl = {d: held_out_perplexity(model, test_windows[d]) for d in DOMAINS}
         log(f"moecap zoo: {domain} child test perplexity " + ", ".join(f"{d} {v:.2f}" for d, v in ppl.items()))
         _save(model, tokenizer, root / domain, {**common, "role": "child", "domain": domain, "parent": "base",

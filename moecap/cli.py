@@ -72,7 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         isolate=args.isolate or "cell", cell_timeout_s=args.cell_timeout_s,
         max_retries=1 if args.max_retries is None else args.max_retries, address=args.address,
         gpu_type=args.gpu_type, cpus_per_cell=1.0 if args.cpus_per_cell is None else args.cpus_per_cell,
-        memory_gb=args.memory_gb,
+        memory_gb=args.memory_gb, verbose=args.verbose,
     )
     try:
         outcome = run_suite(suite, force=args.force, executor=args.executor, options=options, resume=args.resume)
@@ -579,7 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="moecap", description="Cost / Accuracy / Performance benchmarks for MoE serving")
     p.add_argument("--version", action="version", version=f"moecap {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="more logging; moecap run: the cells' own output (libraries' progress bars and warnings) "
+                   "on the console too, not only in each cell's cell.log")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser(

@@ -59,8 +59,39 @@ def record_row(rec: Record | dict[str, Any]) -> dict[str, Any]:
         row[f.key] = f.value(report)
     row["basis"] = figures.basis_summary(report) if report else None
     row["peak"] = figures.peak_kind(report)
-    row.update({k: v for k, (v, _, _) in figures.quality_values(report).items()})
+    for k, (v, se, _) in figures.quality_values(report).items():
+        row[k] = v
+        if se is not None:
+            row[k + STDERR] = se
     return row
+
+
+STDERR = " stderr"  # a quality figure's standard error sits beside it under "<key> stderr"
+
+
+def result_line(rec: Record) -> str:
+    """A finished cell in one line: its status and headline figures (the end of a cell's progress)."""
+    from moecap import figures
+
+    report = rec.report if isinstance(rec.report, dict) else {}
+    if rec.status != "ok":
+        last = (rec.error or "").strip().splitlines()[-1:] or ["?"]
+        return f"{rec.status}: {last[0]}"
+    parts = []
+    for key, label, unit, fmt in (("ttft_ms_p50", "TTFT p50", " ms", ".1f"), ("tpot_ms_p50", "TPOT p50", " ms", ".2f"),
+                                  ("output_tokens_per_s", "out", " tok/s", ".1f"), ("s_mbu_decode", "S-MBU decode", "", ".3f")):
+        v = figures.value(report, key)
+        if v is not None:
+            parts.append(f"{label} {format(v, fmt)}{unit}")
+    quality = figures.quality_values(report)
+    ppl = [f"{k.removeprefix('ppl:')} {v:.2f}" for k, (v, _, _) in quality.items() if k.startswith("ppl:")]
+    if ppl:
+        parts.append("ppl " + ", ".join(ppl))
+    acc = [f"{k.split(':')[0]} {v:.3f}" + (f"±{se:.3f}" if se is not None else "")
+           for k, (v, se, _) in quality.items() if k.endswith(":acc")]
+    if acc:
+        parts.append("acc " + ", ".join(acc))
+    return "ok" + (": " + " · ".join(parts) if parts else "")
 
 
 def figure_value(rec: Record | dict[str, Any], key: str) -> Any:
@@ -71,12 +102,41 @@ def figure_value(rec: Record | dict[str, Any], key: str) -> Any:
     return figures.value(d.get("report") if isinstance(d.get("report"), dict) else {}, key)
 
 
+def _quality_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The quality figures (``ppl:<dataset>``, ``<task>:<metric>``) any row has: perplexities first."""
+    fixed = {"cell_id", *(c[0] for c in columns())}
+    keys = {k for r in rows for k in r if k not in fixed and not k.endswith(STDERR)}
+    return sorted(keys, key=lambda k: (not k.startswith("ppl:"), k))
+
+
+def _quality_fmt(key: str) -> str:
+    return ".2f" if key.startswith("ppl:") else ".3f"
+
+
 def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """(key, header, format) of the fixed columns, then the quality columns any row has."""
+    """(key, header, format) of the fixed columns, then each quality figure and its standard error."""
     cols = columns()
-    fixed = {"cell_id", *(c[0] for c in cols)}
-    extra = sorted({k for r in rows for k in r if k not in fixed})
-    return cols + [(k, k, ".2f" if k.startswith("ppl:") else ".4g") for k in extra]
+    for k in _quality_keys(rows):
+        cols.append((k, k, _quality_fmt(k)))
+        if any(r.get(k + STDERR) is not None for r in rows):
+            cols.append((k + STDERR, k + STDERR, _quality_fmt(k)))
+    return cols
+
+
+def _quality_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Quality cells, one row each: perplexity per data set, then every task's metric as ``value ± stderr``,
+    one column per figure, so that a reader compares down a column."""
+    keys = _quality_keys(rows)
+    ident = [c for c in columns()[:len(IDENTITY)] if c[0] != "load"]
+    headers = [c[1] for c in ident] + [k.removeprefix("ppl:") + " ppl" if k.startswith("ppl:") else k for k in keys]
+    cells = []
+    for r in rows:
+        line = [_fmt(r.get(c[0]), c[2]) for c in ident]
+        for k in keys:
+            v, se = r.get(k), r.get(k + STDERR)
+            line.append(_fmt(v, _quality_fmt(k)) + (f" ± {_fmt(se, _quality_fmt(k))}" if v is not None and se is not None else ""))
+        cells.append(line)
+    return headers, cells
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -111,15 +171,25 @@ def format_rows(rows: list[dict[str, Any]], fmt: str = "table") -> str:
         writer.writeheader()
         writer.writerows({k: csv_safe(v) for k, v in r.items()} for r in rows)
         return buf.getvalue()
-    headers = [c[1] for c in cols]
-    cells = [[_fmt(r.get(c[0]), c[2]) for c in cols] for r in rows]
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in cells]
-        return "\n".join(lines)
-    if fmt != "table":
+    if fmt not in ("table", "markdown"):
         raise ValueError(f"unknown format {fmt!r}; allowed: table, csv, json, markdown")
-    return render_table(headers, cells)
+    # two tables: performance figures of the load cells, quality figures of the cells that have them
+    quality = [r for r in rows if any(k in r for k in _quality_keys([r]))]
+    perf = [r for r in rows if r not in quality or r.get("load") is not None]
+    render = _markdown if fmt == "markdown" else render_table
+    parts = []
+    if perf:
+        fixed = columns()
+        parts.append(render([c[1] for c in fixed], [[_fmt(r.get(c[0]), c[2]) for c in fixed] for r in perf]))
+    if quality:
+        parts.append(render(*_quality_table(quality)))
+    return "\n\n".join(parts)
+
+
+def _markdown(headers: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
 
 
 def render_table(headers: list[str], cells: list[list[str]]) -> str:

@@ -102,18 +102,51 @@ def test_quickstart_records(quickstart_run):
         assert lat["itl_ms"]["median"] == pytest.approx(1e3 * percentile(gaps, 50))
         assert lat["itl_ms"]["mean"] == pytest.approx(1e3 * sum(gaps) / len(gaps))
     # the end-of-run summary table
-    assert "S-MBU decode" in proc.stdout and "3 ok, 0 failed" in proc.stdout and "ppl:tiny-code" in proc.stdout
+    assert "S-MBU decode" in proc.stdout and "3 ok, 0 failed" in proc.stdout and "tiny-code ppl" in proc.stdout
+
+
+def test_run_prints_a_line_per_cell_and_files_library_output_in_cell_logs(quickstart_run):
+    """Issue 18: cells' output was interleaved with transformers' and lm-eval's progress bars, and a run
+    whose output was no terminal showed no progress. Each cell now prints one start line and one result
+    line; the libraries' output goes to the cell's cell.log artifact."""
+    out, proc = quickstart_run
+    lines = proc.stderr.splitlines()
+    starts = [line for line in lines if line.startswith("moecap: [") and line.endswith(" ...")]
+    results = [line for line in lines if line.startswith("moecap: [") and ": ok" in line]
+    assert [line.split("]")[0] for line in starts] == ["moecap: [1/3", "moecap: [2/3", "moecap: [3/3"], lines
+    assert len(results) == 3 and any("TTFT p50" in r for r in results) and any("ppl tiny-c " in r and "tiny-code" in r for r in results)
+    assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr[-2000:]
+    for cell, rec in records(out / "quickstart").items():
+        log = out / "quickstart" / rec["artifacts"]["cell_log"]
+        assert log.is_file() and "Loading weights" in log.read_text(), cell
+        assert "moecap-cell-end" not in log.read_text()
+
+
+def test_verbose_run_shows_library_output_too(tmp_path, tiny_moe_dir):
+    proc = moecap("--verbose", "run", "quickstart", "-o", str(tmp_path), *SMALL, "--set", "loads=[{batch_size: 1}]",
+                  check=0)
+    assert "Loading weights" in proc.stderr and "moecap: [1/2]" in proc.stderr
+    assert "moecap-cell-end" not in proc.stderr
 
 
 def test_report_shows_records(quickstart_run):
     out, _ = quickstart_run
     table = moecap("report", str(out), check=0).stdout
     assert "tiny-moe" in table and "bs=1" in table and "bs=4" in table and "TTFT p50 (ms)" in table
-    assert "ppl:tiny-prose" in table and "moecap_mc_code:acc" in table
+    # issue 18: the quality cell gets a table of its own: perplexity per data set, every task's metric
+    # with its standard error, one column each
+    perf_table, quality_table = table.split("\n\n")[:2]
+    assert "bs=1" in perf_table and "tiny-prose ppl" not in perf_table
+    header = quality_table.splitlines()[0]
+    for col in ("tiny-code ppl", "tiny-prose ppl", "tiny-c ppl", "moecap_mc_code:acc", "moecap_mc_prose:acc",
+                "moecap_mc_c:acc"):
+        assert col in header, header
+    assert quality_table.count(" ± ") >= 3
     rows = json.loads(moecap("report", str(out), "--format", "json", check=0).stdout)
     assert len(rows) == 3 and sum(r["s_mbu_decode"] is not None and 0 < r["s_mbu_decode"] <= 1 for r in rows) == 2
     assert sum(r.get("ppl:tiny-code") is not None for r in rows) == 1
-    assert moecap("report", str(out), "--format", "csv", check=0).stdout.startswith("cell_id,")
+    csv_text = moecap("report", str(out), "--format", "csv", check=0).stdout
+    assert csv_text.startswith("cell_id,") and "moecap_mc_code:acc stderr" in csv_text.splitlines()[0]
     assert moecap("report", str(out), "--format", "markdown", check=0).stdout.startswith("| model")
 
 

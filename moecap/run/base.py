@@ -57,6 +57,9 @@ class ExecutorOptions:
     """Ray: CPUs each cell reserves."""
     memory_gb: float | None = None
     """Ray: host memory each cell reserves, GB (1e9 B)."""
+    verbose: bool = False
+    """Local workers: their own output (libraries' progress bars and warnings) on the console as well;
+    it always goes to each cell's ``cell.log`` artifact."""
 
     def describe(self, kind: str) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": kind}

@@ -77,6 +77,7 @@ class Driver:
         self.outcomes: dict[str, CellOutcome] = {}
         self.claims: dict[str, Claim] = {}
         self.charges: dict[str, int] = {}
+        self._numbers: dict[str, int] = {}  # cell_id -> its place in this run's progress lines
         self._env: dict[str, Any] | None = None
 
     # -- claims
@@ -123,8 +124,36 @@ class Driver:
         if self.bar is not None:
             self.bar.set_postfix_str(text)
 
+    def say(self, text: str) -> None:
+        """A line of progress, printed around the progress bar when one is drawn."""
+        if self.bar is not None and not getattr(self.bar, "disable", True):
+            with self.bar.external_write_mode():
+                self.log(text)
+        else:
+            self.log(text)
+
+    def _position(self, cell: Cell) -> str:
+        total = self.bar.total if self.bar is not None and self.bar.total else len(self.cells)
+        if cell.cell_id not in self._numbers:
+            self._numbers[cell.cell_id] = len(self._numbers) + 1
+        return f"[{self._numbers[cell.cell_id]}/{total}]"
+
     def started(self, cell: Cell) -> None:
+        """One line per cell as it starts (also when the output is no terminal), and the bar's status."""
         self.status(cell.describe())
+        self.say(f"moecap: {self._position(cell)} {cell.describe()} ...")
+
+    def attach_log(self, result: CellResult, text: str) -> None:
+        """The worker's own output while it ran the cell (libraries' progress bars, warnings) as the
+        cell's ``cell.log`` artifact, with the runner's secrets scrubbed."""
+        if not text.strip():
+            return
+        from moecap.redact import scrub, secret_values
+
+        rec = result.record
+        rel = f"{rec.cell_id}/cell.log"
+        result.files[rel] = scrub(text, secret_values(rec.config))
+        rec.artifacts = {**rec.artifacts, "cell_log": rel}
 
     def spec(self, cells: list[Cell], unit: int | None = None) -> dict[str, Any]:
         return unit_spec(self.suite, cells, self.run_id, self.executor, unit=unit)
@@ -141,9 +170,12 @@ class Driver:
         claim = self.claims.pop(cell.cell_id, None)
         if claim is not None:
             claim.release()
+        from moecap.report import result_line
+
+        line = result_line(rec)
         if rec.status == "failed":
-            last = (rec.error or "").strip().splitlines()[-1:] or ["?"]
-            self.log(f"moecap: cell {cell.cell_id} FAILED: {last[0]}")
+            line = f"FAILED ({cell.cell_id}): {line.removeprefix('failed: ')}"
+        self.say(f"moecap: {self._position(cell)} {cell.describe()}: {line}")
         self._progress()
 
     def environment(self) -> dict[str, Any]:

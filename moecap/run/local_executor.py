@@ -26,6 +26,7 @@ import collections
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from moecap.run.base import ExecutorOptions
 from moecap.run.measure import CellResult
+from moecap.run.worker import CELL_END
 from moecap.run.signals import DeferredSignals
 from moecap.suite import Cell
 
@@ -59,10 +61,19 @@ def _describe_exit(rc: int | None) -> str:
     return f"exited with status {rc}"
 
 
-class _Worker:
-    """One worker subprocess: its events queue, its output tail, its process group."""
+CELL_LOG_CHARS = 4 << 20  # a cell's log artifact keeps at most the last 4 MiB of its worker's output
+_END_LINE = re.compile("\n?" + re.escape(CELL_END) + r"(?P<cell>[^\n]*)\n")
 
-    def __init__(self, python: str, spec: dict[str, Any]):
+
+class _Worker:
+    """One worker subprocess: its events queue, its output (echoed with ``echo``; kept per cell for its
+    ``cell.log``, and a tail for failures), its process group."""
+
+    def __init__(self, python: str, spec: dict[str, Any], echo: bool = False):
+        self.echo = echo
+        self._pending = ""  # output of the cell in flight (the last CELL_LOG_CHARS of it)
+        self._done: dict[str, str] = {}  # cell_id -> its output, once its end marker was read
+        self._cond = threading.Condition()
         rfd, wfd = os.pipe()
         try:
             self.proc = subprocess.Popen(
@@ -109,16 +120,42 @@ class _Worker:
             if not chunk:
                 return
             text = chunk.decode("utf-8", errors="replace")
-            try:
-                sys.stderr.write(text)
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass
+            if self.echo:
+                try:
+                    sys.stderr.write(_END_LINE.sub("", text))
+                    sys.stderr.flush()
+                except (OSError, ValueError):
+                    pass
+            self._file(text)
             with self._lock:
                 self._tail.append(text)
                 self._tail_len += len(text)
                 while self._tail_len - len(self._tail[0]) > TAIL_CHARS and len(self._tail) > 1:
                     self._tail_len -= len(self._tail.popleft())
+
+    def _file(self, text: str) -> None:
+        """Add output to the cell in flight; at a cell's end marker, file what came before as its log."""
+        with self._cond:
+            self._pending += text
+            while True:
+                m = _END_LINE.search(self._pending)
+                if m is None:
+                    break
+                self._done[m["cell"]] = self._pending[:m.start()][-CELL_LOG_CHARS:]
+                self._pending = self._pending[m.end():]
+                self._cond.notify_all()
+            if len(self._pending) > 2 * CELL_LOG_CHARS:
+                self._pending = self._pending[-CELL_LOG_CHARS:]
+
+    def take_log(self, cell_id: str, wait_s: float = 5.0) -> str:
+        """The worker's output for ``cell_id`` (its model's loading included, for the first cell): waits
+        until the reader reaches the cell's end marker, which the worker wrote before its result."""
+        with self._cond:
+            self._cond.wait_for(lambda: cell_id in self._done, timeout=wait_s)
+            if cell_id in self._done:
+                return self._done.pop(cell_id)
+            text, self._pending = self._pending, ""  # no marker (an old worker?): what there is
+            return text
 
     def join_events(self, timeout: float) -> None:
         self._ev_thread.join(timeout=timeout)
@@ -126,7 +163,7 @@ class _Worker:
     def tail(self) -> str:
         self._out_thread.join(timeout=2)
         with self._lock:
-            return "".join(self._tail)[-TAIL_CHARS:]
+            return _END_LINE.sub("", "".join(self._tail))[-TAIL_CHARS:]
 
     def signal_group(self, sig: int) -> None:
         try:
@@ -183,7 +220,7 @@ class LocalExecutor:
         deadline: float | None = None
         timed_out: str | None = None
         loaded = False
-        worker = _Worker(self.python, driver.spec(cells))
+        worker = _Worker(self.python, driver.spec(cells), echo=opts.verbose)
         driver.status(f"starting a worker for {cells[0].describe()}")
 
         def handle(ev: dict[str, Any]) -> None:
@@ -199,7 +236,9 @@ class LocalExecutor:
                 phase = ev["cell_id"]
                 driver.started(by_id[phase])
             elif kind == "result" and ev.get("cell_id") in by_id:
-                driver.deliver(by_id[ev["cell_id"]], CellResult.from_dict(ev))
+                result = CellResult.from_dict(ev)
+                driver.attach_log(result, worker.take_log(ev["cell_id"]))
+                driver.deliver(by_id[ev["cell_id"]], result)
                 finished.add(ev["cell_id"])
                 phase = None
             else:

@@ -3,7 +3,8 @@
 It reads a unit spec (JSON, :func:`moecap.run.unit_spec`) from standard input, measures the unit's
 cells with :func:`moecap.run.run_unit` and writes one JSON event per line to the pipe ``FD``
 (``loading``, ``loaded``, ``start``, ``result``, then ``done``). Its own standard output is sent to
-standard error, so that nothing a library prints can mix with the events.
+standard error, so that nothing a library prints can mix with the events; after each cell's output it
+writes a marker line (``CELL_END``) there, so that the driver can file that output as the cell's log.
 
 It runs in its own session (the driver kills its whole process group on a timeout or an interrupt);
 SIGTERM raises ``SystemExit`` so that the runner is closed and the servers it launched are stopped; and
@@ -22,6 +23,9 @@ import time
 from typing import Any
 
 PARENT_POLL_S = 0.5
+# written to the output stream after a cell's output, before its result event (the local executor splits
+# the worker's output into each cell's cell.log there); \x1e (record separator) never starts a log line
+CELL_END = "\x1emoecap-cell-end:"
 
 
 def _watch_parent(parent: int) -> None:
@@ -57,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.load(sys.stdin)
 
     def emit(event: dict[str, Any]) -> None:
+        if event.get("event") == "result":  # the cell's output ends here: mark it for the driver's cell.log
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.write(2, f"\n{CELL_END}{event.get('cell_id')}\n".encode())
         events.write(json.dumps(event, separators=(",", ":")) + "\n")
         events.flush()
 

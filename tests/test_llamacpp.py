@@ -68,7 +68,10 @@ def test_llamacpp_suite_records(llamacpp_run):
         util = rep["utilization"]
         assert util["basis"] == "estimated" and util["decode"]["estimated"] is True
         assert "uniform" in util["decode"]["expert_unions"] and util["prefill"]["available"] is False
-        assert 0 < util["decode"]["s_mbu"] < 1 and 0 < util["decode"]["s_mfu"] < 1
+        # S-MBU is against the calibrated DRAM bandwidth, and the test profile's weights (a few MB) stay in
+        # the CPU's cache, which streams faster: above 1 is possible here (it was 1.27 once in CI), so only
+        # the sign and the order of magnitude are checked
+        assert 0 < util["decode"]["s_mbu"] < 20 and 0 < util["decode"]["s_mfu"] < 1
         assert util["peak"]["kind"] == "calibrated" and util["weight_bytes_per_param"] == 4.0
         if kind == "llama-cpp-python" or load["kind"] == "concurrency" and load["concurrency"] == 1:
             # one request decoding at a time: batch 1, top-2 of 8 experts per layer

@@ -53,7 +53,7 @@ def test_quickstart_records(quickstart_run):
         # trained: far below a uniform guess over the vocabulary
         assert 1 < res["perplexity"] < vocab / 4 and res["windows"] == 16 and res["context_length"] == 256
     lm = qrec["report"]["quality"]["lm_eval"]["tasks"]
-    assert set(lm) == {"moecap_mc_code", "moecap_mc_prose", "moecap_mc_c"}
+    assert set(lm) == {"moecap_real_code", "moecap_real_prose", "moecap_real_c"}
     for res in lm.values():
         assert res["n_samples"]["effective"] == 20 and 0 <= res["metrics"]["acc"]["value"] <= 1
     perf = {k: v for k, v in recs.items() if k not in quality}
@@ -138,15 +138,15 @@ def test_report_shows_records(quickstart_run):
     perf_table, quality_table = table.split("\n\n")[:2]
     assert "bs=1" in perf_table and "tiny-prose ppl" not in perf_table
     header = quality_table.splitlines()[0]
-    for col in ("tiny-code ppl", "tiny-prose ppl", "tiny-c ppl", "moecap_mc_code:acc", "moecap_mc_prose:acc",
-                "moecap_mc_c:acc"):
+    for col in ("tiny-code ppl", "tiny-prose ppl", "tiny-c ppl", "moecap_real_code:acc", "moecap_real_prose:acc",
+                "moecap_real_c:acc"):
         assert col in header, header
     assert quality_table.count(" ± ") >= 3
     rows = json.loads(moecap("report", str(out), "--format", "json", check=0).stdout)
     assert len(rows) == 3 and sum(r["s_mbu_decode"] is not None and 0 < r["s_mbu_decode"] <= 1 for r in rows) == 2
     assert sum(r.get("ppl:tiny-code") is not None for r in rows) == 1
     csv_text = moecap("report", str(out), "--format", "csv", check=0).stdout
-    assert csv_text.startswith("cell_id,") and "moecap_mc_code:acc stderr" in csv_text.splitlines()[0]
+    assert csv_text.startswith("cell_id,") and "moecap_real_code:acc stderr" in csv_text.splitlines()[0]
     assert moecap("report", str(out), "--format", "markdown", check=0).stdout.startswith("| model")
 
 

@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 pytest.importorskip("lm_eval")
 
 from moecap.corpus import DOMAINS  # noqa: E402
+from moecap.quality.tasks import TASKS_VERSION  # noqa: E402
 
 ROLLING, MC = "moecap_rolling_prose", "moecap_mc_code"
 LIMIT = 8
@@ -160,7 +161,7 @@ def test_record_is_json_and_labels_word_perplexity(zero_shot):
     rolling, mc = res["tasks"][ROLLING], res["tasks"][MC]
     for rec in (rolling, mc):
         assert rec["lm_eval_version"] == lm_eval.__version__
-        assert rec["task_version"] == 1.0 and rec["num_fewshot"] == 0
+        assert rec["task_version"] == float(TASKS_VERSION) and rec["num_fewshot"] == 0
         assert rec["n_samples"]["effective"] == min(LIMIT, rec["n_samples"]["original"])
     assert mc["n_samples"] == {"original": 50, "effective": LIMIT}
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
@@ -232,7 +233,7 @@ def test_offline_tasks_deterministic_and_complete(tmp_path):
 
     a, b = tmp_path / "a", tmp_path / "b"
     names = write_offline_tasks(a, n_mc=30, seed=3)
-    assert sorted(names) == sorted(f"moecap_{kind}_{d}" for kind in ("rolling", "mc") for d in DOMAINS)
+    assert sorted(names) == sorted(f"moecap_{kind}_{d}" for kind in ("rolling", "mc", "real") for d in DOMAINS)
     first = _files(a)
     assert write_offline_tasks(a, n_mc=30, seed=3) == names and _files(a) == first  # same seed: same bytes
     write_offline_tasks(b, n_mc=30, seed=3)
@@ -262,12 +263,29 @@ def test_offline_tasks_deterministic_and_complete(tmp_path):
             assert it["choices"][it["label"]] == lines[it["line"]]  # the true next line
             assert it["context"].endswith(lines[it["line"] - 1] + "\n")  # ... right after the context
 
+        real = yaml.safe_load((a / f"moecap_real_{domain}.yaml").read_text())
+        assert real["output_type"] == "multiple_choice" and real["fewshot_split"] == "validation"
+        items = [json.loads(x) for x in (a / f"data/moecap_real_{domain}.test.jsonl").read_text().splitlines()]
+        assert len(items) == 30
+        foreign = {ln for other in DOMAINS if other != domain for d in held_out_documents(other, "test")
+                   for ln in d.split("\n")}
+        for it in items:
+            assert sorted(it["kinds"]) == ["foreign", "reversed", "shuffled", "true"]
+            assert len({c.strip() for c in it["choices"]}) == 4
+            true = docs[it["doc"]].split("\n")[it["line"]]
+            by_kind = dict(zip(it["kinds"], it["choices"]))
+            assert it["choices"][it["label"]] == by_kind["true"] == true
+            assert sorted(by_kind["shuffled"].split()) == sorted(true.split())  # the same words, reordered
+            assert by_kind["reversed"].split() == [w[::-1] if len(w) >= 3 else w for w in true.split()]
+            assert by_kind["foreign"] in foreign  # a held-out line of another domain
+
 
 def test_tasks_load_offline_through_datasets(tasks_dir):
     from lm_eval.tasks import TaskManager
 
-    loaded = TaskManager(include_path=str(tasks_dir), include_defaults=False).load(["moecap_mc", "moecap_rolling"])
-    assert sorted(loaded["tasks"]) == sorted(f"moecap_{k}_{d}" for k in ("mc", "rolling") for d in DOMAINS)
+    loaded = TaskManager(include_path=str(tasks_dir), include_defaults=False).load(
+        ["moecap_mc", "moecap_rolling", "moecap_real"])
+    assert sorted(loaded["tasks"]) == sorted(f"moecap_{k}_{d}" for k in ("mc", "rolling", "real") for d in DOMAINS)
     mc = loaded["tasks"]["moecap_mc_prose"]
     assert len(mc.test_docs()) == 50 and len(mc.fewshot_docs()) > 0
     assert (tasks_dir / "datasets-cache").is_dir()  # datasets' cache stays with the tasks

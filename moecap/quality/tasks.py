@@ -9,7 +9,14 @@ Per corpus domain (``moecap.corpus``: ``code``, ``prose``, ``c``) two tasks:
 - ``moecap_mc_<domain>``: ``multiple_choice`` with 4 choices: after a few lines of a held-out
   document, which line comes next: the true one, or one of 3 lines drawn (seeded) from other held-out
   documents of the same domain; metrics ``acc`` and ``acc_norm``. Test items come from the test
-  split, few-shot examples (``fewshot_split: validation``) from the validation split.
+  split, few-shot examples (``fewshot_split: validation``) from the validation split. Hard: a model
+  must know the document, which the embedded tiny-moe does not (it scores near chance, 0.25).
+- ``moecap_real_<domain>``: ``multiple_choice`` with 4 choices after the same kind of context: the true
+  next line, or a corruption of it that a small model of the domain can tell apart: its words in a
+  shuffled order, its words spelled backwards, or a line of similar length from *another* domain. It
+  asks whether the model knows what text of the domain looks like, so it discriminates small models
+  (tiny-moe scores well above chance) and shows their damage (quantized or merged experts score lower).
+  Same splits and metrics as ``moecap_mc``.
 
 Files: ``<out_dir>/<task>.yaml`` and ``<out_dir>/data/<task>.<split>.jsonl``; the YAMLs read the
 JSONL through ``datasets``' packaged ``json`` builder (``dataset_path: json`` with absolute
@@ -20,6 +27,7 @@ byte-identical files.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import json
 import random
@@ -28,7 +36,7 @@ from typing import Any
 
 from moecap.corpus import DOMAINS
 
-TASKS_VERSION = 1
+TASKS_VERSION = 2
 N_CHOICES = 4
 CONTEXT_LINES = 6  # lines of the document before the line to predict
 MIN_LINE_CHARS = 12  # a candidate line (true or distractor), stripped, is at least this long ...
@@ -99,6 +107,71 @@ def mc_items(docs: list[str], n: int, rng: random.Random) -> list[dict[str, Any]
     return items
 
 
+def _shuffle_words(line: str, rng: random.Random) -> str | None:
+    """``line`` with its whitespace-separated words in another order (indentation kept), or None."""
+    indent = line[: len(line) - len(line.lstrip())]
+    words = line.split()
+    if len(set(words)) < 3:
+        return None
+    for _ in range(10):
+        out = words[:]
+        rng.shuffle(out)
+        if out != words:
+            return indent + " ".join(out)
+    return None
+
+
+def _reverse_words(line: str) -> str | None:
+    """``line`` with every word of three or more characters spelled backwards, or None if none is."""
+    indent = line[: len(line) - len(line.lstrip())]
+    words = line.split()
+    out = [w[::-1] if len(w) >= 3 else w for w in words]
+    return indent + " ".join(out) if out != words else None
+
+
+def real_items(docs: list[str], foreign: list[str], n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Up to ``n`` items: after ``CONTEXT_LINES`` lines of a document of ``docs``, the true next line among
+    its word-shuffled and word-reversed corruptions and a line of ``foreign`` (other domains' held-out
+    lines) of similar length."""
+    lines = [doc.split("\n") for doc in docs]
+    foreign = [ln for ln in foreign if _candidate(ln)]
+    if not foreign:
+        raise ValueError("real-text items need candidate lines from another domain")
+    by_len = sorted(foreign, key=len)
+    lengths = [len(x) for x in by_len]
+    positions = [
+        (d, i)
+        for d, doc_lines in enumerate(lines)
+        for i in range(CONTEXT_LINES, len(doc_lines))
+        if _candidate(doc_lines[i]) and any(ln.strip() for ln in doc_lines[i - CONTEXT_LINES : i])
+    ]
+    rng.shuffle(positions)
+    items: list[dict[str, Any]] = []
+    for d, i in positions:
+        if len(items) >= n:
+            break
+        true = lines[d][i]
+        shuffled, reversed_ = _shuffle_words(true, rng), _reverse_words(true)
+        if shuffled is None or reversed_ is None:
+            continue
+        # a foreign line of about the true line's length (so that acc, unnormalised, is not about length)
+        k = bisect.bisect_left(lengths, len(true))
+        near = by_len[max(0, k - 5) : k + 5]
+        other = near[rng.randrange(len(near))]
+        choices = [true, shuffled, reversed_, other]
+        if len({c.strip() for c in choices}) < N_CHOICES:
+            continue
+        context = "\n".join(lines[d][i - CONTEXT_LINES : i]) + "\n"
+        if len(context) > MAX_CONTEXT_CHARS:
+            context = context[-MAX_CONTEXT_CHARS:]
+        order = list(range(N_CHOICES))
+        rng.shuffle(order)
+        choices = [choices[j] for j in order]
+        items.append({"context": context, "choices": choices, "label": order.index(0), "doc": d, "line": i,
+                      "kinds": [("true", "shuffled", "reversed", "foreign")[j] for j in order]})
+    return items
+
+
 def _write(path: Path, text: str) -> None:
     from moecap.paths import atomic_write_text
 
@@ -156,42 +229,52 @@ def write_offline_tasks(
         }))
         names.append(name)
 
-        name = f"moecap_mc_{domain}"
-        rng = random.Random(f"moecap-mc/{domain}/{seed}")
-        files = {
-            "test": (data / f"{name}.test.jsonl", mc_items(test_docs, n_mc, rng)),
-            "validation": (
-                data / f"{name}.validation.jsonl",
-                mc_items(held_out_documents(domain, "validation"), min(n_mc, N_FEWSHOT_POOL), rng),
-            ),
-        }
-        for path, items in files.values():
-            _write(path, _jsonl(items))
-        _write(out_dir / f"{name}.yaml", _yaml({
-            "task": name,
-            "tag": ["moecap_mc"],
-            "dataset_path": "json",
-            "dataset_kwargs": {
-                "data_files": {split: str(path) for split, (path, _) in files.items()},
-                "cache_dir": cache,
-            },
-            "test_split": "test",
-            "validation_split": "validation",
-            "fewshot_split": "validation",
-            "output_type": "multiple_choice",
-            "doc_to_text": "context",
-            "doc_to_choice": "choices",
-            "doc_to_target": "label",
-            "target_delimiter": "",
-            "fewshot_delimiter": "\n\n",
-            "metric_list": [
-                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-            ],
-            "metadata": {**meta, "n_choices": N_CHOICES, "context_lines": CONTEXT_LINES,
-                         "note": "pick the true next line of a held-out document among 4"},
-        }))
-        names.append(name)
+        for kind in ("mc", "real"):
+            name = f"moecap_{kind}_{domain}"
+            rng = random.Random(f"moecap-{kind}/{domain}/{seed}")
+            if kind == "mc":
+                def make(docs: list[str], split: str, k: int) -> list[dict[str, Any]]:
+                    return mc_items(docs, k, rng)
+                note = "pick the true next line of a held-out document among 4 (3 from other documents)"
+            else:
+                def make(docs: list[str], split: str, k: int) -> list[dict[str, Any]]:
+                    foreign = [ln for other in DOMAINS if other != domain
+                               for doc in held_out_documents(other, split) for ln in doc.split("\n")]
+                    return real_items(docs, foreign, k, rng)
+                note = ("pick the true next line among it with its words shuffled, it with its words spelled "
+                        "backwards, and a line of another domain")
+            files = {
+                "test": (data / f"{name}.test.jsonl", make(test_docs, "test", n_mc)),
+                "validation": (data / f"{name}.validation.jsonl",
+                               make(held_out_documents(domain, "validation"), "validation",
+                                    min(n_mc, N_FEWSHOT_POOL))),
+            }
+            for path, items in files.values():
+                _write(path, _jsonl(items))
+            _write(out_dir / f"{name}.yaml", _yaml({
+                "task": name,
+                "tag": [f"moecap_{kind}"],
+                "dataset_path": "json",
+                "dataset_kwargs": {
+                    "data_files": {split: str(path) for split, (path, _) in files.items()},
+                    "cache_dir": cache,
+                },
+                "test_split": "test",
+                "validation_split": "validation",
+                "fewshot_split": "validation",
+                "output_type": "multiple_choice",
+                "doc_to_text": "context",
+                "doc_to_choice": "choices",
+                "doc_to_target": "label",
+                "target_delimiter": "",
+                "fewshot_delimiter": "\n\n",
+                "metric_list": [
+                    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+                ],
+                "metadata": {**meta, "n_choices": N_CHOICES, "context_lines": CONTEXT_LINES, "note": note},
+            }))
+            names.append(name)
     return names
 
 
@@ -208,7 +291,7 @@ def offline_tasks_dir() -> Path:
 
 def offline_task_names() -> list[str]:
     """The names of moecap's offline tasks, without writing them."""
-    return [f"moecap_{kind}_{d}" for d in DOMAINS for kind in ("rolling", "mc")]
+    return [f"moecap_{kind}_{d}" for d in DOMAINS for kind in ("rolling", "mc", "real")]
 
 
 class UnknownTaskError(KeyError):

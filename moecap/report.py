@@ -76,7 +76,7 @@ def result_line(rec: Record) -> str:
     report = rec.report if isinstance(rec.report, dict) else {}
     if rec.status != "ok":
         last = (rec.error or "").strip().splitlines()[-1:] or ["?"]
-        return f"{rec.status}: {last[0]}"
+        return f"{rec.status.upper()}: {last[0]}"
     parts = []
     for key, label, unit, fmt in (("ttft_ms_p50", "TTFT p50", " ms", ".1f"), ("tpot_ms_p50", "TPOT p50", " ms", ".2f"),
                                   ("output_tokens_per_s", "out", " tok/s", ".1f"), ("s_mbu_decode", "S-MBU decode", "", ".3f")):
@@ -102,9 +102,10 @@ def figure_value(rec: Record | dict[str, Any], key: str) -> Any:
     return figures.value(d.get("report") if isinstance(d.get("report"), dict) else {}, key)
 
 
-def _quality_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """The quality figures (``ppl:<dataset>``, ``<task>:<metric>``) any row has: perplexities first."""
-    fixed = {"cell_id", *(c[0] for c in columns())}
+def _quality_keys(rows: list[dict[str, Any]], fixed: set[str] | None = None) -> list[str]:
+    """The quality figures (``ppl:<dataset>``, ``<task>:<metric>``) any row has: perplexities first.
+    ``fixed``: the keys that are no quality figure (default: the identity and the table's figures)."""
+    fixed = fixed if fixed is not None else {"cell_id", *(c[0] for c in columns())}
     keys = {k for r in rows for k in r if k not in fixed and not k.endswith(STDERR)}
     return sorted(keys, key=lambda k: (not k.startswith("ppl:"), k))
 
@@ -174,12 +175,14 @@ def format_rows(rows: list[dict[str, Any]], fmt: str = "table") -> str:
     if fmt not in ("table", "markdown"):
         raise ValueError(f"unknown format {fmt!r}; allowed: table, csv, json, markdown")
     # two tables: performance figures of the load cells, quality figures of the cells that have them
-    quality = [r for r in rows if any(k in r for k in _quality_keys([r]))]
-    perf = [r for r in rows if r not in quality or r.get("load") is not None]
+    fixed = columns()
+    keys = {"cell_id", *(c[0] for c in fixed)}
+    has_quality = [bool(_quality_keys([r], keys)) for r in rows]
+    perf = [r for r, q in zip(rows, has_quality) if not q or r.get("load") is not None]
+    quality = [r for r, q in zip(rows, has_quality) if q]
     render = _markdown if fmt == "markdown" else render_table
     parts = []
     if perf:
-        fixed = columns()
         parts.append(render([c[1] for c in fixed], [[_fmt(r.get(c[0]), c[2]) for c in fixed] for r in perf]))
     if quality:
         parts.append(render(*_quality_table(quality)))

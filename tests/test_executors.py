@@ -342,3 +342,26 @@ def test_ray_actors_per_group_timeout_and_unschedulable(tmp_path, ray_address):
     rec = records(tmp_path)[9]
     assert rec["failure"]["kind"] == "unschedulable"
     assert "GPU=1" in rec["error"] and "accelerator_type:H100" in rec["error"] and "CPU=2" in rec["error"]
+
+
+def test_worker_output_is_filed_per_cell_even_when_a_marker_is_split_across_reads():
+    """The local executor files a worker's output as each cell's cell.log, cut at the marker line the
+    worker writes before each result; pipe reads may cut anywhere, a marker included."""
+    import sys
+
+    import subprocess
+
+    from moecap.run.local_executor import _CellLogs
+    from moecap.run.worker import CELL_END
+
+    script = ("import os, sys\n"
+              "sys.stderr.write('Loading weights: 10%\\rLoading weights: 100%\\nwarning x\\n'); sys.stderr.flush()\n"
+              f"os.write(2, b'\\n{CELL_END}A\\n')\n"
+              "sys.stderr.write('cell B output\\n'); sys.stderr.flush()\n"
+              f"os.write(2, b'\\n{CELL_END}B\\n')\n")
+    logs = _CellLogs()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60).stderr.decode()
+    for i in range(0, len(out), 7):  # reads of 7 characters: every marker is cut
+        logs.feed(out[i:i + 7])
+    assert logs.take("A", 1) == "Loading weights: 10%\rLoading weights: 100%\nwarning x\n\n"
+    assert logs.take("B", 1) == "cell B output\n\n"

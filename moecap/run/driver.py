@@ -172,10 +172,8 @@ class Driver:
             claim.release()
         from moecap.report import result_line
 
-        line = result_line(rec)
-        if rec.status == "failed":
-            line = f"FAILED ({cell.cell_id}): {line.removeprefix('failed: ')}"
-        self.say(f"moecap: {self._position(cell)} {cell.describe()}: {line}")
+        where = f" ({cell.cell_id})" if rec.status != "ok" else ""  # a failed cell: where its record is
+        self.say(f"moecap: {self._position(cell)} {cell.describe()}{where}: {result_line(rec)}")
         self._progress()
 
     def environment(self) -> dict[str, Any]:

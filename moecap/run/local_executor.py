@@ -62,7 +62,52 @@ def _describe_exit(rc: int | None) -> str:
 
 
 CELL_LOG_CHARS = 4 << 20  # a cell's log artifact keeps at most the last 4 MiB of its worker's output
-_END_LINE = re.compile("\n?" + re.escape(CELL_END) + r"(?P<cell>[^\n]*)\n")
+_END_LINE = re.compile("\n?" + re.escape(CELL_END) + r"[^\n]*\n?")  # removed from echoed output
+
+
+class _CellLogs:
+    """A worker's output, filed per cell: lines accumulate for the cell in flight until the marker line
+    the worker writes before the cell's result (``moecap.run.worker.CELL_END``); reads may cut anywhere."""
+
+    def __init__(self) -> None:
+        self._lines: collections.deque[str] = collections.deque()  # the cell in flight's output lines ...
+        self._size = 0  # ... their characters (at most about CELL_LOG_CHARS: the oldest go)
+        self._partial = ""  # the line being written
+        self._done: dict[str, str] = {}  # cell_id -> its output, once its end marker was read
+        self._cond = threading.Condition()
+
+    def feed(self, text: str) -> None:
+        """Add output to the cell in flight, line by line; at a cell's end marker line, file what came
+        before it as that cell's log."""
+        with self._cond:
+            lines = (self._partial + text).split("\n")
+            self._partial = lines.pop()  # the line still being written (a progress bar's \r updates)
+            if len(self._partial) > CELL_LOG_CHARS:  # no marker starts it: it is output
+                lines.append(self._partial)
+                self._partial = ""
+            for line in lines:
+                if line.startswith(CELL_END):
+                    self._done[line[len(CELL_END):]] = "".join(self._lines)
+                    self._lines.clear()
+                    self._size = 0
+                    self._cond.notify_all()
+                    continue
+                self._lines.append(line + "\n")
+                self._size += len(line) + 1
+                while self._size > CELL_LOG_CHARS and len(self._lines) > 1:
+                    self._size -= len(self._lines.popleft())
+
+    def take(self, cell_id: str, wait_s: float = 5.0) -> str:
+        """The worker's output for ``cell_id`` (its model's loading included, for the first cell): waits
+        until the reader reaches the cell's end marker, which the worker wrote before its result."""
+        with self._cond:
+            self._cond.wait_for(lambda: cell_id in self._done, timeout=wait_s)
+            if cell_id in self._done:
+                return self._done.pop(cell_id)
+            text = "".join(self._lines) + self._partial  # no marker (an old worker?): what there is
+            self._lines.clear()
+            self._size, self._partial = 0, ""
+            return text
 
 
 class _Worker:
@@ -71,9 +116,7 @@ class _Worker:
 
     def __init__(self, python: str, spec: dict[str, Any], echo: bool = False):
         self.echo = echo
-        self._pending = ""  # output of the cell in flight (the last CELL_LOG_CHARS of it)
-        self._done: dict[str, str] = {}  # cell_id -> its output, once its end marker was read
-        self._cond = threading.Condition()
+        self.logs = _CellLogs()
         rfd, wfd = os.pipe()
         try:
             self.proc = subprocess.Popen(
@@ -126,36 +169,15 @@ class _Worker:
                     sys.stderr.flush()
                 except (OSError, ValueError):
                     pass
-            self._file(text)
+            self.logs.feed(text)
             with self._lock:
                 self._tail.append(text)
                 self._tail_len += len(text)
                 while self._tail_len - len(self._tail[0]) > TAIL_CHARS and len(self._tail) > 1:
                     self._tail_len -= len(self._tail.popleft())
 
-    def _file(self, text: str) -> None:
-        """Add output to the cell in flight; at a cell's end marker, file what came before as its log."""
-        with self._cond:
-            self._pending += text
-            while True:
-                m = _END_LINE.search(self._pending)
-                if m is None:
-                    break
-                self._done[m["cell"]] = self._pending[:m.start()][-CELL_LOG_CHARS:]
-                self._pending = self._pending[m.end():]
-                self._cond.notify_all()
-            if len(self._pending) > 2 * CELL_LOG_CHARS:
-                self._pending = self._pending[-CELL_LOG_CHARS:]
-
     def take_log(self, cell_id: str, wait_s: float = 5.0) -> str:
-        """The worker's output for ``cell_id`` (its model's loading included, for the first cell): waits
-        until the reader reaches the cell's end marker, which the worker wrote before its result."""
-        with self._cond:
-            self._cond.wait_for(lambda: cell_id in self._done, timeout=wait_s)
-            if cell_id in self._done:
-                return self._done.pop(cell_id)
-            text, self._pending = self._pending, ""  # no marker (an old worker?): what there is
-            return text
+        return self.logs.take(cell_id, wait_s)
 
     def join_events(self, timeout: float) -> None:
         self._ev_thread.join(timeout=timeout)

@@ -66,6 +66,24 @@ def _candidate(line: str) -> bool:
     return MIN_LINE_CHARS <= len(s) and len(line) <= MAX_LINE_CHARS and any(c.isalnum() for c in s)
 
 
+def _positions(lines: list[list[str]], rng: random.Random) -> list[tuple[int, int]]:
+    """(document, line) of every line that can be asked for (a candidate after some context), shuffled."""
+    positions = [
+        (d, i)
+        for d, doc_lines in enumerate(lines)
+        for i in range(CONTEXT_LINES, len(doc_lines))
+        if _candidate(doc_lines[i]) and any(ln.strip() for ln in doc_lines[i - CONTEXT_LINES : i])
+    ]
+    rng.shuffle(positions)
+    return positions
+
+
+def _context(doc_lines: list[str], i: int) -> str:
+    """The ``CONTEXT_LINES`` lines before line ``i``, at most ``MAX_CONTEXT_CHARS`` (their end)."""
+    context = "\n".join(doc_lines[i - CONTEXT_LINES : i]) + "\n"
+    return context[-MAX_CONTEXT_CHARS:] if len(context) > MAX_CONTEXT_CHARS else context
+
+
 def mc_items(docs: list[str], n: int, rng: random.Random) -> list[dict[str, Any]]:
     """Up to ``n`` next-line items from ``docs`` (fewer when the documents have fewer candidates).
 
@@ -75,21 +93,13 @@ def mc_items(docs: list[str], n: int, rng: random.Random) -> list[dict[str, Any]
     pool = [(d, ln) for d, doc_lines in enumerate(lines) for ln in doc_lines if _candidate(ln)]
     if len({d for d, _ in pool}) < 2:
         raise ValueError("multiple-choice items need at least two held-out documents with candidate lines")
-    positions = [
-        (d, i)
-        for d, doc_lines in enumerate(lines)
-        for i in range(CONTEXT_LINES, len(doc_lines))
-        if _candidate(doc_lines[i]) and any(ln.strip() for ln in doc_lines[i - CONTEXT_LINES : i])
-    ]
-    rng.shuffle(positions)
+    positions = _positions(lines, rng)
     items: list[dict[str, Any]] = []
     for d, i in positions:
         if len(items) >= n:
             break
         true = lines[d][i]
-        context = "\n".join(lines[d][i - CONTEXT_LINES : i]) + "\n"
-        if len(context) > MAX_CONTEXT_CHARS:
-            context = context[-MAX_CONTEXT_CHARS:]
+        context = _context(lines[d], i)
         seen = {true.strip()}
         distractors: list[str] = []
         for _ in range(100 * N_CHOICES):
@@ -139,13 +149,7 @@ def real_items(docs: list[str], foreign: list[str], n: int, rng: random.Random) 
         raise ValueError("real-text items need candidate lines from another domain")
     by_len = sorted(foreign, key=len)
     lengths = [len(x) for x in by_len]
-    positions = [
-        (d, i)
-        for d, doc_lines in enumerate(lines)
-        for i in range(CONTEXT_LINES, len(doc_lines))
-        if _candidate(doc_lines[i]) and any(ln.strip() for ln in doc_lines[i - CONTEXT_LINES : i])
-    ]
-    rng.shuffle(positions)
+    positions = _positions(lines, rng)
     items: list[dict[str, Any]] = []
     for d, i in positions:
         if len(items) >= n:
@@ -161,9 +165,7 @@ def real_items(docs: list[str], foreign: list[str], n: int, rng: random.Random) 
         choices = [true, shuffled, reversed_, other]
         if len({c.strip() for c in choices}) < N_CHOICES:
             continue
-        context = "\n".join(lines[d][i - CONTEXT_LINES : i]) + "\n"
-        if len(context) > MAX_CONTEXT_CHARS:
-            context = context[-MAX_CONTEXT_CHARS:]
+        context = _context(lines[d], i)
         order = list(range(N_CHOICES))
         rng.shuffle(order)
         choices = [choices[j] for j in order]

@@ -309,3 +309,24 @@ def test_publish_and_leaderboard_commands(quickstart_run, tmp_path):
     with running_server(cmd, url, deadline_s=120, env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")):
         page = urllib.request.urlopen(url, timeout=10).read().decode()
         assert "gradio" in page.lower()
+
+
+@pytest.mark.slow
+def test_first_run_shows_training_progress_on_the_console(tmp_path):
+    """Issue 18: on a first run tiny-moe is trained inside the cell's worker; its progress (step, loss,
+    time left) reaches the console, not only the cell's log, while the libraries' bars stay out."""
+    import yaml
+
+    suite = {"name": "first", "models": [{"id": "tiny-moe"}], "runners": [{"type": "hf"}],
+             "workloads": [{"name": "w", "input_tokens": 16, "output_tokens": 4, "num_prompts": 2}],
+             "loads": [{"batch_size": 1}], "hardware": {"device": "cpu", "calibrate": "never",
+                                                        "peaks": {"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0}}},
+             "output": {"dir": str(tmp_path / "results")}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
+    env = {**os.environ, "MOECAP_CACHE_DIR": str(tmp_path / "empty-cache"), "MOECAP_TINY_MOE_PROFILE": "test"}
+    proc = subprocess.run([sys.executable, "-m", "moecap", "run", str(tmp_path / "s.yaml")], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "moecap: building tiny-moe" in err and "moecap zoo: tiny-moe base step 150/150, loss" in err, err[-3000:]
+    assert "Loading weights" not in err and "it/s]" not in err

@@ -359,9 +359,24 @@ def test_worker_output_is_filed_per_cell_even_when_a_marker_is_split_across_read
               f"os.write(2, b'\\n{CELL_END}A\\n')\n"
               "sys.stderr.write('cell B output\\n'); sys.stderr.flush()\n"
               f"os.write(2, b'\\n{CELL_END}B\\n')\n")
-    logs = _CellLogs()
+    seen: list[str] = []
+    logs = _CellLogs(on_line=seen.append)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60).stderr.decode()
     for i in range(0, len(out), 7):  # reads of 7 characters: every marker is cut
         logs.feed(out[i:i + 7])
     assert logs.take("A", 1) == "Loading weights: 10%\rLoading weights: 100%\nwarning x\n\n"
     assert logs.take("B", 1) == "cell B output\n\n"
+    assert seen == ["Loading weights: 10%\rLoading weights: 100%", "warning x", "", "cell B output", ""]
+
+
+def test_moecap_progress_from_a_worker_reaches_the_console(capsys):
+    """Issue 18: with the workers' output filed in cell logs, the first run's tiny-moe training progress
+    (printed inside the worker that loads the model) must still reach the console."""
+    from moecap.run.local_executor import _echo_own_line
+
+    for line in ("moecap zoo: tiny-moe base step 70/700, loss 6.569, 20 s elapsed, ~2.9 min left",
+                 "Loading weights: 100%", "moecap: building tiny-moe (base) ...", "UserWarning: x"):
+        _echo_own_line(line)
+    assert capsys.readouterr().err.splitlines() == [
+        "moecap zoo: tiny-moe base step 70/700, loss 6.569, 20 s elapsed, ~2.9 min left",
+        "moecap: building tiny-moe (base) ..."]

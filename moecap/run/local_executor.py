@@ -65,11 +65,23 @@ CELL_LOG_CHARS = 4 << 20  # a cell's log artifact keeps at most the last 4 MiB o
 _END_LINE = re.compile("\n?" + re.escape(CELL_END) + r"[^\n]*\n?")  # removed from echoed output
 
 
+def _echo_own_line(line: str) -> None:
+    """A worker's output line that is moecap's own progress (``moecap zoo: ...``, ``moecap: building ...``)
+    goes to the console too; the libraries' bars and warnings stay in the cell's log."""
+    if line.startswith("moecap"):
+        try:
+            sys.stderr.write(line.rsplit("\r", 1)[-1] + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
 class _CellLogs:
     """A worker's output, filed per cell: lines accumulate for the cell in flight until the marker line
     the worker writes before the cell's result (``moecap.run.worker.CELL_END``); reads may cut anywhere."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_line: Any = None) -> None:
+        self.on_line = on_line  # called with every complete output line (not the markers)
         self._lines: collections.deque[str] = collections.deque()  # the cell in flight's output lines ...
         self._size = 0  # ... their characters (at most about CELL_LOG_CHARS: the oldest go)
         self._partial = ""  # the line being written
@@ -92,6 +104,8 @@ class _CellLogs:
                     self._size = 0
                     self._cond.notify_all()
                     continue
+                if self.on_line is not None:
+                    self.on_line(line)
                 self._lines.append(line + "\n")
                 self._size += len(line) + 1
                 while self._size > CELL_LOG_CHARS and len(self._lines) > 1:
@@ -116,7 +130,8 @@ class _Worker:
 
     def __init__(self, python: str, spec: dict[str, Any], echo: bool = False):
         self.echo = echo
-        self.logs = _CellLogs()
+        # moecap's own lines (building tiny-moe, its training progress) reach the console without --verbose
+        self.logs = _CellLogs(on_line=None if echo else _echo_own_line)
         rfd, wfd = os.pipe()
         try:
             self.proc = subprocess.Popen(

@@ -70,6 +70,8 @@ class LlamaCppRunner(ServedRunner):
             raise FileNotFoundError(
                 "runner llamacpp: args.server is llama-server but none was found: set args.server_binary or "
                 "$MOECAP_LLAMA_SERVER, put llama-server on PATH, or build one with `moecap llamacpp build`")
+        print("moecap: llamacpp: no llama-server found (moecap llamacpp build makes one); serving through "
+              "llama-cpp-python, one request at a time (records say serialised)", file=sys.stderr, flush=True)
         return "llama-cpp-python"
 
     @property

@@ -221,8 +221,6 @@ def test_backend_registry_and_options():
 def test_moecap_serve_runner_and_the_api_key(tmp_path, tiny_moe_dir, monkeypatch, runner_key):
     """A key in the user's shell (MOECAP_API_KEY) must not lock the server the runner launches, and a
     runner's own api_key is what the launched server requires, passed through its environment."""
-    import json as _json
-
     from moecap.run import run_suite
     from moecap.suite import parse_suite
 
@@ -241,6 +239,6 @@ def test_moecap_serve_runner_and_the_api_key(tmp_path, tiny_moe_dir, monkeypatch
     assert o.record.report["throughput"]["completed"] == 2
     text = "".join(p.read_text() for p in (tmp_path / "results").rglob("*") if p.is_file())
     assert "sk-shell-9876543210" not in text and (runner_key is None or runner_key not in text)
-    runner = _json.loads(next((tmp_path / "results" / "key").glob("*.json")).read_text())["config"]["runner"]
+    runner = json.loads(next((tmp_path / "results" / "key").glob("*.json")).read_text())["config"]["runner"]
     server_log = Path(runner["server_log"]).read_text()
     assert ("(API key required)" in server_log) == bool(runner_key), server_log[-2000:]

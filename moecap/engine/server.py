@@ -57,7 +57,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import re
 import signal
 import socket
@@ -66,7 +65,6 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web

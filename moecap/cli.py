@@ -674,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="models moecap builds itself").add_subparsers(dest="zoo_command", required=True)
     zb = zoo.add_parser("build", help="train tiny-moe and its domain children (cached; no download)")
     zb.add_argument("name", nargs="?", default="tiny-moe")
-    zb.add_argument("--profile", choices=["default", "test"], help="default: ~4.4M parameters; test: a faster, smaller one")
+    zb.add_argument("--profile", choices=["default", "test"], help="default: ~1M parameters, trained longest; test: a faster, weaker one")
     zb.add_argument("--variants", help="comma-separated children to build: code,prose,c (default all) or none")
     zb.add_argument("--force", action="store_true", help="rebuild from scratch")
     zb.set_defaults(func=_cmd_zoo_build)

@@ -200,7 +200,7 @@ EMBEDDED_MODELS: dict[str, ModelEntry] = {
     "tiny-moe": ModelEntry(
         name="tiny-moe",
         builder="moecap.zoo.tiny_moe:ensure_tiny_moe",
-        description="embedded default: a ~4.4M-parameter Mixtral-architecture MoE (8 experts, top-2) and its BPE "
+        description="embedded default: a ~1M-parameter Mixtral-architecture MoE (8 experts, top-2) and its BPE "
         "tokenizer, trained here on the Python installation's code, documentation and C headers",
     ),
     **{

@@ -435,7 +435,7 @@ class SGLangRunnerArgs(_EngineLaunchArgs):
 # moecap's own engine (runners/engine.py, moecap/engine/)
 # --------------------------------------------------------------------------------------------------
 
-ENGINE_PRESETS = ("resident", "offload-all", "int8-all", "int4-all")
+ENGINE_PRESETS = ("resident", "offload-all", "int8-all", "int4-all", "int3-all", "int2-all")
 
 
 class EnginePlanSpec(RunnerArgs):
@@ -510,7 +510,7 @@ class EngineRunnerArgs(HFRunnerArgs):
     (``moecap.engine.model``); ``attn_implementation`` does not apply (the engine has its own attention)."""
 
     plan: str | EnginePlanSpec = "resident"
-    """A preset (resident, offload-all, int8-all, int4-all), a plan JSON file (``moecap engine pareto``
+    """A preset (resident, offload-all, int8-all, int4-all, int3-all, int2-all), a plan JSON file (``moecap engine pareto``
     writes them), fractions ``{quantize_fraction, precision, offload_fraction, fast_budget_gb}``, or a
     mixture of precisions ``{precisions: [int8, int4], fast_budget_gb | fast_budget_fraction, max_error}``."""
     group_size: int = Field(default=64, gt=0)

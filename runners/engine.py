@@ -105,7 +105,8 @@ class EngineRunner(HFRunner):
         if isinstance(spec, str):
             self.plan_origin = {"kind": "preset", "name": spec}
             placement, precision = {"resident": ("fast", "full"), "offload-all": ("host", "full"),
-                                    "int8-all": ("fast", "int8"), "int4-all": ("fast", "int4")}[spec]
+                                    "int8-all": ("fast", "int8"), "int4-all": ("fast", "int4"),
+                                    "int3-all": ("fast", "int3"), "int2-all": ("fast", "int2")}[spec]
             return ExpertPlan.uniform(per_layer, placement, precision, g, spec), None
         assert isinstance(spec, EnginePlanSpec)
         wants_profile = bool(spec.quantize_fraction or spec.offload_fraction or spec.fast_budget_gb

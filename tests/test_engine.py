@@ -195,6 +195,34 @@ def test_engine_runner_cells(tmp_path, tiny_moe_dir):
     assert set(notes["precision_counts"]) <= {"full", "int8", "int4"} and len(notes["precision_counts"]) >= 2
 
 
+def test_uniform_low_bit_presets_cost_perplexity(tmp_path, tiny_moe_dir):
+    """int3-all / int2-all put every expert at that precision; int2 costs perplexity (the quality-cpu suite)."""
+    from moecap.run import run_suite
+    from moecap.suite import parse_suite
+
+    raw = {
+        "name": "presets",
+        "models": [{"id": str(tiny_moe_dir), "name": "tiny"}],
+        "runners": [{"type": "engine", "name": p, "args": {"dtype": "float32", "plan": p}}
+                    for p in ("resident", "int3-all", "int2-all")],
+        "workloads": [{"name": "quality", "perplexity": {"datasets": ["tiny-c"], "max_windows": 4}}],
+        "hardware": {"device": "cpu", "peaks": {"mem_bandwidth_gbs": 10.0, "tflops": {"fp32": 1.0}},
+                     "calibrate": "never"},
+        "output": {"dir": str(tmp_path / "results")},
+    }
+    out = run_suite(parse_suite(raw, "test"), log=lambda s: None)
+    recs = {o.cell.runner.display_name: o.record for o in out.outcomes}
+    ppl = {}
+    for name, rec in recs.items():
+        assert rec.status == "ok", (name, rec.error)
+        ppl[name] = rec.report["quality"]["perplexity"]["tiny-c"]["perplexity"]
+    for name, bits in (("int3-all", 3), ("int2-all", 2)):
+        plan = recs[name].config["runner"]["plan"]
+        assert plan[f"int{bits}_experts"] == plan["experts"] > 0
+        assert recs[name].config["runner"]["plan_origin"] == {"kind": "preset", "name": name}
+    assert ppl["resident"] < ppl["int2-all"]
+
+
 # ------------------------------------------------------------------------------------ Pareto search
 def _pt(name, tps, ppl, fast, **kw):
     from moecap.studies.pareto import Point

@@ -152,6 +152,20 @@ def test_few_shot_with_truncation_matches_hf(moecap_lm, hf_lm, tasks_dir):
     assert acc[0] == acc[1]
 
 
+def test_multiple_input_task_matches_hf(moecap_lm, hf_lm, tasks_dir):
+    """moecap_real_*: lm-eval's multiple-input form (4 contexts, one continuation), zero- and 1-shot."""
+    task = "moecap_real_prose"
+    for shots in (None, 1):
+        ours, ref = (evaluate(lm, tasks_dir, [task], num_fewshot=shots) for lm in (moecap_lm, hf_lm))
+        samples = _lls(ours, task)
+        assert len(samples) == LIMIT and all(len(per_doc) == 4 for per_doc in samples)
+        for a, b in zip(samples, _lls(ref, task), strict=True):
+            assert [x[0] for x in a] == pytest.approx([x[0] for x in b], rel=1e-4, abs=1e-4)
+            assert len({x[0] for x in a}) == 4  # four contexts, four different scores of the one line
+        assert ours["tasks"][task]["metrics"]["acc"]["value"] == ref["tasks"][task]["metrics"]["acc"]["value"]
+        assert set(ours["tasks"][task]["metrics"]) == {"acc"}
+
+
 def test_record_is_json_and_labels_word_perplexity(zero_shot):
     import lm_eval
 
@@ -232,14 +246,14 @@ def test_offline_tasks_deterministic_and_complete(tmp_path):
     from moecap.quality.tasks import held_out_documents, write_offline_tasks
 
     a, b = tmp_path / "a", tmp_path / "b"
-    names = write_offline_tasks(a, n_mc=30, seed=3)
+    names = write_offline_tasks(a, n_mc=30, n_real=30, seed=3)
     assert sorted(names) == sorted(f"moecap_{kind}_{d}" for kind in ("rolling", "mc", "real") for d in DOMAINS)
     first = _files(a)
-    assert write_offline_tasks(a, n_mc=30, seed=3) == names and _files(a) == first  # same seed: same bytes
-    write_offline_tasks(b, n_mc=30, seed=3)
+    assert write_offline_tasks(a, n_mc=30, n_real=30, seed=3) == names and _files(a) == first  # same seed: same bytes
+    write_offline_tasks(b, n_mc=30, n_real=30, seed=3)
     other = {k: v.replace(str(b.resolve()).encode(), str(a.resolve()).encode()) for k, v in _files(b).items()}
     assert other == first  # the same, up to the absolute data paths in the YAMLs
-    write_offline_tasks(tmp_path / "c", n_mc=30, seed=4)
+    write_offline_tasks(tmp_path / "c", n_mc=30, n_real=30, seed=4)
     assert _files(tmp_path / "c")["data/moecap_mc_code.test.jsonl"] != first["data/moecap_mc_code.test.jsonl"]
 
     tm = TaskManager(include_path=str(a), include_defaults=False)
@@ -265,19 +279,29 @@ def test_offline_tasks_deterministic_and_complete(tmp_path):
 
         real = yaml.safe_load((a / f"moecap_real_{domain}.yaml").read_text())
         assert real["output_type"] == "multiple_choice" and real["fewshot_split"] == "validation"
+        assert (real["doc_to_text"], real["doc_to_choice"], real["doc_to_target"]) == ("label", "contexts",
+                                                                                      "continuation")
         items = [json.loads(x) for x in (a / f"data/moecap_real_{domain}.test.jsonl").read_text().splitlines()]
         assert len(items) == 30
-        foreign = {ln for other in DOMAINS if other != domain for d in held_out_documents(other, "test")
-                   for ln in d.split("\n")}
+        split_docs = {o: [d.split("\n") for d in held_out_documents(o, "test")] for o in DOMAINS}
+        foreign_domains = []
         for it in items:
-            assert sorted(it["kinds"]) == ["foreign", "reversed", "shuffled", "true"]
-            assert len({c.strip() for c in it["choices"]}) == 4
-            true = docs[it["doc"]].split("\n")[it["line"]]
-            by_kind = dict(zip(it["kinds"], it["choices"]))
-            assert it["choices"][it["label"]] == by_kind["true"] == true
-            assert sorted(by_kind["shuffled"].split()) == sorted(true.split())  # the same words, reordered
-            assert by_kind["reversed"].split() == [w[::-1] if len(w) >= 3 else w for w in true.split()]
-            assert by_kind["foreign"] in foreign  # a held-out line of another domain
+            assert len(it["contexts"]) == 4 and len({c.strip() for c in it["contexts"]}) == 4
+            lines = docs[it["doc"]].split("\n")
+            assert it["continuation"] == lines[it["line"]]  # a held-out line ...
+            own = it["contexts"][it["label"]]
+            assert own.endswith(lines[it["line"] - 1] + "\n")  # ... right after its gold context
+            assert it["sources"][it["label"]] == {"domain": domain, "doc": it["doc"], "line": it["line"]}
+            others = [src for j, src in enumerate(it["sources"]) if j != it["label"]]
+            same = [src for src in others if src["domain"] == domain]
+            assert len(same) == 2 and all(src["doc"] != it["doc"] for src in same)  # other documents
+            foreign_domains += [src["domain"] for src in others if src["domain"] != domain]
+            for ctx, src in zip(it["contexts"], it["sources"], strict=True):
+                src_lines = split_docs[src["domain"]][src["doc"]]
+                assert ctx.endswith(src_lines[src["line"] - 1] + "\n")  # cut where its source says
+        # one context per item from another domain, the two other domains taking turns
+        assert sorted(set(foreign_domains)) == sorted(o for o in DOMAINS if o != domain)
+        assert len(foreign_domains) == len(items)
 
 
 def test_tasks_load_offline_through_datasets(tasks_dir):

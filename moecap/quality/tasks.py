@@ -1,6 +1,6 @@
 """moecap's offline lm-eval tasks, generated from held-out text already on the machine.
 
-Per corpus domain (``moecap.corpus``: ``code``, ``prose``, ``c``) two tasks:
+Per corpus domain (``moecap.corpus``: ``code``, ``prose``, ``c``) three tasks:
 
 - ``moecap_rolling_<domain>``: ``loglikelihood_rolling`` over the documents of the test split (one
   document per row, each cut at a line boundary to at most ``max_doc_chars`` characters); metrics
@@ -11,12 +11,13 @@ Per corpus domain (``moecap.corpus``: ``code``, ``prose``, ``c``) two tasks:
   documents of the same domain; metrics ``acc`` and ``acc_norm``. Test items come from the test
   split, few-shot examples (``fewshot_split: validation``) from the validation split. Hard: a model
   must know the document, which the embedded tiny-moe does not (it scores near chance, 0.25).
-- ``moecap_real_<domain>``: ``multiple_choice`` with 4 choices after the same kind of context: the true
-  next line, or a corruption of it that a small model of the domain can tell apart: its words in a
-  shuffled order, its words spelled backwards, or a line of similar length from *another* domain. It
-  asks whether the model knows what text of the domain looks like, so it discriminates small models
-  (tiny-moe scores well above chance) and shows their damage (quantized or merged experts score lower).
-  Same splits and metrics as ``moecap_mc``.
+- ``moecap_real_<domain>``: which lines does a held-out line follow? ``multiple_choice`` in lm-eval's
+  multiple-input form (as ``winogrande``): 4 contexts (its own ``CONTEXT_LINES`` preceding lines, the
+  same span cut from 2 other documents of the domain, and from a document of another domain) score
+  one and the same continuation, so a line's own predictability (short C lines are far likelier than
+  prose lines to any model) cancels out and what is measured is the model's use of context. Metric
+  ``acc`` (``acc_norm`` would equal it). tiny-moe scores well above chance (0.25), and its quantized or
+  merged experts score lower. Same splits as ``moecap_mc``; up to 400 test items per domain.
 
 Files: ``<out_dir>/<task>.yaml`` and ``<out_dir>/data/<task>.<split>.jsonl``; the YAMLs read the
 JSONL through ``datasets``' packaged ``json`` builder (``dataset_path: json`` with absolute
@@ -27,7 +28,6 @@ byte-identical files.
 
 from __future__ import annotations
 
-import bisect
 import difflib
 import json
 import random
@@ -36,7 +36,7 @@ from typing import Any
 
 from moecap.corpus import DOMAINS
 
-TASKS_VERSION = 2
+TASKS_VERSION = 3
 N_CHOICES = 4
 CONTEXT_LINES = 6  # lines of the document before the line to predict
 MIN_LINE_CHARS = 12  # a candidate line (true or distractor), stripped, is at least this long ...
@@ -117,60 +117,58 @@ def mc_items(docs: list[str], n: int, rng: random.Random) -> list[dict[str, Any]
     return items
 
 
-def _shuffle_words(line: str, rng: random.Random) -> str | None:
-    """``line`` with its whitespace-separated words in another order (indentation kept), or None."""
-    indent = line[: len(line) - len(line.lstrip())]
-    words = line.split()
-    if len(set(words)) < 3:
-        return None
-    for _ in range(10):
-        out = words[:]
-        rng.shuffle(out)
-        if out != words:
-            return indent + " ".join(out)
-    return None
+def _anchors(lines: list[list[str]]) -> list[tuple[int, int]]:
+    """(document, line) of every line with a context before it (the positions contexts are cut at)."""
+    return [(d, i) for d, doc_lines in enumerate(lines) for i in range(CONTEXT_LINES, len(doc_lines) + 1)
+            if any(ln.strip() for ln in doc_lines[i - CONTEXT_LINES : i])]
 
 
-def _reverse_words(line: str) -> str | None:
-    """``line`` with every word of three or more characters spelled backwards, or None if none is."""
-    indent = line[: len(line) - len(line.lstrip())]
-    words = line.split()
-    out = [w[::-1] if len(w) >= 3 else w for w in words]
-    return indent + " ".join(out) if out != words else None
-
-
-def real_items(docs: list[str], foreign: list[str], n: int, rng: random.Random) -> list[dict[str, Any]]:
-    """Up to ``n`` items: after ``CONTEXT_LINES`` lines of a document of ``docs``, the true next line among
-    its word-shuffled and word-reversed corruptions and a line of ``foreign`` (other domains' held-out
-    lines) of similar length."""
+def real_items(docs: list[str], others: dict[str, list[str]], n: int, rng: random.Random,
+               domain_name: str = "") -> list[dict[str, Any]]:
+    """Up to ``n`` items: a line of a document of ``docs`` and 4 contexts to choose from: the
+    ``CONTEXT_LINES`` lines before it, the same span from 2 other documents of the domain, and from a
+    document of another domain (``others``: each other domain's documents; the domains take turns)."""
     lines = [doc.split("\n") for doc in docs]
-    foreign = [ln for ln in foreign if _candidate(ln)]
-    if not foreign:
-        raise ValueError("real-text items need candidate lines from another domain")
-    by_len = sorted(foreign, key=len)
-    lengths = [len(x) for x in by_len]
-    positions = _positions(lines, rng)
+    same = _anchors(lines)
+    if len({d for d, _ in same}) < 2:
+        raise ValueError("context-choice items need at least two held-out documents with context")
+    foreign = {name: ([doc.split("\n") for doc in odocs]) for name, odocs in sorted(others.items())}
+    foreign_anchors = {name: _anchors(olines) for name, olines in foreign.items()}
+    foreign_names = [name for name, anchors in foreign_anchors.items() if anchors]
+    if not foreign_names:
+        raise ValueError("context-choice items need documents of another domain")
     items: list[dict[str, Any]] = []
-    for d, i in positions:
+    for d, i in _positions(lines, rng):
         if len(items) >= n:
             break
-        true = lines[d][i]
-        shuffled, reversed_ = _shuffle_words(true, rng), _reverse_words(true)
-        if shuffled is None or reversed_ is None:
+        own = _context(lines[d], i)
+        sources = [{"domain": domain_name, "doc": d, "line": i}]
+        contexts = [own]
+        for _ in range(100):
+            if len(contexts) == N_CHOICES - 1:
+                break
+            od, oi = same[rng.randrange(len(same))]
+            ctx = _context(lines[od], oi)
+            if od != d and ctx.strip() not in {c.strip() for c in contexts}:
+                contexts.append(ctx)
+                sources.append({"domain": domain_name, "doc": od, "line": oi})
+        name = foreign_names[len(items) % len(foreign_names)]
+        fd, fi = foreign_anchors[name][rng.randrange(len(foreign_anchors[name]))]
+        contexts.append(_context(foreign[name][fd], fi))
+        sources.append({"domain": name, "doc": fd, "line": fi})
+        if len({c.strip() for c in contexts}) < N_CHOICES:
             continue
-        # a foreign line of about the true line's length (so that acc, unnormalised, is not about length)
-        k = bisect.bisect_left(lengths, len(true))
-        near = by_len[max(0, k - 5) : k + 5]
-        other = near[rng.randrange(len(near))]
-        choices = [true, shuffled, reversed_, other]
-        if len({c.strip() for c in choices}) < N_CHOICES:
-            continue
-        context = _context(lines[d], i)
         order = list(range(N_CHOICES))
         rng.shuffle(order)
-        choices = [choices[j] for j in order]
-        items.append({"context": context, "choices": choices, "label": order.index(0), "doc": d, "line": i,
-                      "kinds": [("true", "shuffled", "reversed", "foreign")[j] for j in order]})
+        items.append({
+            "contexts": [contexts[j] for j in order],
+            "continuation": lines[d][i],
+            "label": order.index(0),
+            "doc": d,
+            "line": i,
+            # where each context was cut: domain, document (of that domain's split) and the line it precedes
+            "sources": [sources[j] for j in order],
+        })
     return items
 
 
@@ -194,6 +192,7 @@ def write_offline_tasks(
     out_dir: Path,
     domains: tuple[str, ...] | list[str] = DOMAINS,
     n_mc: int = 200,
+    n_real: int = 400,
     seed: int = 0,
     max_doc_chars: int = 4000,
 ) -> list[str]:
@@ -237,19 +236,26 @@ def write_offline_tasks(
             if kind == "mc":
                 def make(docs: list[str], split: str, k: int) -> list[dict[str, Any]]:
                     return mc_items(docs, k, rng)
+                choice = {"doc_to_text": "context", "doc_to_choice": "choices", "doc_to_target": "label"}
+                metrics = ["acc", "acc_norm"]
+                count = n_mc
                 note = "pick the true next line of a held-out document among 4 (3 from other documents)"
             else:
                 def make(docs: list[str], split: str, k: int) -> list[dict[str, Any]]:
-                    foreign = [ln for other in DOMAINS if other != domain
-                               for doc in held_out_documents(other, split) for ln in doc.split("\n")]
-                    return real_items(docs, foreign, k, rng)
-                note = ("pick the true next line among it with its words shuffled, it with its words spelled "
-                        "backwards, and a line of another domain")
+                    others = {o: held_out_documents(o, split) for o in DOMAINS if o != domain}
+                    return real_items(docs, others, k, rng, domain)
+                # lm-eval's multiple-input form (as winogrande): doc_to_text gives the gold index, the
+                # choices are contexts, and every choice scores the same continuation
+                choice = {"doc_to_text": "label", "doc_to_choice": "contexts", "doc_to_target": "continuation"}
+                metrics = ["acc"]  # acc_norm would equal acc: the continuation is the same for every choice
+                count = n_real
+                note = ("pick the lines a held-out line follows: its own, those of 2 other documents of the "
+                        "domain, or those of a document of another domain")
             files = {
-                "test": (data / f"{name}.test.jsonl", make(test_docs, "test", n_mc)),
+                "test": (data / f"{name}.test.jsonl", make(test_docs, "test", count)),
                 "validation": (data / f"{name}.validation.jsonl",
                                make(held_out_documents(domain, "validation"), "validation",
-                                    min(n_mc, N_FEWSHOT_POOL))),
+                                    min(count, N_FEWSHOT_POOL))),
             }
             for path, items in files.values():
                 _write(path, _jsonl(items))
@@ -265,15 +271,10 @@ def write_offline_tasks(
                 "validation_split": "validation",
                 "fewshot_split": "validation",
                 "output_type": "multiple_choice",
-                "doc_to_text": "context",
-                "doc_to_choice": "choices",
-                "doc_to_target": "label",
+                **choice,
                 "target_delimiter": "",
                 "fewshot_delimiter": "\n\n",
-                "metric_list": [
-                    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                    {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-                ],
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
                 "metadata": {**meta, "n_choices": N_CHOICES, "context_lines": CONTEXT_LINES, "note": note},
             }))
             names.append(name)

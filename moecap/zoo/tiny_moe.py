@@ -11,8 +11,8 @@ reference documentation, C headers), then fine-tuned into one child per domain:
     <cache>/zoo/tiny-moe-v3-<profile>/build.json  the held-out perplexities measured at build time
 
 Each is an ordinary Hugging Face model directory, so every runner loads it like a hub model.
-Profiles: ``default`` (~1M parameters, 2.9M training tokens; base and three children in about 5 minutes
-on 2 CPU cores) and ``test`` (fewer steps and layers, for the test suite); ``$MOECAP_TINY_MOE_PROFILE``
+Profiles: ``default`` (~1M parameters, 2.9M training tokens; the base in about 4 minutes on 2 CPU
+cores, each child in under 1 more) and ``test`` (fewer steps and layers, for the test suite); ``$MOECAP_TINY_MOE_PROFILE``
 picks one.
 
 Why so small: on 2 CPU cores the training budget is a few million tokens, and for a fixed budget a
@@ -363,7 +363,7 @@ def ensure_tiny_moe(variant: str = "base", root: Path | None = None) -> Path:
     out = root / variant
     if not (out / "moecap.json").is_file():
         print(f"moecap: building tiny-moe ({variant}) into {root}: trained here on first use "
-              "(about 5 minutes on 2 CPU cores for the base, under 1 more per child) ...", file=sys.stderr)
+              "(about 4 minutes on 2 CPU cores for the base, under 1 more per child) ...", file=sys.stderr)
         build(root=root, variants=() if variant == "base" else (variant,))
     return out
 

@@ -2,7 +2,10 @@
 
 Tabs:
 
-* **Leaderboard**: the filtered, sortable table with a column picker and CSV export;
+* **Leaderboard**: the table, ranked best first on a chosen figure (default: output throughput)
+  with a rank column; rank, model and system pinned, then cost, accuracy, perplexity and throughput;
+  a column picker; CSV export of the shown rows on request. Above the tabs a search box and the
+  filters (collapsed); a selection that allows nothing shows no rows and says so;
 * **CAP trade-offs**: two scatter plots of any two metrics with the Pareto front, and a
   radar chart of cost / accuracy / performance normalised across the shown rows;
 * **Roofline**: S-MBU and S-MFU (decode and prefill) per batch size;
@@ -16,11 +19,14 @@ Named endpoints (for ``gradio_client``): ``/filter_table``, ``/export_csv``, ``/
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +50,15 @@ from moecap.leaderboard.data import (
 
 log = logging.getLogger(__name__)
 
-NO_SORT = "(header sort)"
+RANK = "#"  # the rank column's header
+# the ranking's default figure: the first of these with values (P, then C, then A)
+RANK_DEFAULTS = ("output_tokens_per_s", "usd_per_1m_output_tokens", "accuracy", "perplexity")
+# the table's leading columns, in this order when shown: who, then C, A, P, then the setting
+HEADLINE_ORDER = ("model", "system", "usd_per_1m_output_tokens", "accuracy", "perplexity",
+                  "output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "load", "precision", "hardware")
+PINNED = 3  # rank, model, system stay in view when the table scrolls sideways
+NO_ROWS = "**No rows match the filters and search.** Tick more values under Filters or clear the search."
+EXPORTS_KEPT = 8  # CSV exports kept in the app's one export folder (older ones are deleted)
 # the filters: (column key, label, keyword of filter_frame)
 FILTERS = [
     ("system", "System", "systems"),
@@ -372,7 +386,7 @@ def build_app(results: str) -> gr.Blocks:
     label_to_key = {c.header: c.key for c in all_columns}
     picker_labels = [c.header for c in all_columns]
     default_labels = [c.header for c in all_columns if c.default_visible]
-    sortable = [NO_SORT] + [_label(k) for k in numeric]
+    sortable = [_label(k) for k in numeric]
     axis_choices = [(_label(k), k) for k in numeric]
 
     def pick_default(*candidates: str) -> str | None:
@@ -401,28 +415,56 @@ def build_app(results: str) -> gr.Blocks:
             return df
         return _filter(df, [system, model, hardware, precision, load], search)
 
-    def _sorted(frame: pd.DataFrame, sort_by: str | None) -> pd.DataFrame:
-        key = label_to_key.get(sort_by or "")
+    rank_default = pick_default(*RANK_DEFAULTS)
+
+    def _ranked(frame: pd.DataFrame, rank_by: str | None) -> pd.DataFrame:
+        """``frame`` best first on the ranking figure, with the rank (1 = best; rows without the
+        figure come last, unranked)."""
+        key = label_to_key.get(rank_by or "") or rank_default
         if key is None or key not in frame.columns or frame.empty:
-            return frame
-        asc = not _hib(key)
-        return frame.assign(_k=_num(frame, key)).sort_values(
-            "_k", ascending=asc, na_position="last", kind="stable").drop(columns="_k")
+            return frame.assign(**{RANK: pd.Series(dtype="Int64")})
+        values = _num(frame, key)
+        out = frame.assign(_k=values).sort_values("_k", ascending=not _hib(key), na_position="last",
+                                                  kind="stable")
+        has = out["_k"].notna().to_numpy()
+        rank = pd.array([i + 1 if h else None for i, h in enumerate(has)], dtype="Int64")
+        return out.drop(columns="_k").assign(**{RANK: rank})
 
     def _keys(labels: list[str] | None) -> list[str]:
         keys = [label_to_key[lb] for lb in (labels or []) if lb in label_to_key]
-        return keys or [c.key for c in columns() if c.default_visible]
+        keys = keys or [label_to_key[lb] for lb in default_labels]
+        lead = [k for k in HEADLINE_ORDER if k in keys]
+        return lead + [k for k in keys if k not in lead]
+
+    def _shown(frame: pd.DataFrame, labels: list[str] | None) -> pd.DataFrame:
+        shown = display_frame(frame, keys=_keys(labels))
+        shown.insert(0, RANK, frame[RANK].to_numpy() if RANK in frame.columns else None)
+        return shown
 
     def filter_table(system, model, hardware, precision, load, search, columns, sort_by):
-        frame = _sorted(_filtered(system, model, hardware, precision, load, search), sort_by)
-        return display_frame(frame, keys=_keys(columns))
+        frame = _ranked(_filtered(system, model, hardware, precision, load, search), sort_by)
+        return _shown(frame, columns)
+
+    def no_rows(system, model, hardware, precision, load, search):
+        empty = not df.empty and _filtered(system, model, hardware, precision, load, search).empty
+        return gr.update(visible=empty)
+
+    export_dir: list[Path] = []  # the app's one export folder, made on the first export
 
     def export_csv(system, model, hardware, precision, load, search, columns, sort_by):
-        frame = _sorted(_filtered(system, model, hardware, precision, load, search), sort_by)
+        """The shown rows (ranked, every shown column at full precision) as CSV, written only when
+        asked, into the app's one export folder; older exports beyond ``EXPORTS_KEPT`` are deleted."""
+        frame = _ranked(_filtered(system, model, hardware, precision, load, search), sort_by)
         keys = [k for k in _keys(columns) if k in frame.columns]
-        out_dir = Path(tempfile.mkdtemp(prefix="moecap-leaderboard-"))
-        path = out_dir / "moecap-leaderboard.csv"
-        path.write_text(to_csv(frame[keys] if keys else frame), encoding="utf-8")
+        if not export_dir:
+            export_dir.append(Path(tempfile.mkdtemp(prefix="moecap-leaderboard-exports-")))
+            atexit.register(shutil.rmtree, export_dir[0], True)
+        folder = export_dir[0]
+        old = sorted(folder.glob("*.csv"), key=lambda p: p.stat().st_mtime)
+        for stale in old[: max(0, len(old) - EXPORTS_KEPT + 1)]:
+            stale.unlink(missing_ok=True)
+        path = folder / f"moecap-leaderboard-{uuid.uuid4().hex[:8]}.csv"
+        path.write_text(to_csv(frame[[RANK, *keys]] if keys else frame), encoding="utf-8")
         return str(path)
 
     def cap_plot(system, model, hardware, precision, load, search, x, y):
@@ -456,7 +498,8 @@ def build_app(results: str) -> gr.Blocks:
 
     # ---- layout ------------------------------------------------------------------------------
 
-    with gr.Blocks(title="moecap leaderboard", analytics_enabled=False) as demo:
+    with gr.Blocks(title="moecap leaderboard", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:  # gradio's copies of exports: cleaned hourly
         gr.Markdown(
             "# moecap leaderboard\n"
             "Cost / Accuracy / Performance of Mixture-of-Experts LLM serving. "
@@ -465,36 +508,38 @@ def build_app(results: str) -> gr.Blocks:
         if message:
             gr.Markdown(f"**{message}**", elem_id="empty-message")
 
-        with gr.Accordion("Filters", open=True):
-            with gr.Row():
-                filters = []
-                for key, label, _kw in FILTERS:
-                    choices = _choices(df, key)
-                    comp = gr.CheckboxGroup(choices=choices, value=choices, label=label,
-                                            elem_id=f"filter-{key}", show_select_all=True) \
-                        if len(choices) <= 6 else \
-                        gr.Dropdown(choices=choices, value=choices, multiselect=True, label=label,
-                                    elem_id=f"filter-{key}")
-                    filters.append(comp)
-            search = gr.Textbox(value="", label="Search", placeholder="model, system, cell id ...",
-                                elem_id="search")
+        with gr.Row(equal_height=True, elem_id="filter-bar"):
+            search = gr.Textbox(value="", show_label=False, placeholder="Search model, system, cell id ...",
+                                elem_id="search", scale=3, min_width=160)
+            with gr.Accordion("Filters", open=False, elem_id="filters"):
+                with gr.Row():
+                    filters = []
+                    for key, label, _kw in FILTERS:
+                        choices = _choices(df, key)
+                        comp = gr.CheckboxGroup(choices=choices, value=choices, label=label,
+                                                elem_id=f"filter-{key}", show_select_all=True) \
+                            if len(choices) <= 6 else \
+                            gr.Dropdown(choices=choices, value=choices, multiselect=True, label=label,
+                                        elem_id=f"filter-{key}")
+                        filters.append(comp)
         filter_inputs = [*filters, search]
 
         with gr.Tabs():
             with gr.Tab("Leaderboard", id="leaderboard"):
-                with gr.Row():
-                    sort_by = gr.Dropdown(choices=sortable, value=NO_SORT, label="Sort by (best first)",
-                                          scale=1)
-                    export = gr.DownloadButton("Export CSV", value=None, scale=0, min_width=160,
-                                               elem_id="export-csv")
+                with gr.Row(equal_height=True):
+                    sort_by = gr.Dropdown(choices=sortable, value=_label(rank_default) if rank_default else None,
+                                          label="Rank by (best first)", scale=2, min_width=160,
+                                          elem_id="rank-by")
+                    export = gr.Button("Export CSV", scale=0, min_width=120, elem_id="export-csv")
+                export_file = gr.File(label="CSV export", visible=False, elem_id="export-file")
+                empty_note = gr.Markdown(NO_ROWS, visible=False, elem_id="no-rows")
+                table = gr.Dataframe(
+                    value=None, interactive=False, wrap=False, max_height=640, elem_id="leaderboard-table",
+                    pinned_columns=PINNED, show_label=False,
+                )
                 with gr.Accordion("Columns", open=False):
                     columns = gr.CheckboxGroup(choices=picker_labels, value=default_labels,
                                                label="Shown columns", elem_id="columns")
-                table = gr.Dataframe(
-                    value=display_frame(df) if not df.empty else None,
-                    interactive=False, wrap=False, max_height=640, elem_id="leaderboard-table",
-                    label="Results (click a header to sort)",
-                )
             with gr.Tab("CAP trade-offs", id="cap"):
                 with gr.Row():
                     with gr.Column():
@@ -543,12 +588,13 @@ def build_app(results: str) -> gr.Blocks:
                 rec_json = gr.JSON(label="Record (config, environment, report)", open=False)
 
         table_inputs = [*filter_inputs, columns, sort_by]
-        table_triggers = [c.change for c in filters] + [search.change,
-                                                        columns.change, sort_by.change]
+        filter_triggers_all = [c.change for c in filters] + [search.change]
+        table_triggers = [*filter_triggers_all, columns.change, sort_by.change]
         gr.on([demo.load, *table_triggers], filter_table, table_inputs, table,
               api_name="filter_table")
-        gr.on([demo.load, *table_triggers], export_csv, table_inputs, export,
-              api_name="export_csv")
+        gr.on([demo.load, *filter_triggers_all], no_rows, filter_inputs, empty_note, api_name=False)
+        export.click(export_csv, table_inputs, export_file, api_name="export_csv").then(
+            lambda: gr.update(visible=True), None, export_file, api_name=False)
         filter_triggers = [c.change for c in filters] + [search.change]
         gr.on([demo.load, *filter_triggers, x1.change, y1.change], cap_plot,
               [*filter_inputs, x1, y1], plot1, api_name="cap_plot")

@@ -429,8 +429,7 @@ def _as_set(values: Any) -> set[str] | None:
         return None
     if isinstance(values, str):
         values = [values]
-    values = [v for v in values if v is not None]
-    return {str(v) for v in values} if values else None
+    return {str(v) for v in values if v is not None}  # empty: nothing allowed
 
 
 def filter_frame(
@@ -442,9 +441,9 @@ def filter_frame(
     loads: Iterable[str] | None = None,
     search: str | None = None,
 ) -> pd.DataFrame:
-    """Rows whose system / model / hardware / precision / load is among the given values
-    (None or an empty list: no filter on that column) and, when ``search`` is given, where any
-    string column contains it (case-insensitive substring)."""
+    """Rows whose system / model / hardware / precision / load is among the given values (None: no
+    filter on that column; an empty list: nothing is allowed, so no rows) and, when ``search`` is
+    given, where any string column contains it (case-insensitive substring)."""
     mask = pd.Series(True, index=df.index)
     for key, values in (("system", systems), ("model", models), ("hardware", hardware), ("precision", precisions), ("load", loads)):
         allowed = _as_set(values)

@@ -96,16 +96,40 @@ def test_search_and_columns_and_sort(client):
     assert _rows(client.predict(search="no-such-thing", api_name="/filter_table")) == []
     table = client.predict(columns=["Model", "Load", "Cost ($/1M tok)"],
                            sort_by="Cost ($/1M tok)", api_name="/filter_table")
-    assert table["headers"] == ["Model", "Load", "Cost ($/1M tok)"]
-    costs = [r["Cost ($/1M tok)"] for r in _rows(table) if r["Cost ($/1M tok)"] is not None]
+    # the rank first, then who, then the headline figures (C), then the setting
+    assert table["headers"] == ["#", "Model", "Cost ($/1M tok)", "Load"]
+    rows = _rows(table)
+    costs = [r["Cost ($/1M tok)"] for r in rows if r["Cost ($/1M tok)"] is not None]
     assert len(costs) == 3 and costs == sorted(costs)  # cost: lower is better, best first
+    assert [r["#"] for r in rows[:3]] == [1, 2, 3] and rows[3]["#"] is None  # the quality row: unranked, last
 
 
-def test_csv_export_holds_the_filtered_rows(client):
+def test_default_ranking_and_empty_selection(client):
+    rows = _rows(client.predict(api_name="/filter_table"))
+    # ranked by output throughput by default, best first; the rank is the first column
+    tps = [r["Output throughput (tok/s)"] for r in rows]
+    assert [r["#"] for r in rows] == [1, 2, 3, None] and tps[:3] == sorted(tps[:3], reverse=True)
+    assert rows[0]["Load"] == "bs=4"
+    # unticking every value of a filter leaves no rows (it used to show them all)
+    assert _rows(client.predict(load=[], api_name="/filter_table")) == []
+
+
+def test_csv_export_holds_the_filtered_rows(client, app_url):
+    import tempfile
+
+    exports = lambda: sorted(Path(tempfile.gettempdir()).glob("moecap-leaderboard-exports-*/*.csv"))  # noqa: E731
+    before = exports()
+    client.predict(load=["bs=2"], api_name="/filter_table")  # filtering writes no file
+    assert exports() == before
     path = client.predict(load=["bs=1", "bs=4"], api_name="/export_csv")
     rows = list(csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8"))))
-    assert sorted(r["load"] for r in rows) == ["bs=1", "bs=4"]
+    assert [r["load"] for r in rows] == ["bs=4", "bs=1"]  # ranked, best first
+    assert [r["#"] for r in rows] == ["1", "2"]
     assert all(float(r["output_tokens_per_s"]) > 0 for r in rows)
+    for _ in range(10):  # one export folder, pruned: at most 8 files however many exports
+        client.predict(api_name="/export_csv")
+    folders = {p.parent for p in exports()} - {p.parent for p in before}
+    assert len(folders) == 1 and len(list(next(iter(folders)).glob("*.csv"))) <= 8
 
 
 def test_plots_and_record(client, app_url):
@@ -188,6 +212,50 @@ def _settle(page) -> None:
     page.wait_for_timeout(700)
 
 
+def _in_viewport(page, locator) -> bool:
+    box = locator.bounding_box()
+    vp = page.viewport_size
+    return bool(box) and box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= vp["width"] \
+        and box["y"] + box["height"] <= vp["height"]
+
+
+def _visible_cell(page, text: str):
+    return page.locator("#leaderboard-table span:visible").filter(has_text=text).first
+
+
+@pytest.mark.parametrize("size", [(1440, 900), (390, 844)], ids=["desktop", "phone"])
+def test_browser_first_screen_and_empty_state(app_url, client, artifacts_dir, size):
+    """The best row of the default ranking is on the first screen (at desktop size with its C, A and P
+    figures); a search with no match says so."""
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    best = _rows(client.predict(api_name="/filter_table"))[0]
+    assert best["#"] == 1
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+            page.goto(app_url, wait_until="domcontentloaded", timeout=30_000)
+            top = _visible_cell(page, str(best["Output throughput (tok/s)"]))
+            top.wait_for(state="attached", timeout=30_000)
+            _settle(page)
+            name = "desktop" if size[0] > 800 else "phone"
+            page.screenshot(path=str(artifacts_dir / f"leaderboard-first-screen-{name}.png"))
+            assert _in_viewport(page, page.locator("#leaderboard-table th:visible").filter(has_text="#").first)
+            if name == "desktop":
+                for header in ("Model", "Cost ($/1M tok)", "Accuracy", "Output throughput (tok/s)"):
+                    cell = _visible_cell(page, str(best[header]))
+                    assert _in_viewport(page, cell), (header, best[header], cell.bounding_box())
+            page.locator("#search textarea, #search input").first.fill("no-such-thing")
+            page.locator("#no-rows").wait_for(state="visible", timeout=15_000)
+            assert "No rows match" in page.locator("#no-rows").inner_text()
+            _settle(page)
+            page.screenshot(path=str(artifacts_dir / f"leaderboard-no-rows-{name}.png"))
+        finally:
+            browser.close()
+
+
 def test_browser_renders_table_and_plots(app_url, artifacts_dir):
     if not CHROMIUM.exists():
         pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
@@ -198,7 +266,7 @@ def test_browser_renders_table_and_plots(app_url, artifacts_dir):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(app_url, wait_until="domcontentloaded", timeout=30_000)
             table = page.locator("#leaderboard-table")
-            table.get_by_text("bs=4").first.wait_for(timeout=30_000)
+            table.get_by_text("bs=4").first.wait_for(state="attached", timeout=30_000)
             assert table.get_by_text("tiny-moe").count() >= 1
             _settle(page)
             page.screenshot(path=str(artifacts_dir / "leaderboard.png"), full_page=True)

@@ -282,7 +282,8 @@ def test_filters_and_search(results):
     assert set(lb.filter_frame(df, models=["tiny-moe"], loads=["bs=1", "bs=4"])["cell_id"]) == {"tiny__hf__bs1", "tiny__hf__bs4"}
     assert set(lb.filter_frame(df, hardware=["AMD EPYC"], precisions=["float32"])["cell_id"]) == {
         "tiny__hf__bs1", "tiny__hf__bs4", "tiny__hf__quality"}
-    assert len(lb.filter_frame(df, systems=[], models=None)) == 4  # empty selection: no filter
+    assert len(lb.filter_frame(df, systems=None, models=None)) == 4  # None: no filter
+    assert lb.filter_frame(df, systems=[], models=None).empty  # an empty selection allows nothing
     assert set(lb.filter_frame(df, search="h100")["cell_id"]) == {"big__vllm__bs8"}
     assert set(lb.filter_frame(df, search="  QUALITY ")["cell_id"]) == {"tiny__hf__quality"}
     assert lb.filter_frame(df, search="bs=1", precisions=["bfloat16"]).empty

@@ -9,6 +9,8 @@ Tabs:
 * **CAP trade-offs**: two scatter plots of any two metrics with the Pareto front, and a
   radar chart of cost / accuracy / performance normalised across the shown rows;
 * **Roofline**: S-MBU and S-MFU (decode and prefill) per batch size;
+* **About**: every figure's definition, unit and direction (from the figure table), how results are
+  produced and submitted, the newest record's time, how to cite;
 * **Record**: one record's config, environment and report, with its bytes by component and
   its latency distribution.
 
@@ -378,6 +380,55 @@ def latency_figure(record: dict[str, Any]) -> go.Figure:
 # the app
 
 
+def _md(text: Any) -> str:
+    """Plain text for a Markdown table cell."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("|", "\\|").replace("\n", " "))
+
+
+def about_markdown(df: pd.DataFrame, results: str) -> str:
+    """The About tab: every column's definition, unit and direction (from the figure table), how the
+    figures are produced and submitted, the newest record's time, and how to cite."""
+    direction = {True: "higher is better", False: "lower is better", None: ""}
+    rows = [
+        f"| {_md(c.label)} | {_md(c.unit or '')} | {direction[c.higher_is_better]} | {_md(c.description)} |"
+        for c in columns_for(df)
+    ]
+    created = pd.to_datetime(df["created_at"], errors="coerce", utc=True).dropna() \
+        if "created_at" in df.columns else pd.Series(dtype="datetime64[ns, UTC]")
+    newest = created.max().strftime("%Y-%m-%d %H:%M UTC") if len(created) else "n/a (no records)"
+    return "\n".join([
+        "## About this leaderboard",
+        "",
+        "Each row is one benchmark cell: a model served by a system (runner and its settings) on some "
+        "hardware under one load, measured by `moecap run` and written as one validated JSON record. "
+        "Quality cells (perplexity, lm-eval accuracy) are merged onto the performance rows of the same "
+        "model, system, precision and hardware. S-MBU and S-MFU count only the bytes and FLOPs of the "
+        "experts each forward pass really activated (sparse model-bandwidth / model-FLOPs utilisation).",
+        "",
+        f"**Results:** `{results}`; {len(df)} rows; newest record written {newest}.",
+        "",
+        "**Submitting results:** run a suite (`moecap run SUITE`), then `moecap publish results/SUITE --to "
+        "hf://datasets/<org>/<name>`; this board reads that dataset. Records are validated on publish.",
+        "",
+        "**The Basis column** says which figure families are not plainly measured: `util=traced` "
+        "(per-pass timings and router traces), `util=recorded` (the server's own routing record), "
+        "`util=estimated` (a server's passes reconstructed from streamed timestamps), "
+        "`cost=estimated` (cost from a price and power, not a bill).",
+        "",
+        "### Figures",
+        "",
+        "| Figure | Unit | Direction | Definition |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "### How to cite",
+        "",
+        "moecap: a Cost / Accuracy / Performance benchmark for Mixture-of-Experts LLM serving. "
+        "Cite the record files you use (their `cell_id` and `created_at`) and the moecap version they name.",
+    ])
+
+
 def build_app(results: str) -> gr.Blocks:
     """The leaderboard over ``results`` (a folder of records, or ``hf://datasets/org/name``)."""
     df, message = _load(str(results))
@@ -577,6 +628,8 @@ def build_app(results: str) -> gr.Blocks:
                     "peak."
                 )
                 roof_plot = gr.Plot(label="Roofline", elem_id="roofline-plot")
+            with gr.Tab("About", id="about"):
+                gr.Markdown(about_markdown(df, str(results)), elem_id="about")
             with gr.Tab("Record", id="record"):
                 perf = [v for _, v in records if pd.notna(_num(df, "output_tokens_per_s").get(int(v)))]
                 first = perf[0] if perf else (records[0][1] if records else None)

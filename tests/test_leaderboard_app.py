@@ -184,6 +184,21 @@ def test_names_render_as_text_in_plots():
     assert evil not in [t.name for t in radar.data]
 
 
+def test_about_defines_every_column():
+    import pandas as pd
+
+    from moecap.leaderboard.app import about_markdown
+    from moecap.leaderboard.data import columns_for
+
+    df = pd.DataFrame({"created_at": ["2026-12-01T10:00:00+00:00", "2026-12-02T11:30:00+00:00"],
+                       "ppl:tiny-c": [3.0, 4.0], "moecap_real_c:acc": [0.7, 0.8]})
+    text = about_markdown(df, "results")
+    for c in columns_for(df):
+        assert f"| {c.label} |" in text.replace("\\|", "|"), c.key
+    assert "2026-12-02 11:30 UTC" in text and "lower is better" in text
+    assert "&lt;batch size&gt;" in text  # markup in definitions is shown as text
+
+
 def test_empty_results_folder(tmp_path):
     from gradio_client import Client
 
@@ -210,6 +225,13 @@ def _settle(page) -> None:
     except Exception:
         pass  # a screenshot of a still-loading page is better than none
     page.wait_for_timeout(700)
+
+
+def _default_headers(app_url) -> list[str]:
+    """The default table's column headers, the rank excepted."""
+    from gradio_client import Client
+
+    return [h for h in Client(app_url, verbose=False).predict(api_name="/filter_table")["headers"] if h != "#"]
 
 
 def _in_viewport(page, locator) -> bool:
@@ -282,6 +304,16 @@ def test_browser_renders_table_and_plots(app_url, artifacts_dir):
             page.locator("#roofline-plot .js-plotly-plot").first.wait_for(timeout=30_000)
             _settle(page)
             page.screenshot(path=str(artifacts_dir / "leaderboard-roofline.png"), full_page=True)
+
+            page.get_by_role("tab", name="About").click()
+            about = page.locator("#about")
+            about.get_by_text("Figures", exact=True).wait_for(timeout=30_000)
+            text = about.inner_text()
+            for label in _default_headers(app_url):  # every column of the table is defined there
+                assert label.split(" (")[0] in text, label
+            assert "higher is better" in text and "moecap publish" in text
+            _settle(page)
+            page.screenshot(path=str(artifacts_dir / "leaderboard-about.png"), full_page=True)
 
             page.get_by_role("tab", name="Record").click()
             page.locator("#bytes-plot .js-plotly-plot").first.wait_for(timeout=30_000)

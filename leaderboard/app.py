@@ -28,6 +28,8 @@ import math
 import os
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,8 @@ HEADLINE_ORDER = ("model", "system", "usd_per_1m_output_tokens", "accuracy", "pe
 PINNED = 3  # rank, model, system stay in view when the table scrolls sideways
 NO_ROWS = "**No rows match the filters and search.** Tick more values under Filters or clear the search."
 EXPORTS_KEPT = 8  # CSV exports kept in the app's one export folder (older ones are deleted)
+RELOAD_S = 300.0  # records are re-read when older than this (and on a page load after PAGE_RELOAD_S)
+PAGE_RELOAD_S = 10.0
 # the filters: (column key, label, keyword of filter_frame)
 FILTERS = [
     ("system", "System", "systems"),
@@ -156,14 +160,18 @@ def _has_values(df: pd.DataFrame, key: str) -> bool:
     return bool(_num(df, key).notna().any())
 
 
-def _filter(df: pd.DataFrame, selections: list[list[str] | None], search: str | None) -> pd.DataFrame:
+def _filter(df: pd.DataFrame, selections: list[list[str] | None], search: str | None,
+            known: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """``known``: each filter's values as the page was given them; a selection holding all of them is
+    no filter, so rows with values published since (or none, e.g. quality rows) are shown too."""
     kwargs: dict[str, Any] = {}
     for (key, _label_, kw), sel in zip(FILTERS, selections):
         if sel is None:
             continue
         if isinstance(sel, str):
             sel = [sel]
-        if set(map(str, sel)) >= set(_choices(df, key)):
+        offered = known[key] if known is not None and key in known else _choices(df, key)
+        if set(map(str, sel)) >= set(offered):
             continue  # everything ticked: no filter (keeps rows without a value, e.g. quality rows)
         kwargs[kw] = list(sel)
     return filter_frame(df, search=(search or None), **kwargs)
@@ -429,9 +437,44 @@ def about_markdown(df: pd.DataFrame, results: str) -> str:
     ])
 
 
-def build_app(results: str) -> gr.Blocks:
-    """The leaderboard over ``results`` (a folder of records, or ``hf://datasets/org/name``)."""
-    df, message = _load(str(results))
+class _Records:
+    """The records behind the board, re-read when older than ``reload_s`` so that results published
+    after the app started appear without a restart (a failed re-read keeps the last good frame)."""
+
+    def __init__(self, results: str, reload_s: float | None):
+        self.results, self.reload_s = results, reload_s
+        self.df, self.message = _load(results)
+        self.loaded = time.monotonic()
+        self._lock = threading.Lock()
+
+    def frame(self, max_age: float | None = None) -> pd.DataFrame:
+        age = self.reload_s if max_age is None else max_age
+        if age is not None and time.monotonic() - self.loaded >= age:
+            with self._lock:
+                if time.monotonic() - self.loaded >= age:
+                    df, message = _load(self.results)
+                    if message is None or self.df.empty:
+                        self.df, self.message = df, message
+                    self.loaded = time.monotonic()
+        return self.df
+
+
+def _record_choices(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(label, cell id) of every record, for the record picker."""
+    return [
+        (f"{r['cell_id']}  [{r['suite']}]" if pd.notna(r.get("suite")) else str(r["cell_id"]), str(r["cell_id"]))
+        for _, r in df.iterrows() if pd.notna(r.get("cell_id"))
+    ]
+
+
+def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
+    """The leaderboard over ``results`` (a folder of records, or ``hf://datasets/org/name``), re-read
+    every ``reload_s`` seconds (default ``$MOECAP_LEADERBOARD_RELOAD_S`` or 300; a negative value:
+    never) and on a page load when older than 10 s."""
+    if reload_s is None:
+        reload_s = float(os.environ.get("MOECAP_LEADERBOARD_RELOAD_S", RELOAD_S))
+    data = _Records(str(results), reload_s if reload_s >= 0 else None)
+    df, message = data.df, data.message
     all_columns = columns_for(df)
     numeric = _numeric_keys(df)
     label_to_key = {c.header: c.key for c in all_columns}
@@ -453,18 +496,32 @@ def build_app(results: str) -> gr.Blocks:
     cap_y = pick_default("accuracy", "perplexity")
     cap2_x = pick_default("output_tokens_per_s", "requests_per_s")
     cap2_y = pick_default("perplexity", "accuracy")
-    records = [
-        (f"{r['cell_id']}  [{r['suite']}]" if pd.notna(r.get("suite")) else str(r["cell_id"]), str(i))
-        for i, r in df.iterrows() if pd.notna(r.get("cell_id"))
-    ]
+    records = _record_choices(df)
     all_systems = _choices(df, "system")
+    known = {key: _choices(df, key) for key, _l, _k in FILTERS}  # filter values the pages were given
 
     # ---- handlers (closures over the loaded frame) -----------------------------------------
 
     def _filtered(system, model, hardware, precision, load, search) -> pd.DataFrame:
-        if df.empty:
-            return df
-        return _filter(df, [system, model, hardware, precision, load], search)
+        frame = data.frame()
+        if frame.empty:
+            return frame
+        return _filter(frame, [system, model, hardware, precision, load], search, known)
+
+    def refresh(*selections):
+        """On a page load and every ``reload_s``: re-read the records if stale; new filter values are
+        added to the filters ticked (what a visitor had unticked stays unticked)."""
+        frame = data.frame(max_age=PAGE_RELOAD_S if data.reload_s is not None else None)
+        updates = []
+        for (key, _label_, _kw), sel in zip(FILTERS, selections):
+            now = _choices(frame, key)
+            sel = [sel] if isinstance(sel, str) else list(sel or [])
+            new = [v for v in now if v not in known[key]]
+            known[key] = now
+            updates.append(gr.update(choices=now, value=[v for v in now if v in sel or v in new]))
+        header = (f"# moecap leaderboard\nCost / Accuracy / Performance of Mixture-of-Experts LLM serving. "
+                  f"Results: `{results}` ({len(frame)} rows).")
+        return (*updates, gr.update(choices=_record_choices(frame)), header)
 
     rank_default = pick_default(*RANK_DEFAULTS)
 
@@ -497,7 +554,7 @@ def build_app(results: str) -> gr.Blocks:
         return _shown(frame, columns)
 
     def no_rows(system, model, hardware, precision, load, search):
-        empty = not df.empty and _filtered(system, model, hardware, precision, load, search).empty
+        empty = not data.frame().empty and _filtered(system, model, hardware, precision, load, search).empty
         return gr.update(visible=empty)
 
     export_dir: list[Path] = []  # the app's one export folder, made on the first export
@@ -531,11 +588,14 @@ def build_app(results: str) -> gr.Blocks:
     def roofline(system, model, hardware, precision, load, search):
         return roofline_figure(_filtered(system, model, hardware, precision, load, search))
 
-    def record(index: str | None):
-        if index is None or df.empty or str(index) not in {v for _, v in records}:
+    def record(cell_id: str | None):
+        frame = data.frame()
+        hits = frame.index[frame["cell_id"].astype(str) == str(cell_id)] if cell_id is not None and \
+            "cell_id" in frame.columns else []
+        if len(hits) == 0:
             empty = _empty_fig("Pick a record.")
             return {}, empty, empty
-        row = df.loc[int(index)]
+        row = frame.loc[hits[0]]
         rec = _read_record(row)
         if rec is None:
             shown = {k: (None if pd.isna(v) else v) for k, v in row.items()
@@ -551,7 +611,7 @@ def build_app(results: str) -> gr.Blocks:
 
     with gr.Blocks(title="moecap leaderboard", analytics_enabled=False,
                    delete_cache=(3600, 3600)) as demo:  # gradio's copies of exports: cleaned hourly
-        gr.Markdown(
+        header_md = gr.Markdown(
             "# moecap leaderboard\n"
             "Cost / Accuracy / Performance of Mixture-of-Experts LLM serving. "
             f"Results: `{results}` ({len(df)} rows)."
@@ -631,7 +691,9 @@ def build_app(results: str) -> gr.Blocks:
             with gr.Tab("About", id="about"):
                 gr.Markdown(about_markdown(df, str(results)), elem_id="about")
             with gr.Tab("Record", id="record"):
-                perf = [v for _, v in records if pd.notna(_num(df, "output_tokens_per_s").get(int(v)))]
+                tps = dict(zip(df["cell_id"].astype(str), _num(df, "output_tokens_per_s"))) \
+                    if "cell_id" in df.columns else {}
+                perf = [v for _, v in records if pd.notna(tps.get(v))]
                 first = perf[0] if perf else (records[0][1] if records else None)
                 pick = gr.Dropdown(choices=records, value=first,
                                    label="Cell", elem_id="record-pick")
@@ -640,6 +702,8 @@ def build_app(results: str) -> gr.Blocks:
                     lat_plot = gr.Plot(label="Latency", elem_id="latency-plot")
                 rec_json = gr.JSON(label="Record (config, environment, report)", open=False)
 
+        timer = gr.Timer(data.reload_s if data.reload_s else 3600.0, active=data.reload_s is not None)
+        gr.on([demo.load, timer.tick], refresh, filters, [*filters, pick, header_md], api_name="refresh")
         table_inputs = [*filter_inputs, columns, sort_by]
         filter_triggers_all = [c.change for c in filters] + [search.change]
         table_triggers = [*filter_triggers_all, columns.change, sort_by.change]

@@ -109,7 +109,7 @@ def test_default_ranking_and_empty_selection(client):
     # ranked by output throughput by default, best first; the rank is the first column
     tps = [r["Output throughput (tok/s)"] for r in rows]
     assert [r["#"] for r in rows] == [1, 2, 3, None] and tps[:3] == sorted(tps[:3], reverse=True)
-    assert rows[0]["Load"] == "bs=4"
+    assert rows[3]["Load"] is None  # the quality-only row has no throughput: unranked, last
     # unticking every value of a filter leaves no rows (it used to show them all)
     assert _rows(client.predict(load=[], api_name="/filter_table")) == []
 
@@ -139,8 +139,10 @@ def test_plots_and_record(client, app_url):
         fig = client.predict(api_name=api)
         assert fig["type"] == "plotly" and '"data":[{' in fig["plot"], api
     # records hold {"path": ...} dicts that the client would take for files: do not download
+    perf_id = next(r["Cell"] for r in _rows(client.predict(columns=["Cell", "Load"], api_name="/filter_table"))
+                   if r["Load"])
     rec, bytes_fig, lat_fig = Client(app_url, verbose=False, download_files=False).predict(
-        "1", api_name="/record")
+        perf_id, api_name="/record")
     assert rec["status"] == "ok" and "utilization" in rec["report"]
     assert "experts" in bytes_fig["plot"] and "TTFT" in lat_fig["plot"]
 
@@ -182,6 +184,42 @@ def test_names_render_as_text_in_plots():
     assert all("<a href" not in str(t.text) and "<b>m</b>" not in str(t.text) for t in fig.data)
     radar = radar_figure(df, [evil, "b"])
     assert evil not in [t.name for t in radar.data]
+
+
+def test_records_published_after_start_appear_without_restart(results_dir, tmp_path):
+    """A record written into the results after the app started shows up in the table and in the
+    filters (re-read when older than reload_s; here 0.5 s), with no restart."""
+    import json
+    import shutil
+    import time
+
+    from gradio_client import Client
+
+    from moecap.leaderboard.app import build_app
+
+    live = tmp_path / "live"
+    shutil.copytree(results_dir, live)
+    demo = build_app(str(live), reload_s=0.5)
+    demo.queue()
+    try:
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                    quiet=True, show_error=True)
+        c = Client(demo.local_url, verbose=False)
+        assert len(_rows(c.predict(api_name="/filter_table"))) == 4
+        src = next(p for p in sorted((live / "quickstart").glob("*.json")) if "bs1" in p.name)
+        rec = json.loads(src.read_text())
+        rec["cell_id"] += "-late"
+        rec["config"]["model"]["display_name"] = "tiny-moe-late"
+        (live / "quickstart" / f"{rec['cell_id']}.json").write_text(json.dumps(rec))
+        time.sleep(0.6)
+        models = [r["Model"] for r in _rows(c.predict(api_name="/filter_table"))]
+        assert len(models) == 5 and "tiny-moe-late" in models
+        # a page's filters get the new value, ticked (the other values as the page had them)
+        updates = c.predict([], ["tiny-moe"], [], [], [], api_name="/refresh")
+        model_filter = updates[1]
+        assert model_filter["value"] == ["tiny-moe", "tiny-moe-late"]
+    finally:
+        demo.close()
 
 
 def test_about_defines_every_column():

@@ -49,7 +49,9 @@ C = Column
 _IDENTITY: list[Column] = [
     C("model", "Model", "str", None, True, None, "Model display name (config.model.display_name)"),
     C("system", "System", "str", None, True, None, "Serving system: runner display name + salient engine settings"),
-    C("precision", "Precision", "str", None, True, None, "Weights / compute dtype of the runner"),
+    C("precision", "Precision", "str", None, True, None,
+      "What the weights are stored in: the runner's dtype; quantized experts first (an engine plan: "
+      "int4 experts, or the share of each precision in a mixed plan); a GGUF export's weight type"),
     C("hardware", "Hardware", "str", None, True, None, "Accelerator (detected device name; N x when several)"),
     C("load", "Load", "str", None, True, None, "Offered load: bs=<batch size>, conc=<concurrency> or rate=<req/s>"),
     C("batch_size", "Batch size", "int", None, False, None, "Static batch size of the load (config.load.batch_size)", 0),
@@ -179,6 +181,8 @@ def system_name(runner: dict[str, Any]) -> str | None:
     for src in (runner.get("args"), runner, runner.get("resolved_args")):  # later wins
         if isinstance(src, dict):
             args.update({k: v for k, v in src.items() if k in _SALIENT_ARGS})
+    if runner.get("type") == "engine":  # its own attention whatever attn_implementation says
+        args.pop("attn_implementation", None)
     parts: list[str] = []
     seen: set[str] = set()
     for key, short in _SALIENT_ARGS.items():
@@ -192,6 +196,37 @@ def system_name(runner: dict[str, Any]) -> str | None:
     if runner.get("serving") == "serialised":  # one request at a time: not comparable with batching servers
         parts.append("serialised")
     return f"{name} ({', '.join(parts)})" if parts else str(name)
+
+
+_EXPERT_PRECISIONS = ("int8", "int4", "int3", "int2")
+
+
+def precision_label(runner: dict[str, Any]) -> str | None:
+    """What the weights are stored in: the runner's dtype; for an engine plan with quantized experts,
+    the experts' precisions first (``int4 experts, float32``; a mixed plan ``experts 75% int4 + 25%
+    full, float32``); for a GGUF export, its weight type (``q4_0 GGUF``)."""
+    if not isinstance(runner, dict):
+        return None
+    dtype = runner.get("dtype") or _get(runner, "resolved_args", "dtype") or _get(runner, "args", "dtype")
+    dtype = str(dtype) if dtype is not None else None
+    weight_type = runner.get("weight_type")
+    if isinstance(weight_type, str) and weight_type:
+        return f"{weight_type} GGUF"
+    plan = runner.get("plan")
+    n = plan.get("experts") if isinstance(plan, dict) else None
+    if isinstance(n, int) and n > 0:
+        counts = {p: int(plan.get(f"{p}_experts") or 0) for p in _EXPERT_PRECISIONS}
+        counts = {p: c for p, c in counts.items() if c > 0}
+        if counts:
+            full = n - sum(counts.values())
+            if full > 0:
+                counts["full"] = full
+            if len(counts) == 1:
+                experts = f"{next(iter(counts))} experts"
+            else:
+                experts = "experts " + " + ".join(f"{100 * c / n:.0f}% {p}" for p, c in counts.items())
+            return f"{experts}, {dtype}" if dtype else experts
+    return dtype
 
 
 def _hardware(cfg: dict[str, Any]) -> str | None:
@@ -232,7 +267,7 @@ def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, A
     cfg = d.get("config") if isinstance(d.get("config"), dict) else {}
     rep = d.get("report") if isinstance(d.get("report"), dict) else {}
     runner = cfg.get("runner") if isinstance(cfg.get("runner"), dict) else {}
-    precision = runner.get("dtype") or _get(runner, "resolved_args", "dtype") or _get(runner, "args", "dtype")
+    precision = precision_label(runner)
     suite = _get(d, "suite", "name") if isinstance(d.get("suite"), dict) else d.get("suite")
     if not suite and path is not None:
         suite = Path(path).parent.name
@@ -511,6 +546,7 @@ __all__ = [
     "to_csv",
     "record_row",
     "system_name",
+    "precision_label",
     "parse_hf_source",
     "empty_frame",
 ]

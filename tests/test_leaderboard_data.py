@@ -485,3 +485,18 @@ def test_secret_names_and_figure_names_are_told_apart():
                  "keys", "key_cache", "input_tokens", "completion_tokens", "model", "joules_per_output_token",
                  "bos_token", "pad_token", "max_new_token"):
         assert not is_secret_name(name), name
+
+
+def test_precision_shows_what_the_experts_are_stored_in():
+    """Engine plans and GGUF exports are labelled by their weights, not by the activation dtype."""
+    assert lb.precision_label({"type": "hf", "dtype": "bfloat16"}) == "bfloat16"
+    engine = {"type": "engine", "dtype": "float32", "plan": {"name": "int4-all", "experts": 32, "int4_experts": 32}}
+    assert lb.precision_label(engine) == "int4 experts, float32"
+    mixed = {"type": "engine", "dtype": "bfloat16", "plan": {"experts": 32, "int8_experts": 8, "int4_experts": 16}}
+    assert lb.precision_label(mixed) == "experts 25% int8 + 50% int4 + 25% full, bfloat16"
+    resident = {"type": "engine", "dtype": "float32", "plan": {"experts": 32, "fast_experts": 32}}
+    assert lb.precision_label(resident) == "float32"
+    assert lb.precision_label({"type": "llamacpp", "dtype": "int8", "weight_type": "q4_0"}) == "q4_0 GGUF"
+    # the engine's attention is its own: no attn= from the hf arguments it inherits
+    assert lb.system_name({"type": "engine", "display_name": "int2", "resolved_args": {"attn_implementation": "sdpa"},
+                           "attn_implementation": "engine (torch scaled_dot_product_attention)"}) == "int2"

@@ -61,6 +61,17 @@ RANK_DEFAULTS = ("output_tokens_per_s", "usd_per_1m_output_tokens", "accuracy", 
 HEADLINE_ORDER = ("model", "system", "usd_per_1m_output_tokens", "accuracy", "perplexity",
                   "output_tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "load", "precision", "hardware")
 PINNED = 3  # rank, model, system stay in view when the table scrolls sideways
+PHONE_WIDTH = 700  # below this viewport width (px) the table starts compact: who, then C, A, P
+PHONE_KEYS = ("model", "system", "usd_per_1m_output_tokens", "accuracy", "output_tokens_per_s")
+# small screens: smaller table text and controls (a <style> in the page: gradio 6 takes css= only at launch)
+PHONE_CSS = """<style>
+@media (max-width: {w}px) {
+  #leaderboard-table, #leaderboard-table td, #leaderboard-table th { font-size: 11px !important; }
+  #leaderboard-table th, #leaderboard-table td { padding: 4px 3px !important; }
+  #leaderboard-table th, #leaderboard-table th * { white-space: normal !important; overflow-wrap: anywhere; }
+  #export-csv { font-size: 13px; }
+}
+</style>"""
 NO_ROWS = "**No rows match the filters and search.** Tick more values under Filters or clear the search."
 EXPORTS_KEPT = 8  # CSV exports kept in the app's one export folder (older ones are deleted)
 RELOAD_S = 300.0  # records are re-read when older than this (and on a page load after PAGE_RELOAD_S)
@@ -553,6 +564,14 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
         frame = _ranked(_filtered(system, model, hardware, precision, load, search), sort_by)
         return _shown(frame, columns)
 
+    def compact(width: float | None):
+        """On a narrow screen: the compact columns (rank, model, system, C, A, P), headers wrapped,
+        only the rank pinned; the Columns picker still offers every column."""
+        if not width or width >= PHONE_WIDTH:
+            return gr.update(), gr.update()
+        labels = [_label(k) for k in PHONE_KEYS if _label(k) in picker_labels]
+        return gr.update(value=labels), gr.update(pinned_columns=1)
+
     def no_rows(system, model, hardware, precision, load, search):
         empty = not data.frame().empty and _filtered(system, model, hardware, precision, load, search).empty
         return gr.update(visible=empty)
@@ -611,6 +630,7 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
 
     with gr.Blocks(title="moecap leaderboard", analytics_enabled=False,
                    delete_cache=(3600, 3600)) as demo:  # gradio's copies of exports: cleaned hourly
+        gr.HTML(PHONE_CSS.replace("{w}", str(PHONE_WIDTH)), visible=True, padding=False, elem_id="phone-css")
         header_md = gr.Markdown(
             "# moecap leaderboard\n"
             "Cost / Accuracy / Performance of Mixture-of-Experts LLM serving. "
@@ -702,13 +722,16 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
                     lat_plot = gr.Plot(label="Latency", elem_id="latency-plot")
                 rec_json = gr.JSON(label="Record (config, environment, report)", open=False)
 
+        viewport = gr.Number(value=None, visible=False, elem_id="viewport-width")
         timer = gr.Timer(data.reload_s if data.reload_s else 3600.0, active=data.reload_s is not None)
         gr.on([demo.load, timer.tick], refresh, filters, [*filters, pick, header_md], api_name="refresh")
         table_inputs = [*filter_inputs, columns, sort_by]
         filter_triggers_all = [c.change for c in filters] + [search.change]
         table_triggers = [*filter_triggers_all, columns.change, sort_by.change]
-        gr.on([demo.load, *table_triggers], filter_table, table_inputs, table,
-              api_name="filter_table")
+        gr.on(table_triggers, filter_table, table_inputs, table, api_name="filter_table")
+        # first the screen's width (compact columns on a phone), then the table: one chain, no race
+        demo.load(compact, viewport, [columns, table], js="(w) => window.innerWidth", api_name=False).then(
+            filter_table, table_inputs, table, api_name=False)
         gr.on([demo.load, *filter_triggers_all], no_rows, filter_inputs, empty_note, api_name=False)
         export.click(export_csv, table_inputs, export_file, api_name="export_csv").then(
             lambda: gr.update(visible=True), None, export_file, api_name=False)

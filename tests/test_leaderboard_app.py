@@ -279,8 +279,15 @@ def _in_viewport(page, locator) -> bool:
         and box["y"] + box["height"] <= vp["height"]
 
 
-def _visible_cell(page, text: str):
-    return page.locator("#leaderboard-table span:visible").filter(has_text=text).first
+def _as_shown(value) -> str:
+    """A cell value as the browser shows it (JavaScript's number formatting: 1375.0 is "1375")."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def _visible_cell(page, value):
+    return page.locator("#leaderboard-table span:visible").filter(has_text=_as_shown(value)).first
 
 
 @pytest.mark.parametrize("size", [(1440, 900), (390, 844)], ids=["desktop", "phone"])
@@ -297,7 +304,7 @@ def test_browser_first_screen_and_empty_state(app_url, client, artifacts_dir, si
         try:
             page = browser.new_page(viewport={"width": size[0], "height": size[1]})
             page.goto(app_url, wait_until="domcontentloaded", timeout=30_000)
-            top = _visible_cell(page, str(best["Output throughput (tok/s)"]))
+            top = _visible_cell(page, best["Output throughput (tok/s)"])
             top.wait_for(state="attached", timeout=30_000)
             _settle(page)
             name = "desktop" if size[0] > 800 else "phone"
@@ -305,7 +312,7 @@ def test_browser_first_screen_and_empty_state(app_url, client, artifacts_dir, si
             assert _in_viewport(page, page.locator("#leaderboard-table th:visible").filter(has_text="#").first)
             if name == "desktop":
                 for header in ("Model", "Cost ($/1M tok)", "Accuracy", "Output throughput (tok/s)"):
-                    cell = _visible_cell(page, str(best[header]))
+                    cell = _visible_cell(page, best[header])
                     assert _in_viewport(page, cell), (header, best[header], cell.bounding_box())
             page.locator("#search textarea, #search input").first.fill("no-such-thing")
             page.locator("#no-rows").wait_for(state="visible", timeout=15_000)

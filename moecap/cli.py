@@ -111,6 +111,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if n_failed else 0
 
 
+# Commands that need packages of an extra (import name -> the extra that installs it): checked in main()
+# before the command starts, so that a board-only install (pip install 'moecap[leaderboard]') answers in
+# one line instead of a traceback. Found with find_spec: nothing heavy is imported here.
+_EXTRA_OF = {"torch": "run", "transformers": "run", "safetensors": "run", "aiohttp": "run", "matplotlib": "run",
+             "gguf": "llamacpp"}
+_MODELS = ("torch", "transformers")
+
+
+def _missing_extra(args: argparse.Namespace) -> str | None:
+    """Why ``args``' command cannot run here (a missing extra, as one line), or None."""
+    import importlib.util
+
+    needs = tuple(getattr(args, "needs", ()) or ())
+    if getattr(args, "calibrate", False):  # moecap hardware --calibrate measures with torch
+        needs += ("torch",)
+    if getattr(args, "dry_run", False):  # moecap run --dry-run only expands the suite
+        needs = ()
+    missing = [m for m in dict.fromkeys(needs) if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    extras = sorted({_EXTRA_OF.get(m, "run") for m in missing})
+    if "llamacpp" in extras:  # the llamacpp extra includes run
+        extras = ["llamacpp"]
+    command = " ".join(w for w in (args.command, getattr(args, "zoo_command", None),
+                                   getattr(args, "engine_command", None)) if w)
+    return (f"moecap {command}: needs {', '.join(missing)}, not installed here (this install has no "
+            f"moecap[{','.join(extras)}]): pip install 'moecap[{','.join(extras)}]'")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from moecap.report import report
 
@@ -202,6 +231,9 @@ def _unwritable(folder: Path) -> str | None:
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     import os
 
+    if args.write_space:
+        return _cmd_leaderboard_space(args)
+    args.results = args.results or "results"
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if args.port:
         from moecap.runners.server import port_in_use
@@ -213,6 +245,23 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from moecap.leaderboard.app import launch
 
     launch(args.results, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def _cmd_leaderboard_space(args: argparse.Namespace) -> int:
+    from moecap.leaderboard.deploy import SpaceError, write_space
+
+    try:
+        info = write_space(args.write_space, results=args.results, title=args.title)
+    except SpaceError as err:
+        print(f"moecap leaderboard --write-space: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote the Space into {info['dir']}: app.py, README.md (gradio {info['gradio']}, python "
+          f"{info['python']}), requirements.txt ({', '.join(info['requirements'])}), moecap/ (from "
+          f"{info['wheel']})")
+    print(f"MOECAP_RESULTS default: {info['results']}" if info["results"] else
+          "set the Space variable MOECAP_RESULTS (hf://datasets/<org>/<name>), or regenerate naming RESULTS")
+    print(f"push it: huggingface-cli upload <org>/<space> {info['dir']} . --repo-type space")
     return 0
 
 
@@ -626,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--cpus-per-cell", type=float, metavar="N", default=None, help="CPUs each cell reserves (default 1)")
     rg.add_argument("--memory-gb", type=float, metavar="GB", default=None,
                     help="host memory each cell reserves (default: none reserved)")
-    r.set_defaults(func=_cmd_run)
+    r.set_defaults(func=_cmd_run, needs=_MODELS)
 
     rep = sub.add_parser("report", help="tabulate records")
     rep.add_argument("paths", nargs="*", help="record files or folders (default: results)")
@@ -644,11 +693,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare_arguments(cmp)
     cmp.set_defaults(func=cmd_compare)
 
-    lb = sub.add_parser("leaderboard", help="the Gradio leaderboard over a results folder, on localhost")
-    lb.add_argument("results", nargs="?", default="results", help="results folder or hf://datasets/<org>/<name>")
+    lb = sub.add_parser(
+        "leaderboard", help="the Gradio leaderboard over a results folder, on localhost (or written as a Space)",
+        description="Serve the leaderboard on localhost; with --write-space OUT_DIR, write it instead as a "
+        "ready-to-push Hugging Face Space: app.py, README.md (the Space's configuration), requirements.txt (the "
+        "board's packages: no torch, no transformers) and moecap/ (a wheel of this source tree, unpacked), "
+        "showing RESULTS unless the Space variable MOECAP_RESULTS names other records. Then push it: "
+        "huggingface-cli upload <org>/<space> OUT_DIR . --repo-type space")
+    lb.add_argument("results", nargs="?", default=None,
+                    help="results folder or hf://datasets/<org>/<name> (default: results)")
     lb.add_argument("--host", default="127.0.0.1")
     lb.add_argument("--port", type=int, default=None)
     lb.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    lb.add_argument("--write-space", metavar="OUT_DIR", default=None,
+                    help="write a Hugging Face Space of the board into OUT_DIR instead of serving it")
+    lb.add_argument("--title", default="moecap leaderboard", help="with --write-space: the Space's title")
     lb.set_defaults(func=_cmd_leaderboard)
 
     pub = sub.add_parser("publish", help="validate records and push them to the leaderboard's results repo")
@@ -677,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--profile", choices=["default", "test"], help="default: ~1M parameters, trained longest; test: a faster, weaker one")
     zb.add_argument("--variants", help="comma-separated children to build: code,prose,c (default all) or none")
     zb.add_argument("--force", action="store_true", help="rebuild from scratch")
-    zb.set_defaults(func=_cmd_zoo_build)
+    zb.set_defaults(func=_cmd_zoo_build, needs=_MODELS)
 
     eng = sub.add_parser("engine", help="moecap's own engine").add_subparsers(dest="engine_command", required=True)
     ep = eng.add_parser("pareto", help="measure expert placement x precision configurations; write the "
@@ -706,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--min-tokens-per-s", type=float, help="print the most accurate configuration with tok/s >= this")
     ep.add_argument("-o", "--output", default="results")
     ep.add_argument("--force", action="store_true", help="re-run configurations that already have records")
-    ep.set_defaults(func=_cmd_engine_pareto)
+    ep.set_defaults(func=_cmd_engine_pareto, needs=_MODELS)
 
     er = eng.add_parser("rates", help="measure (once, then cached) the rates the engine's cost model uses: host "
                         "expert kernels per precision, the host-to-device link")
@@ -714,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="the model's dtype (full-precision host experts)")
     er.add_argument("--refresh", action="store_true", help="measure again")
-    er.set_defaults(func=_cmd_engine_rates)
+    er.set_defaults(func=_cmd_engine_rates, needs=("torch",))
 
     em = eng.add_parser("merge", help="merge fine-tuned children of one base into one model (average, "
                         "task_arithmetic, ties, dare): a baseline for consolidation")
@@ -729,13 +788,13 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--seed", type=int, help="dare: random seed (default 0)")
     em.add_argument("--combine", help="dare: arithmetic (default) or ties")
     em.add_argument("-o", "--output", required=True, help="the merged model directory to write")
-    em.set_defaults(func=_cmd_engine_merge)
+    em.set_defaults(func=_cmd_engine_merge, needs=_MODELS)
 
     et = eng.add_parser("tenants", help="compare moecap serve backends on a multi-tenant trace from their records "
                         "(per-child turnaround, switches, expert memory, own-domain perplexity); table + PNG")
     et.add_argument("results", help="the records of a multi-model suite (e.g. results/consolidation-cpu)")
     et.add_argument("-o", "--out", default=None, help="the plot (default: RESULTS/tenants.png)")
-    et.set_defaults(func=_cmd_engine_tenants)
+    et.set_defaults(func=_cmd_engine_tenants, needs=("matplotlib",))
     ec = eng.add_parser("consolidate", help="plan expert consolidation of fine-tuned children of one base "
                         "(per-layer memory saving), or measure its curve over thresholds against merging")
     ec.add_argument("base", help="the base model (an embedded name such as tiny-moe, or a directory)")
@@ -749,13 +808,13 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--windows", type=int, default=16, help="perplexity windows per child")
     ec.add_argument("--no-merge", action="store_true", help="skip the model-merging baselines")
     ec.add_argument("-o", "--output", default="results")
-    ec.set_defaults(func=_cmd_engine_consolidate)
+    ec.set_defaults(func=_cmd_engine_consolidate, needs=_MODELS)
 
     eg = sub.add_parser("export-gguf", help="write a Mixtral-family (or Llama) model as GGUF for llama.cpp")
     eg.add_argument("model", help="an embedded model name (tiny-moe, ...) or a local Hugging Face model directory")
     eg.add_argument("-o", "--output", help="the .gguf file (default: <model dir name>-<weight type>.gguf here)")
     eg.add_argument("--weight-type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0"])
-    eg.set_defaults(func=_cmd_export_gguf)
+    eg.set_defaults(func=_cmd_export_gguf, needs=("safetensors", "gguf"))
 
     lc = sub.add_parser("llamacpp", help="llama.cpp's own llama-server for the llamacpp runner").add_subparsers(
         dest="llamacpp_command", required=True)
@@ -810,13 +869,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a model with queued work goes next after this many batches of other models")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    sv.set_defaults(func=_cmd_serve)
+    sv.set_defaults(func=_cmd_serve, needs=(*_MODELS, "aiohttp"))
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    missing = _missing_extra(args)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 1
     return args.func(args)
 
 

@@ -1,8 +1,10 @@
 """Hugging Face Space entry point of the moecap leaderboard.
 
-The Space installs moecap (see requirements.txt) and serves the records named by the Space
-variable ``MOECAP_RESULTS``: a folder in the Space, or ``hf://datasets/<org>/<name>`` (the results
-repo that ``moecap publish --to`` pushes to).
+The template that ``moecap leaderboard [RESULTS] --write-space OUT`` copies into a generated Space
+(see README.md here); the Space imports moecap from the copy unpacked next to this file. It serves
+the records named by the Space variable ``MOECAP_RESULTS``: a folder in the Space, or
+``hf://datasets/<org>/<name>`` (the results repo that ``moecap publish --to`` pushes to); without it,
+``DEFAULT_RESULTS`` (the RESULTS it was written with).
 """
 
 import os
@@ -11,7 +13,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from moecap.leaderboard.app import build_app  # noqa: E402
 
-RESULTS = os.environ.get("MOECAP_RESULTS")
+DEFAULT_RESULTS = None
+RESULTS = os.environ.get("MOECAP_RESULTS") or DEFAULT_RESULTS
 if not RESULTS:
     raise SystemExit(
         "set the Space variable MOECAP_RESULTS to the results to show: "

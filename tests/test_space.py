@@ -15,11 +15,10 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, free_port, running_server
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
@@ -83,23 +82,6 @@ def _pip_install(python: Path, requirements: Path) -> float:
     return took
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, deadline_s: float = 120) -> None:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace")[-3000:] if proc.stdout else ""
-            raise AssertionError(f"python app.py exited with {proc.returncode} before it answered:\n{out}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} did not answer 200 within {deadline_s} s")
-        time.sleep(0.5)
-
-
 def test_generated_space_installs_without_torch_and_serves_records(tmp_path, records):
     results, cells = records
     space = tmp_path / "space"
@@ -136,11 +118,9 @@ def test_generated_space_installs_without_torch_and_serves_records(tmp_path, rec
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
     env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), MOECAP_RESULTS=str(results),
                GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([str(python), "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        _wait_ready(proc, url)
+    url = f"http://127.0.0.1:{port}/"
+    # the script's folder leads sys.path: app.py imports the moecap unpacked next to it
+    with running_server([str(python), str(space / "app.py")], url, env=env):
         client = gradio_client.Client(url, verbose=False)
         table = client.predict(api_name="/filter_table")
         rows = [dict(zip(table["headers"], row)) for row in table["data"]]
@@ -153,10 +133,3 @@ def test_generated_space_installs_without_torch_and_serves_records(tmp_path, rec
                                 "print('torch' in sys.modules)"], cwd=space, capture_output=True, text=True,
                                timeout=60)
         assert where.stdout.splitlines()[0].startswith(str(space)), where.stdout + where.stderr
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

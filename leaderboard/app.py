@@ -171,6 +171,11 @@ def _has_values(df: pd.DataFrame, key: str) -> bool:
     return bool(_num(df, key).notna().any())
 
 
+def _header(results: str, n_rows: int) -> str:
+    return ("# moecap leaderboard\nCost / Accuracy / Performance of Mixture-of-Experts LLM serving. "
+            f"Results: `{results}` ({n_rows} rows).")
+
+
 def _filter(df: pd.DataFrame, selections: list[list[str] | None], search: str | None,
             known: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """``known``: each filter's values as the page was given them; a selection holding all of them is
@@ -530,9 +535,7 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
             new = [v for v in now if v not in known[key]]
             known[key] = now
             updates.append(gr.update(choices=now, value=[v for v in now if v in sel or v in new]))
-        header = (f"# moecap leaderboard\nCost / Accuracy / Performance of Mixture-of-Experts LLM serving. "
-                  f"Results: `{results}` ({len(frame)} rows).")
-        return (*updates, gr.update(choices=_record_choices(frame)), header)
+        return (*updates, gr.update(choices=_record_choices(frame)), _header(str(results), len(frame)))
 
     rank_default = pick_default(*RANK_DEFAULTS)
 
@@ -631,11 +634,7 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
     with gr.Blocks(title="moecap leaderboard", analytics_enabled=False,
                    delete_cache=(3600, 3600)) as demo:  # gradio's copies of exports: cleaned hourly
         gr.HTML(PHONE_CSS.replace("{w}", str(PHONE_WIDTH)), visible=True, padding=False, elem_id="phone-css")
-        header_md = gr.Markdown(
-            "# moecap leaderboard\n"
-            "Cost / Accuracy / Performance of Mixture-of-Experts LLM serving. "
-            f"Results: `{results}` ({len(df)} rows)."
-        )
+        header_md = gr.Markdown(_header(str(results), len(df)))
         if message:
             gr.Markdown(f"**{message}**", elem_id="empty-message")
 
@@ -726,16 +725,15 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
         timer = gr.Timer(data.reload_s if data.reload_s else 3600.0, active=data.reload_s is not None)
         gr.on([demo.load, timer.tick], refresh, filters, [*filters, pick, header_md], api_name="refresh")
         table_inputs = [*filter_inputs, columns, sort_by]
-        filter_triggers_all = [c.change for c in filters] + [search.change]
-        table_triggers = [*filter_triggers_all, columns.change, sort_by.change]
+        filter_triggers = [c.change for c in filters] + [search.change]
+        table_triggers = [*filter_triggers, columns.change, sort_by.change]
         gr.on(table_triggers, filter_table, table_inputs, table, api_name="filter_table")
         # first the screen's width (compact columns on a phone), then the table: one chain, no race
         demo.load(compact, viewport, [columns, table], js="(w) => window.innerWidth", api_name=False).then(
             filter_table, table_inputs, table, api_name=False)
-        gr.on([demo.load, *filter_triggers_all], no_rows, filter_inputs, empty_note, api_name=False)
+        gr.on([demo.load, *filter_triggers], no_rows, filter_inputs, empty_note, api_name=False)
         export.click(export_csv, table_inputs, export_file, api_name="export_csv").then(
             lambda: gr.update(visible=True), None, export_file, api_name=False)
-        filter_triggers = [c.change for c in filters] + [search.change]
         gr.on([demo.load, *filter_triggers, x1.change, y1.change], cap_plot,
               [*filter_inputs, x1, y1], plot1, api_name="cap_plot")
         gr.on([demo.load, *filter_triggers, x2.change, y2.change], cap_plot,

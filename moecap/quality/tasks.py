@@ -66,14 +66,15 @@ def _candidate(line: str) -> bool:
     return MIN_LINE_CHARS <= len(s) and len(line) <= MAX_LINE_CHARS and any(c.isalnum() for c in s)
 
 
+def _anchors(lines: list[list[str]]) -> list[tuple[int, int]]:
+    """(document, line) of every line with a context before it (the positions contexts are cut at)."""
+    return [(d, i) for d, doc_lines in enumerate(lines) for i in range(CONTEXT_LINES, len(doc_lines) + 1)
+            if any(ln.strip() for ln in doc_lines[i - CONTEXT_LINES : i])]
+
+
 def _positions(lines: list[list[str]], rng: random.Random) -> list[tuple[int, int]]:
     """(document, line) of every line that can be asked for (a candidate after some context), shuffled."""
-    positions = [
-        (d, i)
-        for d, doc_lines in enumerate(lines)
-        for i in range(CONTEXT_LINES, len(doc_lines))
-        if _candidate(doc_lines[i]) and any(ln.strip() for ln in doc_lines[i - CONTEXT_LINES : i])
-    ]
+    positions = [(d, i) for d, i in _anchors(lines) if i < len(lines[d]) and _candidate(lines[d][i])]
     rng.shuffle(positions)
     return positions
 
@@ -117,15 +118,9 @@ def mc_items(docs: list[str], n: int, rng: random.Random) -> list[dict[str, Any]
     return items
 
 
-def _anchors(lines: list[list[str]]) -> list[tuple[int, int]]:
-    """(document, line) of every line with a context before it (the positions contexts are cut at)."""
-    return [(d, i) for d, doc_lines in enumerate(lines) for i in range(CONTEXT_LINES, len(doc_lines) + 1)
-            if any(ln.strip() for ln in doc_lines[i - CONTEXT_LINES : i])]
-
-
-def real_items(docs: list[str], others: dict[str, list[str]], n: int, rng: random.Random,
-               domain_name: str = "") -> list[dict[str, Any]]:
-    """Up to ``n`` items: a line of a document of ``docs`` and 4 contexts to choose from: the
+def real_items(domain: str, docs: list[str], others: dict[str, list[str]], n: int,
+               rng: random.Random) -> list[dict[str, Any]]:
+    """Up to ``n`` items: a line of a document of ``docs`` (of ``domain``) and 4 contexts to choose from: the
     ``CONTEXT_LINES`` lines before it, the same span from 2 other documents of the domain, and from a
     document of another domain (``others``: each other domain's documents; the domains take turns)."""
     lines = [doc.split("\n") for doc in docs]
@@ -142,7 +137,7 @@ def real_items(docs: list[str], others: dict[str, list[str]], n: int, rng: rando
         if len(items) >= n:
             break
         own = _context(lines[d], i)
-        sources = [{"domain": domain_name, "doc": d, "line": i}]
+        sources = [{"domain": domain, "doc": d, "line": i}]
         contexts = [own]
         for _ in range(100):
             if len(contexts) == N_CHOICES - 1:
@@ -151,7 +146,7 @@ def real_items(docs: list[str], others: dict[str, list[str]], n: int, rng: rando
             ctx = _context(lines[od], oi)
             if od != d and ctx.strip() not in {c.strip() for c in contexts}:
                 contexts.append(ctx)
-                sources.append({"domain": domain_name, "doc": od, "line": oi})
+                sources.append({"domain": domain, "doc": od, "line": oi})
         name = foreign_names[len(items) % len(foreign_names)]
         fd, fi = foreign_anchors[name][rng.randrange(len(foreign_anchors[name]))]
         contexts.append(_context(foreign[name][fd], fi))
@@ -243,7 +238,7 @@ def write_offline_tasks(
             else:
                 def make(docs: list[str], split: str, k: int) -> list[dict[str, Any]]:
                     others = {o: held_out_documents(o, split) for o in DOMAINS if o != domain}
-                    return real_items(docs, others, k, rng, domain)
+                    return real_items(domain, docs, others, k, rng)
                 # lm-eval's multiple-input form (as winogrande): doc_to_text gives the gold index, the
                 # choices are contexts, and every choice scores the same continuation
                 choice = {"doc_to_text": "label", "doc_to_choice": "contexts", "doc_to_target": "continuation"}

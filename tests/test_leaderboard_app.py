@@ -150,7 +150,7 @@ def test_plots_and_record(client, app_url):
 def test_scatter_front_and_radar_figures():
     import pandas as pd
 
-    from moecap.leaderboard.app import radar_figure, scatter_figure
+    from moecap.leaderboard.plots import radar_figure, scatter_figure
 
     df = pd.DataFrame({
         "system": ["a", "a", "b", "b"], "model": "m", "hardware": "h", "precision": "p",
@@ -172,7 +172,7 @@ def test_names_render_as_text_in_plots():
     """Issue 17: an <a href> in a system name became a live link in a plot legend."""
     import pandas as pd
 
-    from moecap.leaderboard.app import radar_figure, scatter_figure
+    from moecap.leaderboard.plots import radar_figure, scatter_figure
 
     evil = "<a href='http://evil.example'>click</a>"
     df = pd.DataFrame({"system": [evil, "b"], "model": "<b>m</b>", "hardware": "h", "precision": "p",

@@ -37,6 +37,7 @@ class Column:
     higher_is_better: bool | None = None
     description: str = ""
     decimals: int = 2  # rounding in display_frame (float columns)
+    scale: float = 1.0  # display_frame shows value x scale (100: a fraction shown in %)
 
     @property
     def header(self) -> str:
@@ -53,15 +54,35 @@ _IDENTITY: list[Column] = [
       "What the weights are stored in: the runner's dtype; quantized experts first (an engine plan: "
       "int4 experts, or the share of each precision in a mixed plan); a GGUF export's weight type"),
     C("hardware", "Hardware", "str", None, True, None, "Accelerator (detected device name; N x when several)"),
+    C("workload", "Workload", "str", None, True, None,
+      "Requests of the cell (config.workload.display_name): prompt source and input/output lengths, e.g. "
+      "random-in128-out32; quality for a quality-only cell"),
     C("load", "Load", "str", None, True, None, "Offered load: bs=<batch size>, conc=<concurrency> or rate=<req/s>"),
     C("batch_size", "Batch size", "int", None, False, None, "Static batch size of the load (config.load.batch_size)", 0),
 ]
 _BOOKKEEPING: list[Column] = [
+    C("ppl_set", "PPL set", "str", None, False, None,
+      "What the Perplexity figure was measured on: data set, windows x tokens per window. Perplexities "
+      "are ranked against each other only on the same set"),
+    C("ppl_windows", "PPL windows", "int", None, False, None, "Windows scored for the Perplexity figure", 0),
+    C("acc_set", "Accuracy set", "str", None, False, None,
+      "What the Accuracy figure was measured on: lm-eval tasks, samples per task, few-shot count. "
+      "Accuracies are ranked against each other only on the same set"),
+    C("acc_samples", "Accuracy samples", "int", None, False, None,
+      "lm-eval samples behind the Accuracy figure (effective samples, summed over its tasks)", 0),
+    C("accuracy_stderr", "Accuracy stderr", "float", None, False, None,
+      "Standard error of the Accuracy figure: lm-eval's per-task standard errors combined for the mean "
+      "of the tasks, sqrt(sum se^2) / tasks (shown as Accuracy +/- stderr)", 3),
+    C("quality_cell", "Quality cell", "str", None, False, None,
+      "The quality record(s) whose figures were merged onto this performance row"),
     C("utilization_basis", "S-MBU basis", "str", None, False, None,
       "traced: per-pass timings and router traces; recorded: a server's own routing record; estimated: a "
       "server's decode passes reconstructed from streamed timestamps, expected expert unions"),
     C("basis", "Basis", "str", None, True, None,
-      "figure families that are not plainly measured, e.g. util=traced cost=estimated"),
+      "How the figures that are not plainly measured were got, e.g. util=traced (calibrated peak); "
+      "cost=estimated (rated power, catalog prices): utilization traced / recorded / estimated and "
+      "over a calibrated, datasheet or user peak; cost from measured or rated (TDP) power and from "
+      "catalog or user prices; energy measured (meter named) or not"),
     C("status", "Status", "str", None, False, None, "Record status: ok, failed or skipped"),
     C("suite", "Suite", "str", None, False, None, "Suite name"),
     C("created_at", "Created", "str", None, False, None, "When the record was written (ISO 8601, UTC)"),
@@ -71,9 +92,17 @@ _BOOKKEEPING: list[Column] = [
 del C
 
 
+_PERCENT_PREFIXES = ("s_mbu", "s_mfu")  # utilizations, stored as fractions, shown as % on the board
+
+
 def _figure_column(f: Any) -> Column:
+    description = f.description[:1].upper() + f.description[1:]
+    if f.key.startswith(_PERCENT_PREFIXES):
+        return Column(f.key, f.label, "float", "%", "leaderboard" in f.show, f.higher_is_better,
+                      description + " (shown in %; CSV exports and records keep the fraction)",
+                      max(0, f.decimals - 2), scale=100.0)
     return Column(f.key, f.label, "float", f.unit, "leaderboard" in f.show, f.higher_is_better,
-                  f.description[:1].upper() + f.description[1:], f.decimals)
+                  description, f.decimals)
 
 
 def columns() -> list[Column]:
@@ -100,6 +129,13 @@ def __getattr__(name: str) -> Any:  # the constant names follow the figure table
 
 QUALITY_KEYS = ("accuracy", "perplexity")
 GROUP_KEYS = ("model", "system", "precision", "hardware")  # what merge_quality matches on
+# the quality figures that travel together (from one record) when merged: headline first
+PPL_GROUP = ("perplexity", "ppl_set", "ppl_windows")
+ACC_GROUP = ("accuracy", "accuracy_stderr", "acc_set", "acc_samples")
+SET_OF = {"perplexity": "ppl_set", "accuracy": "acc_set"}  # a quality figure -> what it was measured on
+# private columns (not shown, not in columns()): why a figure is missing; a quality row merged elsewhere
+WHY = "_why"
+MERGED = "_merged"
 
 # runner settings worth showing in the system name: key -> short name
 _SALIENT_ARGS = {
@@ -260,6 +296,112 @@ def quality_columns(d: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, (v, _, _) in figures.quality_values(rep).items()}
 
 
+def quality_sets(report: dict[str, Any]) -> dict[str, Any]:
+    """What the headline quality figures were measured on: ``ppl_set`` / ``ppl_windows`` for Perplexity
+    (its data set, the first in name order as ``moecap.figures`` takes it) and ``acc_set`` /
+    ``acc_samples`` / ``accuracy_stderr`` for Accuracy (the mean ``acc`` over the record's tasks)."""
+    from moecap import figures
+
+    out: dict[str, Any] = {k: None for k in (*PPL_GROUP[1:], *ACC_GROUP[1:])}
+    quality = report.get("quality") if isinstance(report, dict) else None
+    if not isinstance(quality, dict):
+        return out
+    values = figures.quality_values(report)
+    ppl = [info["dataset"] for k, (_v, _se, info) in values.items() if k.startswith("ppl:")]
+    if ppl:
+        res = (quality.get("perplexity") or {}).get(ppl[0]) or {}
+        windows, ctx = _num(res.get("windows")), _num(res.get("context_length"))
+        shape = ""
+        if windows is not None:
+            shape = f"{windows:.0f} windows" + (f" x {ctx:.0f} tok" if ctx is not None else "")
+        out["ppl_set"] = f"{ppl[0]} ({shape})" if shape else ppl[0]
+        out["ppl_windows"] = int(windows) if windows is not None else None
+    accs = [(info["task"], se, info.get("n")) for k, (_v, se, info) in values.items() if k.endswith(":acc")]
+    if accs:
+        tasks = (quality.get("lm_eval") or {}).get("tasks") or {}
+        ns = sorted({n for _t, _se, n in accs if n})
+        shots = sorted({str(dig(tasks, (t, "num_fewshot"))) for t, _se, _n in accs
+                        if isinstance(dig(tasks, (t, "num_fewshot")), int)})
+        detail = []
+        if ns:
+            detail.append(f"n={ns[0]}/task" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}/task")
+        if shots:
+            detail.append(f"{'/'.join(shots)}-shot")
+        names = ", ".join(t for t, _se, _n in accs)
+        out["acc_set"] = f"{names} ({', '.join(detail)})" if detail else names
+        out["acc_samples"] = sum(n for _t, _se, n in accs if n) or None
+        ses = [se for _t, se, _n in accs]
+        if all(se is not None for se in ses):
+            out["accuracy_stderr"] = math.sqrt(sum(se * se for se in ses)) / len(ses)
+    return out
+
+
+_POWER = {"measured": "measured power", "tdp": "rated power (TDP)", "tdp*utilization": "rated power x utilization"}
+
+
+def basis_label(rep: dict[str, Any]) -> str:
+    """How a record's figures that are not plainly measured were got, e.g. ``util=traced (calibrated
+    peak); cost=estimated (rated power (TDP), catalog prices)``; ``measured`` when all are."""
+    from moecap import figures
+
+    said = rep.get("basis") if isinstance(rep.get("basis"), dict) else figures.bases(rep)
+    parts = []
+    util = rep.get("utilization") if isinstance(rep.get("utilization"), dict) else {}
+    kind = _get(util, "peak", "kind")
+    if said.get("utilization") and said["utilization"] != "measured":
+        parts.append(f"util={said['utilization']}" + (f" ({kind} peak)" if kind else ""))
+    cost = rep.get("cost") if isinstance(rep.get("cost"), dict) else {}
+    if said.get("cost") and said["cost"] != "measured":
+        how = []
+        if cost.get("power_source"):
+            how.append(_POWER.get(str(cost["power_source"]), str(cost["power_source"])))
+        sources = _get(cost, "inputs", "sources")
+        if isinstance(sources, dict) and sources:
+            catalog = any(str(v).startswith("catalog") for v in sources.values())
+            user = any(str(v).startswith(("override", "user")) for v in sources.values())
+            how.append("catalog + user prices" if catalog and user else "catalog prices" if catalog
+                       else "user prices")
+        parts.append(f"cost={said['cost']}" + (f" ({', '.join(how)})" if how else ""))
+    for fam in ("latency", "throughput", "pass_latency", "energy", "memory", "server"):
+        if said.get(fam) and said[fam] != "measured":
+            parts.append(f"{fam}={said[fam]}")
+    energy = rep.get("energy") if isinstance(rep.get("energy"), dict) else {}
+    if energy.get("available") and energy.get("method"):
+        parts.append(f"energy=measured ({energy['method']})")
+    return "; ".join(parts) or "measured"
+
+
+def _why_missing(row: dict[str, Any], rep: dict[str, Any], status: Any) -> dict[str, str]:
+    """A short reason for each figure the row lacks, shown as ``n/a (reason)`` on the board."""
+    from moecap import figures
+
+    if status not in (None, "ok"):
+        return {f.key: str(status) for f in figures.table() if row.get(f.key) is None}
+    quality_only = not isinstance(rep.get("throughput"), dict) and isinstance(rep.get("quality"), dict)
+    energy = rep.get("energy") if isinstance(rep.get("energy"), dict) else {}
+    cost = rep.get("cost") if isinstance(rep.get("cost"), dict) else {}
+    util = rep.get("utilization") if isinstance(rep.get("utilization"), dict) else {}
+    why: dict[str, str] = {}
+    for f in figures.table():
+        if row.get(f.key) is not None:
+            continue
+        if f.family == "quality":
+            why[f.key] = "no quality run"
+        elif quality_only:
+            why[f.key] = "quality run"
+        elif f.family == "energy" or f.key == "avg_power_w":
+            why[f.key] = "no power meter" if energy.get("available") is False else "not measured"
+        elif f.family == "cost":
+            why[f.key] = "no price" if cost.get("reasons") or not cost else "not priced"
+        elif f.family == "utilization":
+            why[f.key] = "not traced" if not util else "no such pass"
+        elif f.family == "server":
+            why[f.key] = "not a multi-model server"
+        else:
+            why[f.key] = "not in record"
+    return why
+
+
 def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, Any]:
     """One leaderboard row (the column keys plus dynamic quality keys) from a record dict."""
     from moecap import figures
@@ -277,6 +419,7 @@ def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, A
         "system": system_name(runner),
         "precision": precision,
         "hardware": _hardware(cfg),
+        "workload": _get(cfg, "workload", "display_name") or _get(cfg, "workload", "name"),
         "load": _load(cfg),
         "batch_size": int(bs) if isinstance(bs, (int, float)) and not isinstance(bs, bool) else None,
     }
@@ -284,17 +427,19 @@ def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, A
         row[f.key] = _num(f.value(rep))
     row.update({
         "utilization_basis": figures.basis(rep, "s_mbu_decode") if rep else None,
-        "basis": figures.basis_summary(rep) if rep else None,
+        "basis": basis_label(rep) if rep else None,
         "status": d.get("status"),
         "suite": suite,
         "created_at": d.get("created_at"),
         "cell_id": d.get("cell_id"),
         "record_path": str(path) if path is not None else None,
     })
-    for k in ("model", "system", "precision", "hardware", "status", "suite", "created_at", "cell_id"):
+    row.update(quality_sets(rep))
+    for k in ("model", "system", "precision", "hardware", "workload", "status", "suite", "created_at", "cell_id"):
         if row[k] is not None:
             row[k] = str(row[k])
     row.update(quality_columns(d))
+    row[WHY] = _why_missing(row, rep, d.get("status"))
     return row
 
 
@@ -364,8 +509,9 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for c in cols:
         if c.key not in df.columns:
             df[c.key] = None
-    extra = sorted(k for k in df.columns if k not in known)
-    df = df[[c.key for c in cols] + extra]
+    private = [k for k in (WHY, MERGED) if k in df.columns]
+    extra = sorted(k for k in df.columns if k not in known and k not in private)
+    df = df[[c.key for c in cols] + extra + private]
     for c in cols:
         if c.dtype == "float":
             df[c.key] = pd.to_numeric(df[c.key], errors="coerce").astype("float64")
@@ -375,6 +521,8 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             df[c.key] = df[c.key].astype(object).where(df[c.key].notna(), None)
     for k in extra:
         df[k] = pd.to_numeric(df[k], errors="coerce").astype("float64")
+    if WHY in df.columns:
+        df[WHY] = df[WHY].map(lambda v: v if isinstance(v, dict) else {})
     if len(df):
         df = df.sort_values(["suite", "model", "system", "cell_id"], na_position="last", kind="stable")
     return df.reset_index(drop=True)
@@ -394,33 +542,56 @@ def _is_quality_row(df: pd.DataFrame) -> pd.Series:
 
 
 def merge_quality(df: pd.DataFrame) -> pd.DataFrame:
-    """A copy of ``df`` where performance rows get the accuracy / perplexity (and per-task / per-dataset
-    quality columns) of the quality rows with the same model, system, precision and hardware.
+    """A copy of ``df`` where performance rows get the quality figures of the quality rows with the same
+    model, system, precision and hardware, and quality rows so merged are marked (``MERGED``) so the
+    board shows their figures once, on the performance rows.
 
-    A performance row's own quality figures win; when several quality rows match, the newest
-    (``created_at``) wins for each figure it has. Quality rows themselves stay in the frame.
+    Perplexity and accuracy are merged separately, each with what it was measured on (``PPL_GROUP`` and
+    the ``ppl:<dataset>`` columns; ``ACC_GROUP`` and the ``<task>:<metric>`` columns), always every
+    column from one record: the newest quality row that has the headline figure. A performance row's own
+    quality figures win. Quality rows themselves stay in the frame.
     """
     out = df.copy()
+    out[MERGED] = False
     if out.empty:
         return out
-    qual_keys = list(QUALITY_KEYS) + [k for k in out.columns if is_dynamic_quality_key(str(k))]
     is_q = _is_quality_row(out)
     if "status" in out.columns:
         is_q &= out["status"].fillna("ok").eq("ok")
-    q = out[is_q]
-    if q.empty:
+    if not is_q.any():
         return out
-    keyf = lambda frame: list(zip(*(frame[k].fillna("\0").astype(str) for k in GROUP_KEYS)))  # noqa: E731
-    q = q.assign(_key=keyf(q)).sort_values("created_at", na_position="first", kind="stable")
-    best = q.groupby("_key", sort=False)[qual_keys].last()  # last non-null per column: newest
-    keys = pd.Series(keyf(out), index=out.index)
-    target = ~is_q & keys.isin(best.index)
-    if not target.any():
-        return out
-    fill = best.reindex(keys[target]).set_axis(out.index[target])
-    for k in qual_keys:
-        cur = out.loc[target, k]
-        out.loc[target, k] = cur.where(cur.notna(), fill[k])
+    keyf = lambda frame: pd.Series(list(zip(*(frame[k].fillna("\0").astype(str) for k in GROUP_KEYS))),  # noqa: E731
+                                   index=frame.index)
+    keys = keyf(out)
+    created = out["created_at"] if "created_at" in out.columns else pd.Series(None, index=out.index)
+    dyn = [k for k in out.columns if is_dynamic_quality_key(str(k))]
+    groups = (
+        (PPL_GROUP, [k for k in dyn if str(k).startswith("ppl:")]),
+        (ACC_GROUP, [k for k in dyn if not str(k).startswith("ppl:")]),
+    )
+    sources: dict[Any, list[str]] = {}
+    for group, extra in groups:
+        cols = [k for k in (*group, *extra) if k in out.columns]
+        head = group[0]
+        q = out[is_q & out[head].notna()]
+        if q.empty:
+            continue
+        order = created.loc[q.index].fillna("").astype(str).sort_values(kind="stable").index
+        newest = {key: i for key, i in zip(keys.loc[order], order)}  # last wins: the newest
+        for i in out.index[~is_q & out[head].isna()]:
+            src = newest.get(keys.loc[i])
+            if src is None:
+                continue
+            for k in cols:
+                if pd.isna(out.at[i, k]) and pd.notna(out.at[src, k]):
+                    out.at[i, k] = out.at[src, k]
+            out.at[src, MERGED] = True
+            cell = out.at[src, "cell_id"] if "cell_id" in out.columns else None
+            if cell is not None and cell not in sources.setdefault(i, []):
+                sources[i].append(str(cell))
+    if "quality_cell" in out.columns:
+        for i, cells in sources.items():
+            out.at[i, "quality_cell"] = ", ".join(cells)
     return out
 
 
@@ -503,16 +674,35 @@ def choices(df: pd.DataFrame, key: str) -> list[str]:
 # ---------------------------------------------------------------- display and export
 
 
-def display_frame(df: pd.DataFrame, keys: list[str] | None = None) -> pd.DataFrame:
+def display_frame(df: pd.DataFrame, keys: list[str] | None = None, na: bool = True) -> pd.DataFrame:
     """``df`` restricted to ``keys`` (default: the default-visible columns; keys absent from ``df``
-    are left out), floats rounded for display, columns renamed to their labels with units."""
+    are left out), figures scaled (utilizations in %) and rounded for display, Accuracy with its
+    standard error (``0.850 ± 0.036``) where the row has one, a missing figure as ``n/a (why)`` (with
+    ``na``; the reason from the record), columns renamed to their labels with units."""
     keys = default_keys() if keys is None else list(keys)
     keys = [k for k in keys if k in df.columns]
     out = df[keys].copy()
+    why = df[WHY] if WHY in df.columns else pd.Series([{}] * len(df), index=df.index)
     for k in keys:
         col = column(k)
-        if col.dtype == "float" or (col.dtype != "str" and pd.api.types.is_float_dtype(out[k])):
-            out[k] = pd.to_numeric(out[k], errors="coerce").astype("float64").round(col.decimals)
+        if col.dtype == "str":
+            continue
+        if col.dtype == "float" or pd.api.types.is_float_dtype(out[k]):
+            vals = (pd.to_numeric(out[k], errors="coerce").astype("float64") * col.scale).round(col.decimals)
+        else:
+            vals = out[k]
+        if k == "accuracy" and "accuracy_stderr" in df.columns and df["accuracy_stderr"].notna().any():
+            se = pd.to_numeric(df["accuracy_stderr"], errors="coerce")
+            vals = pd.Series([
+                (f"{v:.{col.decimals}f} ± {e:.{col.decimals}f}" if pd.notna(e) else f"{v:.{col.decimals}f}")
+                if pd.notna(v) else None for v, e in zip(vals, se)
+            ], index=out.index, dtype=object)
+        if na and vals.isna().any():
+            vals = vals.astype(object).where(vals.notna(), [
+                f"n/a ({w.get(k, 'no quality run' if is_dynamic_quality_key(str(k)) else 'not in record')})"
+                if isinstance(w, dict) else "n/a" for w in why
+            ])
+        out[k] = vals
     return out.rename(columns={k: column(k).header for k in keys})
 
 
@@ -521,7 +711,7 @@ def to_csv(df: pd.DataFrame) -> str:
     injection (:func:`moecap.report.csv_safe`)."""
     from moecap.report import csv_safe
 
-    out = df.copy()
+    out = df.drop(columns=[k for k in (WHY, MERGED) if k in df.columns])
     for col in out.columns:
         if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
             out[col] = out[col].map(lambda v: csv_safe(v) if isinstance(v, str) else v)

@@ -229,6 +229,58 @@ def test_merge_quality_needs_same_precision(results):
     assert math.isnan(m.loc["tiny__hf__bf16", "accuracy"])
 
 
+def test_quality_is_merged_per_figure_from_one_record_with_its_set(results):
+    # a newer quality record measures perplexity only, on another set (8 windows of tiny-prose): the
+    # performance rows take perplexity, its set and window count from it, and accuracy (with its set,
+    # samples and stderr) from the older record that has accuracy; never a mix within one figure
+    newer = {"perplexity": {"tiny-prose": {"perplexity": 99.0, "windows": 8, "context_length": 256}}}
+    write(results, quality_record("tiny__hf__ppl8", created="2026-12-01T00:00:00+00:00", quality=newer))
+    m = lb.merge_quality(lb.load_results(results)).set_index("cell_id")
+    row = m.loc["tiny__hf__bs4"]
+    assert row["perplexity"] == 99.0 and row["ppl_set"] == "tiny-prose (8 windows x 256 tok)"
+    assert row["ppl_windows"] == 8 and row["ppl:tiny-prose"] == 99.0
+    assert math.isnan(row["ppl:tiny-code"])  # the older record's other data set is not mixed in
+    assert row["accuracy"] == pytest.approx(0.30) and row["acc_set"] == "moecap_mc_code, moecap_mc_prose"
+    assert row["accuracy_stderr"] == pytest.approx(math.sqrt(0.047**2 + 0.045**2) / 2)
+    assert row["quality_cell"] == "tiny__hf__ppl8, tiny__hf__quality"
+    assert m.loc["tiny__hf__quality", lb.MERGED] and m.loc["tiny__hf__ppl8", lb.MERGED]
+    assert not m.loc["tiny__hf__bs4", lb.MERGED] and not m.loc["big__vllm__bs8", lb.MERGED]
+    assert m.loc["tiny__hf__quality", "ppl_set"] == "tiny-code (4 windows)"  # no context length recorded
+
+
+def test_quality_sets_of_a_real_lm_eval_section():
+    q = {"lm_eval": {"tasks": {
+        "a": {"metrics": {"acc": {"value": 0.5, "stderr": 0.03}}, "n_samples": {"effective": 100}, "num_fewshot": 0},
+        "b": {"metrics": {"acc": {"value": 0.7, "stderr": None}}, "n_samples": {"effective": 400}, "num_fewshot": 5},
+    }}}
+    sets = lb.quality_sets({"quality": q})
+    assert sets["acc_set"] == "a, b (n=100-400/task, 0/5-shot)" and sets["acc_samples"] == 500
+    assert sets["accuracy_stderr"] is None  # one task has no stderr: no combined one
+    assert lb.quality_sets({})["ppl_set"] is None
+
+
+def test_display_shows_why_a_figure_is_missing_and_utilization_in_percent(results):
+    m = lb.merge_quality(lb.load_results(results))
+    disp = lb.display_frame(m).set_index(m["cell_id"])
+    assert disp.loc["tiny__hf__bs1", "Energy (J/tok)"] == "n/a (no power meter)"
+    assert disp.loc["tiny__hf__bs4", "Energy (J/tok)"] == 0.5
+    assert disp.loc["tiny__hf__quality", "TTFT p50 (ms)"] == "n/a (quality run)"
+    assert disp.loc["big__vllm__bs8", "Accuracy"] == "n/a (no quality run)"
+    assert disp.loc["tiny__hf__bs4", "Accuracy"] == "0.300 ± 0.033"  # sqrt(0.047² + 0.045²) / 2 = 0.0325
+    assert disp.loc["tiny__hf__bs4", "S-MBU decode (%)"] == pytest.approx(0.02)  # 0.000191 -> 0.0191 %
+    assert lb.COLUMN_BY_KEY["s_mbu_decode"].unit == "%"
+    failed = lb.record_row({"cell_id": "x", "status": "failed", "config": {}, "report": {}})
+    assert failed[lb.WHY]["output_tokens_per_s"] == "failed"
+
+
+def test_basis_names_peaks_power_and_prices():
+    rep = {"basis": {"utilization": "estimated", "cost": "estimated", "latency": "measured"},
+           "utilization": {"peak": {"kind": "datasheet"}},
+           "cost": {"power_source": "measured", "inputs": {"sources": {"gpu.price_usd": "override cost.gpu_price_usd"}}}}
+    assert lb.basis_label(rep) == "util=estimated (datasheet peak); cost=estimated (measured power, user prices)"
+    assert lb.basis_label({"basis": {"latency": "measured"}}) == "measured"
+
+
 # ---------------------------------------------------------------- Pareto
 
 
@@ -295,7 +347,7 @@ def test_display_frame_labels_units_and_rounding(results):
     disp = lb.display_frame(df)
     assert list(disp.columns) == [lb.COLUMN_BY_KEY[k].header for k in lb.default_keys()]
     assert "TTFT p50 (ms)" in disp.columns and "Output throughput (tok/s)" in disp.columns and "Model" in disp.columns
-    d2 = lb.display_frame(df, ["model", "e2el_ms_p50", "ppl:tiny-code", "moecap_mc_code:acc", "nope"])
+    d2 = lb.display_frame(df, ["model", "e2el_ms_p50", "ppl:tiny-code", "moecap_mc_code:acc", "nope"], na=False)
     assert list(d2.columns) == ["Model", "E2E latency p50 (ms)", "PPL tiny-code", "moecap_mc_code acc"]
     assert d2["E2E latency p50 (ms)"].iloc[0] == 3288.9
     assert d2["PPL tiny-code"].dropna().iloc[0] == 147.14
@@ -304,7 +356,7 @@ def test_display_frame_labels_units_and_rounding(results):
 def test_to_csv_round_trips(results):
     df = lb.load_results(results)
     text = lb.to_csv(df)
-    assert text.splitlines()[0].startswith("model,system,precision,hardware,load")
+    assert text.splitlines()[0].startswith("model,system,precision,hardware,workload,load")
     back = pd.read_csv(__import__("io").StringIO(text))
     assert len(back) == 4 and back["output_tokens_per_s"].max() == 120.0
 

@@ -278,6 +278,20 @@ def _hardware(cfg: dict[str, Any]) -> str | None:
     return str(name)
 
 
+def _workload(cfg: dict[str, Any]) -> str | None:
+    """The workload's name, with its prompt and output lengths when the name does not already say
+    them (a suite's ``--set`` can change the lengths and keep the name)."""
+    wl = cfg.get("workload") if isinstance(cfg, dict) else None
+    if not isinstance(wl, dict):
+        return None
+    name = wl.get("display_name") or wl.get("name")
+    inp, out = wl.get("input_tokens"), wl.get("output_tokens")
+    if isinstance(inp, int) and isinstance(out, int) and not isinstance(inp, bool):
+        shape = f"in{inp}-out{out}"
+        return str(name) if name and shape in str(name) else f"{name} ({shape})" if name else shape
+    return str(name) if name else None
+
+
 def _load(cfg: dict[str, Any]) -> str | None:
     load = cfg.get("load") if isinstance(cfg, dict) else None
     if not isinstance(load, dict):
@@ -419,7 +433,7 @@ def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, A
         "system": system_name(runner),
         "precision": precision,
         "hardware": _hardware(cfg),
-        "workload": _get(cfg, "workload", "display_name") or _get(cfg, "workload", "name"),
+        "workload": _workload(cfg),
         "load": _load(cfg),
         "batch_size": int(bs) if isinstance(bs, (int, float)) and not isinstance(bs, bool) else None,
     }
@@ -646,12 +660,17 @@ def filter_frame(
     precisions: Iterable[str] | None = None,
     loads: Iterable[str] | None = None,
     search: str | None = None,
+    workloads: Iterable[str] | None = None,
+    ppl_sets: Iterable[str] | None = None,
+    acc_sets: Iterable[str] | None = None,
 ) -> pd.DataFrame:
-    """Rows whose system / model / hardware / precision / load is among the given values (None: no
-    filter on that column; an empty list: nothing is allowed, so no rows) and, when ``search`` is
-    given, where any string column contains it (case-insensitive substring)."""
+    """Rows whose system / model / hardware / precision / load / workload / PPL set / accuracy set is
+    among the given values (None: no filter on that column; an empty list: nothing is allowed, so no
+    rows) and, when ``search`` is given, where any string column contains it (case-insensitive
+    substring)."""
     mask = pd.Series(True, index=df.index)
-    for key, values in (("system", systems), ("model", models), ("hardware", hardware), ("precision", precisions), ("load", loads)):
+    for key, values in (("system", systems), ("model", models), ("hardware", hardware), ("precision", precisions),
+                        ("load", loads), ("workload", workloads), ("ppl_set", ppl_sets), ("acc_set", acc_sets)):
         allowed = _as_set(values)
         if allowed is not None and key in df.columns:
             mask &= df[key].map(lambda v: v is not None and not (isinstance(v, float) and math.isnan(v)) and str(v) in allowed)

@@ -248,6 +248,15 @@ def test_quality_is_merged_per_figure_from_one_record_with_its_set(results):
     assert m.loc["tiny__hf__quality", "ppl_set"] == "tiny-code (4 windows)"  # no context length recorded
 
 
+def test_workload_names_what_ran():
+    wl = lambda **w: lb.record_row({"cell_id": "x", "config": {"workload": w}, "report": {}})["workload"]  # noqa: E731
+    assert wl(name="random-in128-out32", input_tokens=128, output_tokens=32) == "random-in128-out32"
+    # a suite's --set changed the lengths but not the name: the row says what really ran
+    assert wl(name="random-in128-out32", input_tokens=128, output_tokens=8) == "random-in128-out32 (in128-out8)"
+    assert wl(display_name="sharegpt", name="sg") == "sharegpt" and wl(input_tokens=64, output_tokens=16) == "in64-out16"
+    assert lb.record_row({"cell_id": "x", "config": {}, "report": {}})["workload"] is None
+
+
 def test_quality_sets_of_a_real_lm_eval_section():
     q = {"lm_eval": {"tasks": {
         "a": {"metrics": {"acc": {"value": 0.5, "stderr": 0.03}}, "n_samples": {"effective": 100}, "num_fewshot": 0},

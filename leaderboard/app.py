@@ -22,6 +22,7 @@ Named endpoints (for ``gradio_client``): ``/filter_table``, ``/export_csv``, ``/
 from __future__ import annotations
 
 import atexit
+import inspect
 import json
 import logging
 import os
@@ -37,6 +38,9 @@ import gradio as gr
 import pandas as pd
 
 from moecap.leaderboard.data import (
+    MERGED,
+    SET_OF,
+    column,
     columns,
     columns_for,
     display_frame,
@@ -55,6 +59,7 @@ from moecap.leaderboard.plots import (
     radar_figure,
     roofline_figure,
     scatter_figure,
+    system_colors,
 )
 
 log = logging.getLogger(__name__)
@@ -71,9 +76,17 @@ PHONE_KEYS = ("model", "system", "usd_per_1m_output_tokens", "accuracy", "output
 # small screens: smaller table text and controls (a <style> in the page: gradio 6 takes css= only at launch)
 PHONE_CSS = """<style>
 @media (max-width: {w}px) {
-  #leaderboard-table, #leaderboard-table td, #leaderboard-table th { font-size: 11px !important; }
-  #leaderboard-table th, #leaderboard-table td { padding: 4px 3px !important; }
-  #leaderboard-table th, #leaderboard-table th * { white-space: normal !important; overflow-wrap: anywhere; }
+  .gradio-container, .gradio-container .app, .gradio-container main.contain {
+    padding-left: 4px !important; padding-right: 4px !important; }
+  #header-md p { font-size: 12px; }
+  #leaderboard-table, #leaderboard-table [role=gridcell], #leaderboard-table [role=gridcell] *,
+  #leaderboard-table th, #leaderboard-table th * { font-size: 11px !important; }
+  #leaderboard-table [role=gridcell], #leaderboard-table th, #leaderboard-table .cell-wrap {
+    padding: 3px 2px !important; }
+  #leaderboard-table th, #leaderboard-table th *, #leaderboard-table [role=gridcell],
+  #leaderboard-table [role=gridcell] * {
+    white-space: normal !important; word-break: normal !important; overflow-wrap: break-word !important;
+    text-overflow: clip !important; }
   #export-csv { font-size: 13px; }
 }
 </style>"""
@@ -87,8 +100,24 @@ FILTERS = [
     ("model", "Model", "models"),
     ("hardware", "Hardware", "hardware"),
     ("precision", "Precision", "precisions"),
+    ("workload", "Workload", "workloads"),
     ("load", "Load", "loads"),
+    ("ppl_set", "PPL set", "ppl_sets"),
+    ("acc_set", "Accuracy set", "acc_sets"),
 ]
+FILTER_ARGS = (*(key for key, _l, _k in FILTERS), "search")  # the handlers' filter arguments, in order
+URL_RANK = "rank"  # query parameters of the page's state: these, "q" (search) and each filter's key
+URL_SEARCH = "q"
+
+
+def _named(*names: str):
+    """Give a handler taking ``*args`` the argument names of its inputs (Gradio's API names them
+    from the signature)."""
+    def wrap(fn):
+        fn.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+        return fn
+    return wrap
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +171,7 @@ def _has_values(df: pd.DataFrame, key: str) -> bool:
 
 def _header(results: str, n_rows: int) -> str:
     return ("# moecap leaderboard\nCost / Accuracy / Performance of Mixture-of-Experts LLM serving. "
-            f"Results: `{results}` ({n_rows} rows).")
+            f"Results: `{results}` ({n_rows} records).")
 
 
 def _filter(df: pd.DataFrame, selections: list[list[str] | None], search: str | None,
@@ -160,6 +189,37 @@ def _filter(df: pd.DataFrame, selections: list[list[str] | None], search: str | 
             continue  # everything ticked: no filter (keeps rows without a value, e.g. quality rows)
         kwargs[kw] = list(sel)
     return filter_frame(df, search=(search or None), **kwargs)
+
+
+def rank_frame(frame: pd.DataFrame, key: str | None) -> tuple[pd.DataFrame, str | None]:
+    """``frame`` best first on ``key`` with the rank column (1 = best; rows without the figure come
+    last, unranked), and a note when some rows were left unranked because they are not comparable.
+
+    A quality figure (Perplexity, Accuracy) is ranked only among rows measured on the same set (its
+    ``SET_OF`` column): the set most rows share (then the first by name); rows on other sets follow,
+    unranked, and the note says so."""
+    if key is None or key not in frame.columns or frame.empty:
+        return frame.assign(**{RANK: pd.Series(dtype="Int64")}), None
+    values = _num(frame, key)
+    comparable = values.notna()
+    note = None
+    set_key = SET_OF.get(key)
+    if set_key in frame.columns:
+        sets = frame.loc[comparable, set_key].fillna("(unknown set)").astype(str)
+        counts = sets.value_counts()
+        if len(counts) > 1:
+            main = sorted(counts.index, key=lambda v: (-counts[v], v))[0]
+            comparable &= frame[set_key].fillna("(unknown set)").astype(str).eq(main)
+            others = int(values.notna().sum() - comparable.sum())
+            note = (f"**{_label(key)} is ranked only among rows measured on {main}.** {others} row(s) "
+                    f"measured on other sets follow, unranked; pick one set under Filters "
+                    f"→ {column(set_key).label}.")
+    group = (~comparable).astype(int) + values.isna().astype(int)  # 0 ranked, 1 other set, 2 missing
+    out = frame.assign(_g=group, _k=values).sort_values(["_g", "_k"], ascending=[True, not _hib(key)],
+                                                        na_position="last", kind="stable")
+    ranked = out["_g"].eq(0).to_numpy()
+    rank = pd.array([i + 1 if r else None for i, r in enumerate(ranked)], dtype="Int64")
+    return out.drop(columns=["_g", "_k"]).assign(**{RANK: rank}), note
 
 
 def _read_record(row: pd.Series) -> dict[str, Any] | None:
@@ -199,20 +259,35 @@ def about_markdown(df: pd.DataFrame, results: str) -> str:
         "## About this leaderboard",
         "",
         "Each row is one benchmark cell: a model served by a system (runner and its settings) on some "
-        "hardware under one load, measured by `moecap run` and written as one validated JSON record. "
-        "Quality cells (perplexity, lm-eval accuracy) are merged onto the performance rows of the same "
-        "model, system, precision and hardware. S-MBU and S-MFU count only the bytes and FLOPs of the "
-        "experts each forward pass really activated (sparse model-bandwidth / model-FLOPs utilisation).",
+        "hardware with one workload under one load, measured by `moecap run` and written as one validated "
+        "JSON record. Quality cells (perplexity, lm-eval accuracy) are merged onto the performance rows of "
+        "the same model, system, precision and hardware (the Quality cell column names the record), and "
+        "are listed apart only where no performance row matches. S-MBU and S-MFU count only the bytes and "
+        "FLOPs of the experts each forward pass really activated (sparse model-bandwidth / model-FLOPs "
+        "utilisation), shown in %.",
         "",
-        f"**Results:** `{results}`; {len(df)} rows; newest record written {newest}.",
+        f"**Results:** `{results}`; {len(df)} records; newest record written {newest}. The board re-reads "
+        "them every few minutes and on a page load, so published results appear without a restart.",
         "",
         "**Submitting results:** run a suite (`moecap run SUITE`), then `moecap publish results/SUITE --to "
         "hf://datasets/<org>/<name>`; this board reads that dataset. Records are validated on publish.",
         "",
-        "**The Basis column** says which figure families are not plainly measured: `util=traced` "
-        "(per-pass timings and router traces), `util=recorded` (the server's own routing record), "
-        "`util=estimated` (a server's passes reconstructed from streamed timestamps), "
-        "`cost=estimated` (cost from a price and power, not a bill).",
+        "**Ranking:** the # column ranks the shown rows on the figure chosen under *Rank by* (best first; "
+        "which way is better comes from the figure's definition). Perplexity and accuracy are ranked only "
+        "among rows measured on the same set (PPL set, Accuracy set: data, windows or samples, shots); "
+        "the others follow unranked and a note says so. The page's address keeps the ranking, search and "
+        "filters, so a view can be shared.",
+        "",
+        "**The Basis column** says how the figures that are not plainly measured were got: utilisation "
+        "`traced` (per-pass timings and router traces), `recorded` (the server's own routing record) or "
+        "`estimated` (a server's passes reconstructed from streamed timestamps), over a `calibrated` "
+        "(measured on the machine), `datasheet` or `user` peak; `cost=estimated` with the power it "
+        "assumed (measured, or rated TDP) and where the prices came from (moecap's catalog, or the "
+        "user's own). **n/a (why)** marks a figure a record does not have, with the reason (no power "
+        "meter, a quality-only run, no quality run, a failed cell).",
+        "",
+        "**CSV export** holds the shown rows and columns at full precision under the figures' keys; "
+        "utilisations there are fractions (0-1), as in the records.",
         "",
         "### Figures",
         "",
@@ -257,6 +332,26 @@ def _record_choices(df: pd.DataFrame) -> list[tuple[str, str]]:
     ]
 
 
+TOOLTIP_JS = """(tips) => {
+  const norm = (t) => (t || '').replace(/\\s+/g, ' ').trim();
+  const apply = () => document.querySelectorAll('#leaderboard-table th').forEach((th) => {
+    const tip = tips[norm(th.innerText)];
+    if (tip && th.title !== tip) th.title = tip;
+  });
+  if (!window.__moecapTips) {
+    window.__moecapTips = new MutationObserver(apply);
+    window.__moecapTips.observe(document.body, {subtree: true, childList: true});
+  }
+  apply();
+  return [];
+}"""
+URL_JS = """(query) => {
+  const url = location.pathname + (query ? '?' + query : '') + location.hash;
+  if (url !== location.pathname + location.search + location.hash) history.replaceState(null, '', url);
+  return [];
+}"""
+
+
 def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
     """The leaderboard over ``results`` (a folder of records, or ``hf://datasets/org/name``), re-read
     every ``reload_s`` seconds (default ``$MOECAP_LEADERBOARD_RELOAD_S`` or 300; a negative value:
@@ -272,6 +367,10 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
     default_labels = [c.header for c in all_columns if c.default_visible]
     sortable = [_label(k) for k in numeric]
     axis_choices = [(_label(k), k) for k in numeric]
+    tips = {c.header: f"{c.description}" + (f" ({'higher' if c.higher_is_better else 'lower'} is better)"
+                                            if c.higher_is_better is not None else "")
+            for c in all_columns}
+    tips[RANK] = "Rank on the figure chosen under Rank by (1 = best); rows that cannot be compared are unranked"
 
     def pick_default(*candidates: str) -> str | None:
         for k in candidates:
@@ -286,45 +385,29 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
     cap_y = pick_default("accuracy", "perplexity")
     cap2_x = pick_default("output_tokens_per_s", "requests_per_s")
     cap2_y = pick_default("perplexity", "accuracy")
+    rank_default = pick_default(*RANK_DEFAULTS)
     records = _record_choices(df)
     all_systems = _choices(df, "system")
     known = {key: _choices(df, key) for key, _l, _k in FILTERS}  # filter values the pages were given
 
-    # ---- handlers (closures over the loaded frame) -----------------------------------------
+    # ---- handlers (closures over the loaded records) ------------------------------------------
+    # every handler takes the filters and the search first (FILTER_ARGS), then its own inputs
 
-    def _filtered(system, model, hardware, precision, load, search) -> pd.DataFrame:
+    def _filtered(sel) -> pd.DataFrame:
+        """The rows the filters and search allow; quality rows merged onto performance rows are shown
+        there, not twice."""
         frame = data.frame()
         if frame.empty:
             return frame
-        return _filter(frame, [system, model, hardware, precision, load], search, known)
+        if MERGED in frame.columns:
+            frame = frame[~frame[MERGED].fillna(False).astype(bool)]
+        return _filter(frame, list(sel[: len(FILTERS)]), sel[len(FILTERS)], known)
 
-    def refresh(*selections):
-        """On a page load and every ``reload_s``: re-read the records if stale; new filter values are
-        added to the filters ticked (what a visitor had unticked stays unticked)."""
-        frame = data.frame(max_age=PAGE_RELOAD_S if data.reload_s is not None else None)
-        updates = []
-        for (key, _label_, _kw), sel in zip(FILTERS, selections):
-            now = _choices(frame, key)
-            sel = [sel] if isinstance(sel, str) else list(sel or [])
-            new = [v for v in now if v not in known[key]]
-            known[key] = now
-            updates.append(gr.update(choices=now, value=[v for v in now if v in sel or v in new]))
-        return (*updates, gr.update(choices=_record_choices(frame)), _header(str(results), len(frame)))
+    def _rank_key(rank_by: str | None) -> str | None:
+        return label_to_key.get(rank_by or "") or rank_default
 
-    rank_default = pick_default(*RANK_DEFAULTS)
-
-    def _ranked(frame: pd.DataFrame, rank_by: str | None) -> pd.DataFrame:
-        """``frame`` best first on the ranking figure, with the rank (1 = best; rows without the
-        figure come last, unranked)."""
-        key = label_to_key.get(rank_by or "") or rank_default
-        if key is None or key not in frame.columns or frame.empty:
-            return frame.assign(**{RANK: pd.Series(dtype="Int64")})
-        values = _num(frame, key)
-        out = frame.assign(_k=values).sort_values("_k", ascending=not _hib(key), na_position="last",
-                                                  kind="stable")
-        has = out["_k"].notna().to_numpy()
-        rank = pd.array([i + 1 if h else None for i, h in enumerate(has)], dtype="Int64")
-        return out.drop(columns="_k").assign(**{RANK: rank})
+    def _ranked(sel, rank_by: str | None) -> tuple[pd.DataFrame, str | None]:
+        return rank_frame(_filtered(sel), _rank_key(rank_by))
 
     def _keys(labels: list[str] | None) -> list[str]:
         keys = [label_to_key[lb] for lb in (labels or []) if lb in label_to_key]
@@ -332,34 +415,95 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
         lead = [k for k in HEADLINE_ORDER if k in keys]
         return lead + [k for k in keys if k not in lead]
 
-    def _shown(frame: pd.DataFrame, labels: list[str] | None) -> pd.DataFrame:
-        shown = display_frame(frame, keys=_keys(labels))
+    @_named(*FILTER_ARGS[:-1])
+    def refresh(*args):
+        """On a page load and every ``reload_s``: re-read the records if stale; new filter values are
+        added to the filters ticked (what a visitor had unticked stays unticked)."""
+        frame = data.frame(max_age=PAGE_RELOAD_S if data.reload_s is not None else None)
+        updates = []
+        for (key, _label_, _kw), sel in zip(FILTERS, args):
+            now = _choices(frame, key)
+            sel = [sel] if isinstance(sel, str) else list(sel or [])
+            new = [v for v in now if v not in known[key]]
+            known[key] = now
+            updates.append(gr.update(choices=now, value=[v for v in now if v in sel or v in new]) if new
+                           else gr.update(choices=now))
+        return (*updates, gr.update(choices=_record_choices(frame)), _header(str(results), len(frame)))
+
+    def from_url(request: gr.Request):
+        """The page's state from its address: ``?rank=<figure>&q=<search>&<filter key>=<value>...``
+        (a filter named there allows only the values named; unknown values are ignored)."""
+        params = getattr(request, "query_params", None) if request is not None else None
+        get = (lambda k: params.getlist(k)) if params is not None and hasattr(params, "getlist") else (lambda k: [])
+        updates = []
+        for key, _label_, _kw in FILTERS:
+            asked = [v for v in get(key) if v in known[key]]
+            updates.append(gr.update(value=asked) if get(key) else gr.update())
+        q = get(URL_SEARCH)
+        rank = [r for r in get(URL_RANK) if r in sortable or r in label_to_key.values()]
+        rank_update = gr.update(value=rank[0] if rank[0] in sortable else _label(rank[0])) if rank else gr.update()
+        return (*updates, gr.update(value=q[0]) if q else gr.update(), rank_update)
+
+    @_named(*FILTER_ARGS, "sort_by")
+    def url_state(*args) -> str:
+        """The query string of the page's state (filters that allow everything are left out)."""
+        from urllib.parse import urlencode
+
+        pairs: list[tuple[str, str]] = []
+        for (key, _label_, _kw), sel in zip(FILTERS, args):
+            sel = [sel] if isinstance(sel, str) else list(sel or [])
+            if set(sel) != set(known[key]):
+                pairs += [(key, v) for v in sel] or [(key, "")]
+        search, sort_by = args[len(FILTERS)], args[len(FILTERS) + 1]
+        if search:
+            pairs.append((URL_SEARCH, search))
+        key = _rank_key(sort_by)
+        if key and key != rank_default:
+            pairs.append((URL_RANK, key))
+        return urlencode(pairs)
+
+    @_named(*FILTER_ARGS, "columns", "sort_by", "compact")
+    def filter_table(*args):
+        """The table; ``compact`` (a state the page sets on a phone, not an API parameter): bare n/a
+        and no standard errors, so the narrow columns hold whole values."""
+        sel, labels, sort_by, is_compact = args[:-3], args[-3], args[-2], args[-1]
+        frame, _note = _ranked(sel, sort_by)
+        shown = display_frame(frame, keys=_keys(labels), compact=bool(is_compact))
         shown.insert(0, RANK, frame[RANK].to_numpy() if RANK in frame.columns else None)
         return shown
 
-    def filter_table(system, model, hardware, precision, load, search, columns, sort_by):
-        frame = _ranked(_filtered(system, model, hardware, precision, load, search), sort_by)
-        return _shown(frame, columns)
+    @_named(*FILTER_ARGS, "sort_by")
+    def rank_note(*args):
+        _frame, note = _ranked(args[:-1], args[-1])
+        return gr.update(value=note or "", visible=bool(note))
 
     def compact(width: float | None):
-        """On a narrow screen: the compact columns (rank, model, system, C, A, P), headers wrapped,
+        """On a narrow screen: the compact columns (rank, model, system, C, A, P), wrapped cells,
         only the rank pinned; the Columns picker still offers every column."""
         if not width or width >= PHONE_WIDTH:
-            return gr.update(), gr.update()
-        labels = [_label(k) for k in PHONE_KEYS if _label(k) in picker_labels]
-        return gr.update(value=labels), gr.update(pinned_columns=1)
+            return gr.update(), gr.update(), False
+        keys = [k for k in PHONE_KEYS if _label(k) in picker_labels]
+        # fixed shares of the screen: names get more room, figures the same each; values wrap at spaces
+        share = {"model": 21, "system": 21}
+        rest = (93 - sum(share.get(k, 0) for k in keys)) / max(1, sum(k not in share for k in keys))
+        widths = ["7%", *(f"{share.get(k, rest):.0f}%" for k in keys)]
+        return (gr.update(value=[_label(k) for k in keys]),
+                gr.update(pinned_columns=1, wrap=True, column_widths=widths), True)
 
-    def no_rows(system, model, hardware, precision, load, search):
-        empty = not data.frame().empty and _filtered(system, model, hardware, precision, load, search).empty
+    @_named(*FILTER_ARGS)
+    def no_rows(*args):
+        empty = not data.frame().empty and _filtered(args).empty
         return gr.update(visible=empty)
 
     export_dir: list[Path] = []  # the app's one export folder, made on the first export
 
-    def export_csv(system, model, hardware, precision, load, search, columns, sort_by):
+    @_named(*FILTER_ARGS, "columns", "sort_by")
+    def export_csv(*args):
         """The shown rows (ranked, every shown column at full precision) as CSV, written only when
         asked, into the app's one export folder; older exports beyond ``EXPORTS_KEPT`` are deleted."""
-        frame = _ranked(_filtered(system, model, hardware, precision, load, search), sort_by)
-        keys = [k for k in _keys(columns) if k in frame.columns]
+        sel, labels, sort_by = args[:-2], args[-2], args[-1]
+        frame, _note = _ranked(sel, sort_by)
+        keys = [k for k in _keys(labels) if k in frame.columns]
         if not export_dir:
             export_dir.append(Path(tempfile.mkdtemp(prefix="moecap-leaderboard-exports-")))
             atexit.register(shutil.rmtree, export_dir[0], True)
@@ -371,18 +515,22 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
         path.write_text(to_csv(frame[[RANK, *keys]] if keys else frame), encoding="utf-8")
         return str(path)
 
-    def cap_plot(system, model, hardware, precision, load, search, x, y):
-        frame = _filtered(system, model, hardware, precision, load, search)
+    @_named(*FILTER_ARGS, "x", "y")
+    def cap_plot(*args):
+        x, y = args[-2], args[-1]
         if not x or not y:
             return _empty_fig("Pick two axes.")
-        return scatter_figure(frame, x, y)
+        return scatter_figure(_filtered(args[:-2]), x, y, colors=system_colors(data.frame()))
 
-    def radar(system, model, hardware, precision, load, search, systems):
-        frame = _filtered(system, model, hardware, precision, load, search)
-        return radar_figure(frame, systems)
+    @_named(*FILTER_ARGS, "systems", "best_by")
+    def radar(*args):
+        systems, best_by = args[-2], args[-1]
+        return radar_figure(_filtered(args[:-2]), systems, best_by=_rank_key(best_by) or "output_tokens_per_s",
+                            colors=system_colors(data.frame()))
 
-    def roofline(system, model, hardware, precision, load, search):
-        return roofline_figure(_filtered(system, model, hardware, precision, load, search))
+    @_named(*FILTER_ARGS)
+    def roofline(*args):
+        return roofline_figure(_filtered(args), colors=system_colors(data.frame()))
 
     def record(cell_id: str | None):
         frame = data.frame()
@@ -394,7 +542,7 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
         row = frame.loc[hits[0]]
         rec = _read_record(row)
         if rec is None:
-            shown = {k: (None if pd.isna(v) else v) for k, v in row.items()
+            shown = {k: (None if not isinstance(v, (list, dict)) and pd.isna(v) else v) for k, v in row.items()
                      if not isinstance(v, (list, dict))}
             return ({"note": "the record file is not readable here; its table row:",
                      "row": json.loads(json.dumps(shown, default=str))},
@@ -403,12 +551,20 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
                                          "environment", "report") if k in rec}
         return shown, bytes_figure(rec), latency_figure(rec)
 
+    def open_record(evt: gr.SelectData, *args):
+        """A click on a table row opens its record in the Record tab."""
+        frame, _note = _ranked(args[:-1], args[-1])
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if not isinstance(row, int) or not 0 <= row < len(frame):
+            return gr.update(), gr.update()
+        return gr.update(value=str(frame.iloc[row]["cell_id"])), gr.Tabs(selected="record")
+
     # ---- layout ------------------------------------------------------------------------------
 
     with gr.Blocks(title="moecap leaderboard", analytics_enabled=False,
                    delete_cache=(3600, 3600)) as demo:  # gradio's copies of exports: cleaned hourly
         gr.HTML(PHONE_CSS.replace("{w}", str(PHONE_WIDTH)), visible=True, padding=False, elem_id="phone-css")
-        header_md = gr.Markdown(_header(str(results), len(df)))
+        header_md = gr.Markdown(_header(str(results), len(df)), elem_id="header-md")
         if message:
             gr.Markdown(f"**{message}**", elem_id="empty-message")
 
@@ -422,13 +578,13 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
                         choices = _choices(df, key)
                         comp = gr.CheckboxGroup(choices=choices, value=choices, label=label,
                                                 elem_id=f"filter-{key}", show_select_all=True) \
-                            if len(choices) <= 6 else \
+                            if len(choices) <= 6 and max((len(c) for c in choices), default=0) <= 40 else \
                             gr.Dropdown(choices=choices, value=choices, multiselect=True, label=label,
                                         elem_id=f"filter-{key}")
                         filters.append(comp)
         filter_inputs = [*filters, search]
 
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Leaderboard", id="leaderboard"):
                 with gr.Row(equal_height=True):
                     sort_by = gr.Dropdown(choices=sortable, value=_label(rank_default) if rank_default else None,
@@ -437,10 +593,13 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
                     export = gr.Button("Export CSV", scale=0, min_width=120, elem_id="export-csv")
                 export_file = gr.File(label="CSV export", visible=False, elem_id="export-file")
                 empty_note = gr.Markdown(NO_ROWS, visible=False, elem_id="no-rows")
+                note = gr.Markdown("", visible=False, elem_id="rank-note")
                 table = gr.Dataframe(
                     value=None, interactive=False, wrap=False, max_height=640, elem_id="leaderboard-table",
                     pinned_columns=PINNED, show_label=False,
                 )
+                gr.Markdown("Click a row to open its record. Hover a header for its definition; "
+                            "the About tab defines every column.", elem_id="table-hint")
                 with gr.Accordion("Columns", open=False):
                     columns = gr.CheckboxGroup(choices=picker_labels, value=default_labels,
                                                label="Shown columns", elem_id="columns")
@@ -459,26 +618,33 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
                 gr.Markdown(
                     "Larger outlined diamonds joined by the dotted step line are the Pareto front "
                     "of the shown rows (no other row is at least as good on both axes and better "
-                    "on one); which way is better comes from each metric's definition."
+                    "on one); which way is better comes from each metric's definition. Each system "
+                    "has one colour in every plot."
                 )
                 with gr.Row():
                     with gr.Column(scale=1):
                         radar_systems = gr.CheckboxGroup(choices=all_systems, value=all_systems,
                                                          label="Systems on the radar")
+                        radar_by = gr.Dropdown(choices=sortable,
+                                               value=_label(rank_default) if rank_default else None,
+                                               label="Each system's configuration: its best on",
+                                               elem_id="radar-by")
                         gr.Markdown(
-                            "Radar: each system's best value over the shown rows on **C** (cost, "
-                            "$ per 1M tokens, lower is better), **A** (accuracy; 1/perplexity "
-                            "when no row has accuracy) and **P** (output tokens/s), normalised to "
-                            "[0, 1] across the shown rows: 1 is the best shown value (for cost, "
-                            "best/value; otherwise value/best)."
+                            "Radar: one real configuration (one record) per system, the system's best "
+                            "row on the figure above; its **C** (cost, $ per 1M tokens, lower is "
+                            "better), **A** (accuracy; 1/perplexity when no row has accuracy) and "
+                            "**P** (output tokens/s), normalised across the drawn rows: 1 is the best "
+                            "drawn value (for cost, best/value; otherwise value/best). A figure the "
+                            "record lacks is left out, not drawn as 0."
                         )
                     with gr.Column(scale=2):
                         radar_plot = gr.Plot(label="C / A / P", elem_id="radar-plot")
             with gr.Tab("Roofline", id="roofline"):
                 gr.Markdown(
-                    "Sparse model-bandwidth (S-MBU) and model-FLOPs (S-MFU) utilisation per batch "
-                    "size: bytes and FLOPs of the experts actually activated, over the device's "
-                    "peak."
+                    "Each record's forward passes (decode, prefill) at their arithmetic intensity "
+                    "(FLOPs per byte moved, counting only the experts really activated) and attained "
+                    "FLOP/s, under the roofs of the hardware: memory bandwidth x intensity and peak "
+                    "FLOP/s (calibrated on the machine, or from the datasheet, as labelled)."
                 )
                 roof_plot = gr.Plot(label="Roofline", elem_id="roofline-plot")
             with gr.Tab("About", id="about"):
@@ -496,24 +662,36 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
                 rec_json = gr.JSON(label="Record (config, environment, report)", open=False)
 
         viewport = gr.Number(value=None, visible=False, elem_id="viewport-width")
+        is_phone = gr.State(False)
+        url_query = gr.Textbox(value="", visible=False, elem_id="url-state")
+        tip_map = gr.JSON(value=tips, visible=False)
         timer = gr.Timer(data.reload_s if data.reload_s else 3600.0, active=data.reload_s is not None)
-        gr.on([demo.load, timer.tick], refresh, filters, [*filters, pick, header_md], api_name="refresh")
-        table_inputs = [*filter_inputs, columns, sort_by]
+        refresh_outputs = [*filters, pick, header_md]
+        timer.tick(refresh, filters, refresh_outputs, api_name="refresh")
+        table_inputs = [*filter_inputs, columns, sort_by, is_phone]
         filter_triggers = [c.change for c in filters] + [search.change]
         table_triggers = [*filter_triggers, columns.change, sort_by.change]
         gr.on(table_triggers, filter_table, table_inputs, table, api_name="filter_table")
-        # first the screen's width (compact columns on a phone), then the table: one chain, no race
-        demo.load(compact, viewport, [columns, table], js="(w) => window.innerWidth", api_name=False).then(
-            filter_table, table_inputs, table, api_name=False)
+        gr.on([demo.load, *filter_triggers, sort_by.change], rank_note, [*filter_inputs, sort_by], note,
+              api_name=False)
+        gr.on([*filter_triggers, sort_by.change], url_state, [*filter_inputs, sort_by], url_query,
+              api_name=False).then(None, url_query, None, js=URL_JS)
+        # one chain, no race: the state in the address, records published since (new filter values
+        # ticked), the screen's width (compact columns on a phone), the table, its header tooltips
+        demo.load(from_url, None, [*filters, search, sort_by], api_name=False).then(
+            refresh, filters, refresh_outputs, api_name=False).then(
+            compact, viewport, [columns, table, is_phone], js="(w) => window.innerWidth", api_name=False).then(
+            filter_table, table_inputs, table, api_name=False).then(None, tip_map, None, js=TOOLTIP_JS)
         gr.on([demo.load, *filter_triggers], no_rows, filter_inputs, empty_note, api_name=False)
-        export.click(export_csv, table_inputs, export_file, api_name="export_csv").then(
+        table.select(open_record, [*filter_inputs, sort_by], [pick, tabs], api_name=False)
+        export.click(export_csv, [*filter_inputs, columns, sort_by], export_file, api_name="export_csv").then(
             lambda: gr.update(visible=True), None, export_file, api_name=False)
         gr.on([demo.load, *filter_triggers, x1.change, y1.change], cap_plot,
               [*filter_inputs, x1, y1], plot1, api_name="cap_plot")
         gr.on([demo.load, *filter_triggers, x2.change, y2.change], cap_plot,
               [*filter_inputs, x2, y2], plot2, api_name="cap_plot_2")
-        gr.on([demo.load, *filter_triggers, radar_systems.change], radar,
-              [*filter_inputs, radar_systems], radar_plot, api_name="radar")
+        gr.on([demo.load, *filter_triggers, radar_systems.change, radar_by.change], radar,
+              [*filter_inputs, radar_systems, radar_by], radar_plot, api_name="radar")
         gr.on([demo.load, *filter_triggers], roofline, filter_inputs, roof_plot,
               api_name="roofline")
         gr.on([demo.load, pick.change], record, pick, [rec_json, bytes_plot, lat_plot],

@@ -78,6 +78,9 @@ _BOOKKEEPING: list[Column] = [
     C("utilization_basis", "S-MBU basis", "str", None, False, None,
       "traced: per-pass timings and router traces; recorded: a server's own routing record; estimated: a "
       "server's decode passes reconstructed from streamed timestamps, expected expert unions"),
+    C("peak_kind", "Peak kind", "str", None, False, None,
+      "Where the peaks S-MBU and S-MFU divide by came from: calibrated (measured on the machine), "
+      "datasheet (moecap's device table) or user (given in the suite)"),
     C("basis", "Basis", "str", None, True, None,
       "How the figures that are not plainly measured were got, e.g. util=traced (calibrated peak); "
       "cost=estimated (rated power, catalog prices): utilization traced / recorded / estimated and "
@@ -350,41 +353,6 @@ def quality_sets(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_POWER = {"measured": "measured power", "tdp": "rated power (TDP)", "tdp*utilization": "rated power x utilization"}
-
-
-def basis_label(rep: dict[str, Any]) -> str:
-    """How a record's figures that are not plainly measured were got, e.g. ``util=traced (calibrated
-    peak); cost=estimated (rated power (TDP), catalog prices)``; ``measured`` when all are."""
-    from moecap import figures
-
-    said = rep.get("basis") if isinstance(rep.get("basis"), dict) else figures.bases(rep)
-    parts = []
-    util = rep.get("utilization") if isinstance(rep.get("utilization"), dict) else {}
-    kind = _get(util, "peak", "kind")
-    if said.get("utilization") and said["utilization"] != "measured":
-        parts.append(f"util={said['utilization']}" + (f" ({kind} peak)" if kind else ""))
-    cost = rep.get("cost") if isinstance(rep.get("cost"), dict) else {}
-    if said.get("cost") and said["cost"] != "measured":
-        how = []
-        if cost.get("power_source"):
-            how.append(_POWER.get(str(cost["power_source"]), str(cost["power_source"])))
-        sources = _get(cost, "inputs", "sources")
-        if isinstance(sources, dict) and sources:
-            catalog = any(str(v).startswith("catalog") for v in sources.values())
-            user = any(str(v).startswith(("override", "user")) for v in sources.values())
-            how.append("catalog + user prices" if catalog and user else "catalog prices" if catalog
-                       else "user prices")
-        parts.append(f"cost={said['cost']}" + (f" ({', '.join(how)})" if how else ""))
-    for fam in ("latency", "throughput", "pass_latency", "energy", "memory", "server"):
-        if said.get(fam) and said[fam] != "measured":
-            parts.append(f"{fam}={said[fam]}")
-    energy = rep.get("energy") if isinstance(rep.get("energy"), dict) else {}
-    if energy.get("available") and energy.get("method"):
-        parts.append(f"energy=measured ({energy['method']})")
-    return "; ".join(parts) or "measured"
-
-
 def _why_missing(row: dict[str, Any], rep: dict[str, Any], status: Any) -> dict[str, str]:
     """A short reason for each figure the row lacks, shown as ``n/a (reason)`` on the board."""
     from moecap import figures
@@ -441,7 +409,8 @@ def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, A
         row[f.key] = _num(f.value(rep))
     row.update({
         "utilization_basis": figures.basis(rep, "s_mbu_decode") if rep else None,
-        "basis": basis_label(rep) if rep else None,
+        "peak_kind": figures.peak_kind(rep) if rep else None,
+        "basis": figures.basis_summary(rep) if rep else None,
         "status": d.get("status"),
         "suite": suite,
         "created_at": d.get("created_at"),
@@ -449,7 +418,8 @@ def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, A
         "record_path": str(path) if path is not None else None,
     })
     row.update(quality_sets(rep))
-    for k in ("model", "system", "precision", "hardware", "workload", "status", "suite", "created_at", "cell_id"):
+    for k in ("model", "system", "precision", "hardware", "workload", "peak_kind", "status", "suite", "created_at",
+              "cell_id"):
         if row[k] is not None:
             row[k] = str(row[k])
     row.update(quality_columns(d))
@@ -693,11 +663,13 @@ def choices(df: pd.DataFrame, key: str) -> list[str]:
 # ---------------------------------------------------------------- display and export
 
 
-def display_frame(df: pd.DataFrame, keys: list[str] | None = None, na: bool = True) -> pd.DataFrame:
+def display_frame(df: pd.DataFrame, keys: list[str] | None = None, na: bool = True,
+                  compact: bool = False) -> pd.DataFrame:
     """``df`` restricted to ``keys`` (default: the default-visible columns; keys absent from ``df``
     are left out), figures scaled (utilizations in %) and rounded for display, Accuracy with its
     standard error (``0.850 ± 0.036``) where the row has one, a missing figure as ``n/a (why)`` (with
-    ``na``; the reason from the record), columns renamed to their labels with units."""
+    ``na``; the reason from the record), columns renamed to their labels with units. ``compact`` (a
+    phone's table): no standard error, and a missing figure is a bare ``n/a``."""
     keys = default_keys() if keys is None else list(keys)
     keys = [k for k in keys if k in df.columns]
     out = df[keys].copy()
@@ -710,7 +682,7 @@ def display_frame(df: pd.DataFrame, keys: list[str] | None = None, na: bool = Tr
             vals = (pd.to_numeric(out[k], errors="coerce").astype("float64") * col.scale).round(col.decimals)
         else:
             vals = out[k]
-        if k == "accuracy" and "accuracy_stderr" in df.columns and df["accuracy_stderr"].notna().any():
+        if k == "accuracy" and not compact and "accuracy_stderr" in df.columns and df["accuracy_stderr"].notna().any():
             se = pd.to_numeric(df["accuracy_stderr"], errors="coerce")
             vals = pd.Series([
                 (f"{v:.{col.decimals}f} ± {e:.{col.decimals}f}" if pd.notna(e) else f"{v:.{col.decimals}f}")
@@ -719,7 +691,7 @@ def display_frame(df: pd.DataFrame, keys: list[str] | None = None, na: bool = Tr
         if na and vals.isna().any():
             vals = vals.astype(object).where(vals.notna(), [
                 f"n/a ({w.get(k, 'no quality run' if is_dynamic_quality_key(str(k)) else 'not in record')})"
-                if isinstance(w, dict) else "n/a" for w in why
+                if isinstance(w, dict) and not compact else "n/a" for w in why
             ])
         out[k] = vals
     return out.rename(columns={k: column(k).header for k in keys})

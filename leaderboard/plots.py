@@ -1,17 +1,18 @@
 """The leaderboard's plots (plotly figures from the data layer's frame; no gradio).
 
-Every plot colours a system the same way (:func:`system_colors`, from every system of the loaded
-records, so a filter does not repaint them).
+Every plot colours a system the same way: :func:`system_colors` gives one colour per system, and the
+app computes it once from every loaded row and passes it to :func:`scatter_figure`,
+:func:`radar_figure` and :func:`roofline_figure` (``colors=``), so a filter never repaints a system.
 """
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from moecap import figures
 from moecap.leaderboard.data import column, pareto_front
@@ -23,12 +24,15 @@ PALETTE = [
 PHASES = ("prefill", "decode")
 LATENCY_METRICS = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"))
 LATENCY_STATS = (("mean", "mean"), ("median", "p50"), ("p90", "p90"), ("p99", "p99"))
+UTILIZATION_PREFIXES = ("s_mbu", "s_mfu")  # stored as fractions, shown in %
+# the legend under the plot area, left-aligned, so many systems never squeeze the plot
+LEGEND_BELOW = {"title": {"text": "system", "side": "top"}, "orientation": "h", "x": 0, "xanchor": "left",
+                "yref": "container", "y": 0, "yanchor": "bottom"}
+
 
 def _plain(value: Any) -> str:
     """A name shown in a plot as text: plotly renders a subset of HTML in legends and hovers (an
     ``<a href>`` in a system name would become a live link), so markup characters are escaped."""
-    import html
-
     return html.escape(str(value), quote=False)
 
 
@@ -53,12 +57,74 @@ def _num(df: pd.DataFrame, key: str) -> pd.Series:
     return pd.to_numeric(df[key], errors="coerce").astype("float64")
 
 
+def _is_utilization(key: str) -> bool:
+    return str(key).startswith(UTILIZATION_PREFIXES)
+
+
+def _is_accuracy(key: str) -> bool:
+    """The figure is an accuracy (a fraction in [0, 1]): ``accuracy`` or an lm-eval ``<task>:acc*``."""
+    key = str(key)
+    if key == "accuracy":
+        return True
+    task, sep, metric = key.partition(":")
+    return bool(sep) and task != "ppl" and metric.startswith("acc")
+
+
+def _axis_label(key: str) -> str:
+    """The label with its unit; a utilization's unit is % (its ticks are formatted as percent)."""
+    if _is_utilization(key):
+        try:
+            return f"{column(key).label} (%)"
+        except Exception:
+            return f"{key} (%)"
+    return _label(key)
+
+
+def _value_text(key: str, v: float) -> str:
+    """``label: value`` for a hover; a utilization in %."""
+    if _is_utilization(key):
+        try:
+            name = column(key).label
+        except Exception:
+            name = key
+        return f"{name}: {100 * v:.3g}%"
+    return f"{_label(key)}: {v:.4g}"
+
+
+def _systems(df: pd.DataFrame) -> pd.Series:
+    if "system" not in df.columns:
+        return pd.Series(["None"] * len(df), index=df.index, dtype=object)
+    return df["system"].astype(str)
+
+
+def system_colors(df: pd.DataFrame) -> dict[str, str]:
+    """One colour per system of ``df``: its sorted system names -> :data:`PALETTE`, cycling. Compute it
+    once from every loaded row and pass it to the figures, so a filter never repaints a system."""
+    return {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted(set(_systems(df))))}
+
+
+def _colors(df: pd.DataFrame, colors: dict[str, str] | None) -> dict[str, str]:
+    """``colors`` (None: :func:`system_colors` of ``df``), completed for a system it lacks."""
+    out = system_colors(df) if colors is None else dict(colors)
+    for s in sorted(set(_systems(df)) - set(out)):
+        out[s] = PALETTE[len(out) % len(PALETTE)]
+    return out
+
 
 def _series_name(row: pd.Series) -> str:
     parts = [str(row.get(k)) for k in ("system", "model") if pd.notna(row.get(k))]
     extra = [str(row.get(k)) for k in ("hardware", "precision") if pd.notna(row.get(k))]
     name = " · ".join(parts) or "?"
     return f"{name} ({', '.join(extra)})" if extra else name
+
+
+def _si(v: float, unit: str) -> str:
+    """``v`` with an SI prefix, e.g. ``1.45 GFLOP/s``."""
+    if not v or not math.isfinite(v):
+        return f"{v:.3g} {unit}"
+    exp = max(-4, min(5, int(math.floor(math.log10(abs(v)) / 3))))
+    prefix = {-4: "p", -3: "n", -2: "µ", -1: "m", 0: "", 1: "k", 2: "M", 3: "G", 4: "T", 5: "P"}[exp]
+    return f"{v / 10 ** (3 * exp):.3g} {prefix}{unit}"
 
 
 def _empty_fig(message: str) -> go.Figure:
@@ -70,36 +136,37 @@ def _empty_fig(message: str) -> go.Figure:
     return fig
 
 
-
 # --------------------------------------------------------------------------------------------
 # figures
 
 
-def scatter_figure(df: pd.DataFrame, x: str, y: str) -> go.Figure:
-    """A scatter of ``y`` against ``x`` (column keys), one colour per system, with the Pareto
-    front (direction from ``Column.higher_is_better``) drawn larger, outlined and joined by a
-    step line."""
+def scatter_figure(df: pd.DataFrame, x: str, y: str, colors: dict[str, str] | None = None) -> go.Figure:
+    """A scatter of ``y`` against ``x`` (column keys), coloured by system (``colors``: system ->
+    colour, None: :func:`system_colors` of ``df``), with the Pareto front (direction from
+    ``Column.higher_is_better``) drawn larger, outlined and joined by a step line. An accuracy axis
+    (``accuracy``, ``<task>:acc*``) spans [0, 1]; a utilization axis (S-MBU, S-MFU) reads in %. The
+    legend ("system") sits under the plot."""
     if df.empty:
         return _empty_fig("No rows match the filters.")
+    colors = _colors(df, colors)
     data = df.assign(_x=_num(df, x), _y=_num(df, y)).dropna(subset=["_x", "_y"])
     if data.empty:
         return _empty_fig(f"No row has both {_label(x)} and {_label(y)}.")
     hx, hy = _hib(x), _hib(y)
     front = pareto_front(data, [(x, hx), (y, hy)]).reindex(data.index).fillna(False).astype(bool)
     fig = go.Figure()
-    systems = sorted(data["system"].astype(str).unique())
-    colors = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(systems)}
-    for s in systems:
-        sub = data[data["system"].astype(str) == s]
+    names = _systems(data)
+    for s in sorted(names.unique()):
+        sub = data[names == s]
         on = front.loc[sub.index]
         hover = [
             f"<b>{_plain(r.get('model'))}</b><br>{_plain(r.get('system'))} · {_plain(r.get('hardware'))} · "
-            f"{_plain(r.get('precision'))} · {_plain(r.get('load'))}<br>{_label(x)}: {r['_x']:.4g}<br>"
-            f"{_label(y)}: {r['_y']:.4g}<br>{_plain(r.get('cell_id'))}"
+            f"{_plain(r.get('precision'))} · {_plain(r.get('load'))}<br>{_value_text(x, r['_x'])}<br>"
+            f"{_value_text(y, r['_y'])}<br>{_plain(r.get('cell_id'))}"
             for _, r in sub.iterrows()
         ]
         fig.add_trace(go.Scatter(
-            x=sub["_x"], y=sub["_y"], mode="markers", name=_plain(s), legendgroup=s,
+            x=sub["_x"], y=sub["_y"], mode="markers", name=_plain(s), legendgroup=s, cliponaxis=False,
             marker={
                 "color": colors[s],
                 "size": [16 if f else 9 for f in on],
@@ -117,99 +184,249 @@ def scatter_figure(df: pd.DataFrame, x: str, y: str) -> go.Figure:
             line={"color": "black", "dash": "dot", "width": 1.5, "shape": "vh" if hx else "hv"},
             hoverinfo="skip",
         ))
+
+    def axis(key: str, higher: bool, arrows: tuple[str, str]) -> dict[str, Any]:
+        out: dict[str, Any] = {"title": {"text": f"{_axis_label(key)} {arrows[0] if higher else arrows[1]}"}}
+        if _is_accuracy(key):
+            out["range"] = [0, 1]
+        if _is_utilization(key):
+            out["tickformat"] = ".3~%"
+        return out
+
     fig.update_layout(
-        template="plotly_white", height=430, margin={"l": 60, "r": 20, "t": 40, "b": 60},
-        title={"text": f"{_label(y)} vs {_label(x)}", "font": {"size": 14}},
-        xaxis_title=f"{_label(x)} {'(better →)' if hx else '(← better)'}",
-        yaxis_title=f"{_label(y)} {'(better ↑)' if hy else '(better ↓)'}",
-        legend={"title": {"text": "system"}},
+        template="plotly_white", height=480, margin={"l": 60, "r": 20, "t": 40, "b": 20},
+        title={"text": f"{_axis_label(y)} vs {_axis_label(x)}", "font": {"size": 14}},
+        xaxis=axis(x, hx, ("(better →)", "(← better)")),
+        yaxis=axis(y, hy, ("(better ↑)", "(better ↓)")),
+        legend=LEGEND_BELOW,
     )
     return fig
 
 
-def radar_figure(df: pd.DataFrame, systems: list[str] | None) -> go.Figure:
-    """C (cost, lower better), A (accuracy, or 1/perplexity), P (output throughput) per
-    system: each system's best over its shown rows, divided by the best system's (so 1 is the
-    best of the shown rows and 0 the worst possible)."""
+RADAR_AXES = ("C", "A", "P")
+
+
+def radar_figure(df: pd.DataFrame, systems: list[str] | None = None, best_by: str = "output_tokens_per_s",
+                 colors: dict[str, str] | None = None) -> go.Figure:
+    """C (cost, lower better), A (accuracy, or 1/perplexity when no chosen row has an accuracy), P
+    (output throughput) of ONE real configuration per system (``systems``: those shown, None: all):
+    the system's row that is best on ``best_by`` (direction from ``Column.higher_is_better``; rows
+    without that figure are not candidates; among equals the row with more of C, A, P). A system
+    with no candidate is left out, and the title says so. Each value is divided by the best chosen
+    row's (1 = best of the chosen rows); a missing or non-positive value is left out (no point on
+    that axis), never drawn as 0. Each trace's points carry the row's ``cell_id`` (``customdata``),
+    its raw values are in the trace's ``meta`` and in the hover, with units; colours by system as in
+    :func:`scatter_figure`."""
     if df.empty:
         return _empty_fig("No rows match the filters.")
-    data = df if systems is None else df[df["system"].astype(str).isin([str(s) for s in systems])]
+    colors = _colors(df, colors)
+    data = df if systems is None else df[_systems(df).isin([str(s) for s in systems])]
     if data.empty:
         return _empty_fig("Pick at least one system.")
+    names = _systems(data)
     cost, acc, ppl, thr = (_num(data, k) for k in
                            ("usd_per_1m_output_tokens", "accuracy", "perplexity", "output_tokens_per_s"))
-    use_acc = bool(acc.notna().any())
-    g = pd.DataFrame({
-        "system": data["system"].astype(str),
-        "C": cost,
-        "A": acc if use_acc else 1.0 / ppl.where(ppl > 0),
-        "P": thr,
-    }).groupby("system").agg({"C": "min", "A": "max", "P": "max"})
+    key, higher = _num(data, best_by), _hib(best_by)
+    # how many of C, A, P a row has: breaks a tie on best_by
+    complete = cost.notna().astype(int) + (acc.notna() | ppl.notna()).astype(int) + thr.notna().astype(int)
+    chosen: dict[str, Any] = {}
+    by = _label(best_by)
+    left_out: list[str] = []  # "system (why)"
+    for s in sorted(names.unique()):
+        cand = key[(names == s) & key.map(math.isfinite)]
+        if cand.empty:
+            left_out.append(f"{_plain(s)} (no {_plain(by)})")
+            continue
+        tied = cand.index[cand == (cand.max() if higher else cand.min())]
+        chosen[s] = complete.loc[tied].idxmax()  # the first of the most complete
+    if not chosen:
+        return _empty_fig(f"No shown row has {_plain(by)}: no configuration to draw.")
+    idx = list(chosen.values())
+    use_acc = bool(acc.loc[idx].notna().any())
+    raw = pd.DataFrame({"C": cost.loc[idx], "A": acc.loc[idx] if use_acc else ppl.loc[idx],
+                        "P": thr.loc[idx]}, index=idx)
+    score = raw.assign(A=raw["A"] if use_acc else 1.0 / raw["A"].where(raw["A"] > 0))
 
     def ratio(col: pd.Series, higher: bool) -> pd.Series:
         col = col.where(col > 0)
         if col.notna().sum() == 0:
-            return col.fillna(0.0)
+            return col
         best = col.max() if higher else col.min()
-        return (col / best if higher else best / col).fillna(0.0).clip(0, 1)
+        return (col / best if higher else best / col).clip(0, 1)
 
-    norm = pd.DataFrame({"C": ratio(g["C"], False), "A": ratio(g["A"], True),
-                         "P": ratio(g["P"], True)})
-    theta = ["C: cost (lower $ better)",
-             "A: accuracy" if use_acc else "A: 1/perplexity",
-             "P: output throughput"]
+    norm = pd.DataFrame({"C": ratio(score["C"], False), "A": ratio(score["A"], True),
+                         "P": ratio(score["P"], True)})
+    theta = {"C": "C: cost (lower $ better)", "A": "A: accuracy" if use_acc else "A: 1/perplexity",
+             "P": "P: output throughput"}
+    units = {"C": lambda v: f"$ {v:.4g}/1M tok", "A": (lambda v: f"accuracy {v:.4g}") if use_acc
+             else (lambda v: f"perplexity {v:.4g}"), "P": lambda v: f"{v:.4g} tok/s"}
     fig = go.Figure()
-    for i, (s, r) in enumerate(norm.iterrows()):
-        raw = g.loc[s]
-        vals = [r["C"], r["A"], r["P"]]
+    for s, i in chosen.items():
+        axes = [a for a in RADAR_AXES if pd.notna(norm.at[i, a])]
+        if not axes:
+            left_out.append(f"{_plain(s)} (no cost, accuracy or throughput)")
+            continue
+        cell = str(data.at[i, "cell_id"]) if "cell_id" in data.columns else ""
+        r = [float(norm.at[i, a]) for a in axes]
+        text = [units[a](float(raw.at[i, a])) for a in axes]
         fig.add_trace(go.Scatterpolar(
-            r=vals + vals[:1], theta=theta + theta[:1], fill="toself", name=_plain(s),
-            line={"color": PALETTE[i % len(PALETTE)]}, opacity=0.7,
-            text=[f"$ {raw['C']:.4g}/1M tok", f"{raw['A']:.4g}", f"{raw['P']:.4g} tok/s",
-                  f"$ {raw['C']:.4g}/1M tok"],
-            hovertemplate="%{theta}: %{r:.2f} (raw %{text})<extra>" + _plain(s) + "</extra>",
+            r=r + r[:1], theta=[theta[a] for a in axes + axes[:1]], fill="toself", name=_plain(s),
+            mode="lines+markers", line={"color": colors[s]}, marker={"color": colors[s], "size": 7},
+            opacity=0.7, customdata=[cell] * (len(axes) + 1), text=text + text[:1],
+            meta={"cell_id": cell, "raw": {a: (None if pd.isna(raw.at[i, a]) else float(raw.at[i, a]))
+                                           for a in RADAR_AXES}},
+            hovertemplate="%{theta}: %{r:.2f} (raw %{text})<br>cell %{customdata}<extra>" + _plain(s)
+                          + "</extra>",
         ))
+    if not fig.data:
+        return _empty_fig("No chosen row has cost, accuracy or throughput.")
+    title = (f"C / A / P of each system's best row by {by} ({'highest' if higher else 'lowest'}), "
+             "normalised (1 = best of the chosen rows)")
+    if left_out:
+        title += "<br><sup>left out: " + "; ".join(left_out) + "</sup>"
     fig.update_layout(
-        template="plotly_white", height=430, margin={"l": 60, "r": 60, "t": 40, "b": 40},
-        polar={"radialaxis": {"range": [0, 1], "visible": True}},
-        title={"text": "C / A / P, normalised (1 = best of the shown rows)", "font": {"size": 14}},
+        template="plotly_white", height=480, margin={"l": 60, "r": 60, "t": 70 if left_out else 50, "b": 20},
+        polar={"radialaxis": {"range": [0, 1], "visible": True},
+               # every axis stays on the chart even where no system has a point on it
+               "angularaxis": {"type": "category", "categoryorder": "array",
+                               "categoryarray": [theta[a] for a in RADAR_AXES]}},
+        title={"text": title, "font": {"size": 14}},
+        legend=LEGEND_BELOW,
     )
     return fig
 
 
-ROOFLINE_PANELS = (
-    ("s_mbu_decode", "S-MBU decode"), ("s_mbu_prefill", "S-MBU prefill"),
-    ("s_mfu_decode", "S-MFU decode"), ("s_mfu_prefill", "S-MFU prefill"),
-)
+PHASE_SYMBOLS = {"decode": "circle", "prefill": "diamond"}
+MODEL_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+ROOF_STYLES = (("#222222", "solid"), ("#777777", "dash"), ("#444444", "dot"), ("#999999", "dashdot"))
+def peak_kind_label(kind: Any) -> str:
+    """How the roofline names a peak's kind (the ``peak_kind`` column: calibrated on the machine,
+    datasheet, user-supplied); "kind not recorded" where the record does not say."""
+    return str(kind) if isinstance(kind, str) and kind else "kind not recorded"
 
 
-def roofline_figure(df: pd.DataFrame) -> go.Figure:
-    """S-MBU and S-MFU (decode, prefill) against batch size; one line per system/model."""
+def roofline_points(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per record and phase that has attained FLOP/s and bytes/s (both > 0): the row's
+    identity, ``phase``, ``flops_s`` (FLOP/s = ``achieved_tflops_<phase>`` x 1e12), ``bytes_s`` (B/s),
+    ``intensity`` (FLOP/byte = flops_s / bytes_s), its S-MBU / S-MFU and peaks."""
+    out = []
+    for phase in ("decode", "prefill"):
+        flops = _num(df, f"achieved_tflops_{phase}") * 1e12
+        bw = _num(df, f"achieved_bandwidth_gbs_{phase}") * 1e9
+        ok = (flops > 0) & (bw > 0) & flops.map(math.isfinite) & bw.map(math.isfinite)
+        if not ok.any():
+            continue
+        sub = df[ok]
+        out.append(pd.DataFrame({
+            "system": _systems(sub), "model": sub.get("model"), "hardware": sub.get("hardware"),
+            "precision": sub.get("precision"), "load": sub.get("load"), "batch_size": _num(sub, "batch_size"),
+            "cell_id": sub.get("cell_id"), "phase": phase, "flops_s": flops[ok], "bytes_s": bw[ok],
+            "intensity": flops[ok] / bw[ok],
+            "s_mbu": _num(sub, f"s_mbu_{phase}"), "s_mfu": _num(sub, f"s_mfu_{phase}"),
+            "peak_tflops": _num(sub, "peak_tflops"), "peak_mem_bandwidth_gbs": _num(sub, "peak_mem_bandwidth_gbs"),
+            "peak_kind": sub["peak_kind"] if "peak_kind" in sub.columns else None,
+        }, index=sub.index))
+    return pd.concat(out) if out else pd.DataFrame()
+
+
+def roofline_figure(df: pd.DataFrame, colors: dict[str, str] | None = None) -> go.Figure:
+    """A roofline, log-log: x = arithmetic intensity (FLOP per byte moved: attained FLOP/s over
+    attained bytes/s of the phase's passes), y = attained FLOP/s; one point per record and phase
+    (decode ●, prefill ◆), coloured by system as in :func:`scatter_figure`, a model's points of a
+    phase joined in batch-size order (one dash per model). For each peak seen in the shown rows
+    (hardware, peak FLOP/s, peak bandwidth, kind), its ceilings: the memory roof (peak bandwidth x
+    intensity, up to the ridge) and the compute roof (peak FLOP/s, from the ridge), labelled with
+    the peak values and whether the peak is calibrated or from the datasheet. The hover shows the
+    phase's S-MBU and S-MFU in %."""
     if df.empty:
         return _empty_fig("No rows match the filters.")
-    data = df.assign(_bs=_num(df, "batch_size")).dropna(subset=["_bs"])
-    if data.empty:
-        return _empty_fig("No row has a batch size.")
-    fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in ROOFLINE_PANELS],
-                        horizontal_spacing=0.08, vertical_spacing=0.2)
-    data = data.assign(_series=[_series_name(r) for _, r in data.iterrows()])
-    for i, (name, sub) in enumerate(data.groupby("_series", sort=True)):
-        sub = sub.sort_values("_bs")
-        color = PALETTE[i % len(PALETTE)]
-        for j, (key, title) in enumerate(ROOFLINE_PANELS):
-            vals = _num(sub, key)
+    colors = _colors(df, colors)
+    pts = roofline_points(df)
+    if pts.empty:
+        return _empty_fig("No row has attained FLOP/s and bytes/s.")
+    fig = go.Figure()
+    # the ceilings, one set per distinct peak of the shown rows
+    peaks = pts[["hardware", "peak_tflops", "peak_mem_bandwidth_gbs", "peak_kind"]].astype(object) \
+        .where(pts[["hardware", "peak_tflops", "peak_mem_bandwidth_gbs", "peak_kind"]].notna(), None) \
+        .drop_duplicates()
+    peaks = [r for _, r in peaks.iterrows() if r["peak_tflops"] is not None or r["peak_mem_bandwidth_gbs"] is not None]
+    ridges = [float(p["peak_tflops"]) * 1e12 / (float(p["peak_mem_bandwidth_gbs"]) * 1e9) for p in peaks
+              if p["peak_tflops"] and p["peak_mem_bandwidth_gbs"]]
+    xs = list(pts["intensity"]) + ridges
+    lo, hi = min(xs) / 4, max(xs) * 4
+    ys = list(pts["flops_s"])  # the y range: the points and the roofs, with room for the labels
+    annotations = []
+    for j, p in enumerate(peaks):
+        color, dash = ROOF_STYLES[j % len(ROOF_STYLES)]
+        kind = peak_kind_label(p["peak_kind"])
+        hw = _plain(p["hardware"]) if p["hardware"] is not None else "?"
+        top = float(p["peak_tflops"]) * 1e12 if p["peak_tflops"] else None
+        bw = float(p["peak_mem_bandwidth_gbs"]) * 1e9 if p["peak_mem_bandwidth_gbs"] else None
+        ridge = top / bw if top and bw else None
+        ys += [v for v in (top, bw * lo if bw else None) if v]
+        meta = {"hardware": p["hardware"], "peak_tflops": p["peak_tflops"],
+                "peak_mem_bandwidth_gbs": p["peak_mem_bandwidth_gbs"], "kind": kind}
+        if bw:
+            end = ridge or hi
+            name = f"{hw}: memory roof, {p['peak_mem_bandwidth_gbs']:.4g} GB/s ({kind})"
             fig.add_trace(go.Scatter(
-                x=sub["_bs"], y=vals, mode="lines+markers", name=_plain(name), legendgroup=name,
-                showlegend=(j == 0), line={"color": color}, marker={"size": 8},
-                text=[_plain(c) for c in sub["cell_id"].astype(str)],
-                hovertemplate=f"{_plain(name)}<br>batch %{{x}}<br>{title}: %{{y:.2%}}<br>%{{text}}"
-                              "<extra></extra>",
-            ), row=j // 2 + 1, col=j % 2 + 1)
-    fig.update_xaxes(title_text="batch size", type="log", dtick=math.log10(2))
-    fig.update_yaxes(tickformat=".3~%", rangemode="tozero")
-    fig.update_layout(template="plotly_white", height=620,
-                      margin={"l": 60, "r": 20, "t": 50, "b": 50},
-                      legend={"orientation": "h", "y": -0.12})
+                x=[lo, end], y=[bw * lo, bw * end], mode="lines", name=name, legendgroup=f"peak{j}",
+                line={"color": color, "dash": dash, "width": 2}, meta={**meta, "roof": "memory"},
+                hovertemplate=name + "<br>%{x:.3g} FLOP/byte → %{y:.3s}FLOP/s<extra></extra>",
+            ))
+            mid = math.sqrt(lo * end)  # the label sits above the roof's middle (log scale)
+            annotations.append({"x": math.log10(mid), "y": math.log10(bw * mid), "xanchor": "right",
+                                "yanchor": "bottom", "text": f"{hw} {p['peak_mem_bandwidth_gbs']:.4g} GB/s "
+                                                              f"({kind})", "font": {"color": color}})
+        if top:
+            start = ridge or lo
+            name = f"{hw}: compute roof, {p['peak_tflops']:.4g} TFLOP/s ({kind})"
+            fig.add_trace(go.Scatter(
+                x=[start, hi], y=[top, top], mode="lines", name=name, legendgroup=f"peak{j}",
+                line={"color": color, "dash": dash, "width": 2}, meta={**meta, "roof": "compute"},
+                hovertemplate=name + "<extra></extra>",
+            ))
+            annotations.append({"x": math.log10(hi), "y": math.log10(top), "xanchor": "right",
+                                "yanchor": "bottom", "text": f"{hw} peak {p['peak_tflops']:.4g} TFLOP/s "
+                                                              f"({kind})", "font": {"color": color}})
+    # the points: one trace per system, model (hardware, precision) and phase
+    pts = pts.assign(_series=[_series_name(r) for _, r in pts.iterrows()])
+    models = sorted({str(m) for m in pts["model"]})
+    for (name, phase), sub in pts.groupby(["_series", "phase"], sort=True):
+        sub = sub.sort_values(["batch_size", "intensity"], na_position="last", kind="stable")
+        s = str(sub["system"].iloc[0])
+        hover = [
+            f"<b>{_plain(r['model'])}</b><br>{_plain(r['system'])} · {_plain(r['hardware'])} · "
+            f"{_plain(r['precision'])} · {_plain(r['load'])}<br>{phase}: {r['intensity']:.3g} FLOP/byte, "
+            f"{_si(r['flops_s'], 'FLOP/s')}, {_si(r['bytes_s'], 'B/s')}<br>"
+            f"S-MBU {phase}: {'n/a' if pd.isna(r['s_mbu']) else format(100 * r['s_mbu'], '.3g') + '%'} · "
+            f"S-MFU {phase}: {'n/a' if pd.isna(r['s_mfu']) else format(100 * r['s_mfu'], '.3g') + '%'}<br>"
+            f"{_plain(r['cell_id'])}"
+            for _, r in sub.iterrows()
+        ]
+        fig.add_trace(go.Scatter(
+            x=sub["intensity"], y=sub["flops_s"], mode="lines+markers" if len(sub) > 1 else "markers",
+            name=f"{_plain(name)} · {phase}", legendgroup=s,
+            line={"color": colors[s], "width": 1, "dash": MODEL_DASHES[models.index(str(sub['model'].iloc[0]))
+                                                                     % len(MODEL_DASHES)]},
+            marker={"color": colors[s], "size": 11, "symbol": PHASE_SYMBOLS[phase],
+                    "line": {"color": "white", "width": 1}},
+            customdata=list(sub["cell_id"].astype(str)), text=hover, hovertemplate="%{text}<extra></extra>",
+        ))
+    y_range = [math.log10(min(ys)) - 0.15, math.log10(max(ys)) + 0.35]
+    decades = range(math.ceil(y_range[0]), math.floor(y_range[1]) + 1)
+    fig.update_layout(
+        template="plotly_white", height=560, margin={"l": 70, "r": 20, "t": 50, "b": 20},
+        title={"text": "Roofline: attained FLOP/s vs arithmetic intensity, per record and phase "
+                       "(● decode, ◆ prefill)", "font": {"size": 14}},
+        xaxis={"type": "log", "title": {"text": "arithmetic intensity (FLOP/byte, log scale)"},
+               "range": [math.log10(lo), math.log10(hi)], "dtick": 1, "exponentformat": "none"},
+        yaxis={"type": "log", "title": {"text": "attained FLOP/s (log scale)"}, "range": y_range,
+               "tickvals": [10.0 ** k for k in decades], "ticktext": [_si(10.0 ** k, "FLOP/s") for k in decades]},
+        legend={**LEGEND_BELOW, "title": {"text": "system · model (hardware, precision) · phase, and the "
+                                                  "ceilings", "side": "top"}},
+        annotations=[{**a, "xref": "x", "yref": "y", "showarrow": False} for a in annotations],
+    )
     return fig
 
 

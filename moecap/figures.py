@@ -187,6 +187,28 @@ def _build() -> list[Figure]:
         Figure("experts_per_layer_decode", ("utilization", "decode", "mean_active_experts_per_layer"),
                "utilization", "experts/layer decode", None, "distinct experts a decode pass used per MoE layer",
                None, decimals=2, show=("report",)),
+    ]
+    # what S-MBU and S-MFU divide (the roofline's coordinates and ceilings); totals over the cell's devices
+    for phase in ("prefill", "decode"):
+        out += [
+            Figure(f"achieved_tflops_{phase}", ("utilization", phase, "achieved_tflops"), "utilization",
+                   f"Attained FLOP/s {phase}", "TFLOP/s",
+                   f"model FLOPs of the {phase} passes (attention, router, the k experts each token ran, head, "
+                   "attention scores) / the passes' time",
+                   True, decimals=4),
+            Figure(f"achieved_bandwidth_gbs_{phase}", ("utilization", phase, "achieved_bandwidth_gbs"),
+                   "utilization", f"Attained bandwidth {phase}", "GB/s",
+                   f"bytes the {phase} passes moved (weights of the experts each pass activated, attention, head, KV "
+                   "read and written) / the passes' time",
+                   True, decimals=3),
+        ]
+    out += [
+        Figure("peak_tflops", ("utilization", "peak", "tflops"), "utilization", "Peak FLOP/s", "TFLOP/s",
+               "dense peak FLOP/s of the compute dtype that S-MFU divides by (the cell's devices together)", None,
+               decimals=3),
+        Figure("peak_mem_bandwidth_gbs", ("utilization", "peak", "mem_bandwidth_gbs"), "utilization",
+               "Peak bandwidth", "GB/s",
+               "peak memory bandwidth that S-MBU divides by (the cell's devices together)", None, decimals=1),
         Figure("j_per_token", ("energy", "joules_per_output_token"), "energy", "Energy", "J/tok",
                "energy per output token over the measured window", False, 0.10, decimals=4,
                show=("report", "leaderboard")),
@@ -353,9 +375,35 @@ def peak_kind(report: dict[str, Any]) -> str | None:
     return dig(report, ("utilization", "peak", "kind"))
 
 
+_POWER = {"measured": "measured power", "tdp": "rated power (TDP)", "tdp*utilization": "rated power x utilization"}
+
+
 def basis_summary(report: dict[str, Any]) -> str:
-    """The families whose figures are not plainly measured, e.g. ``util=traced cost=estimated``."""
-    said = report.get("basis") if isinstance(report, dict) and isinstance(report.get("basis"), dict) else None
-    fam = said if said is not None else bases(report)
-    short = {"utilization": "util", "pass_latency": "pass", "throughput": "thr", "latency": "lat"}
-    return " ".join(f"{short.get(k, k)}={v}" for k, v in fam.items() if v != "measured") or "measured"
+    """How a record's figures that are not plainly measured were got, e.g. ``util=traced (calibrated
+    peak); cost=estimated (rated power (TDP), catalog prices)``; ``measured`` when all are."""
+    rep = report if isinstance(report, dict) else {}
+    said = rep.get("basis") if isinstance(rep.get("basis"), dict) else bases(rep)
+    parts = []
+    util = rep.get("utilization") if isinstance(rep.get("utilization"), dict) else {}
+    kind = dig(util, ("peak", "kind"))
+    if said.get("utilization") and said["utilization"] != "measured":
+        parts.append(f"util={said['utilization']}" + (f" ({kind} peak)" if kind else ""))
+    cost = rep.get("cost") if isinstance(rep.get("cost"), dict) else {}
+    if said.get("cost") and said["cost"] != "measured":
+        how = []
+        if cost.get("power_source"):
+            how.append(_POWER.get(str(cost["power_source"]), str(cost["power_source"])))
+        sources = dig(cost, ("inputs", "sources"))
+        if isinstance(sources, dict) and sources:
+            catalog = any(str(v).startswith("catalog") for v in sources.values())
+            user = any(str(v).startswith(("override", "user")) for v in sources.values())
+            how.append("catalog + user prices" if catalog and user else "catalog prices" if catalog
+                       else "user prices")
+        parts.append(f"cost={said['cost']}" + (f" ({', '.join(how)})" if how else ""))
+    for fam in ("latency", "throughput", "pass_latency", "energy", "memory", "server"):
+        if said.get(fam) and said[fam] != "measured":
+            parts.append(f"{fam}={said[fam]}")
+    energy = rep.get("energy") if isinstance(rep.get("energy"), dict) else {}
+    if energy.get("available") and energy.get("method"):
+        parts.append(f"energy=measured ({energy['method']})")
+    return "; ".join(parts) or "measured"

@@ -54,14 +54,14 @@ def test_bases_per_family_are_recorded_and_shown():
     assert b == {"latency": "measured", "throughput": "measured", "utilization": "traced", "energy": "measured",
                  "cost": "estimated", "memory": "measured", "quality": "measured"}
     assert figures.basis(REPORT, "s_mbu_decode") == "traced" and figures.basis(REPORT, "ppl:x") == "measured"
-    assert figures.basis_summary(REPORT) == "util=traced cost=estimated"
+    assert figures.basis_summary(REPORT) == "util=traced (calibrated peak); cost=estimated"
     est = {**REPORT, "utilization": {**REPORT["utilization"], "basis": "recorded"}}
-    assert figures.basis_summary(est) == "util=recorded cost=estimated"
+    assert figures.basis_summary(est) == "util=recorded (calibrated peak); cost=estimated"
     from moecap.leaderboard.data import record_row as lb_row
     from moecap.report import record_row
 
-    assert record_row(make())["basis"] == "util=traced cost=estimated"
-    assert lb_row(make().model_dump())["basis"] == "util=traced cost=estimated"
+    # the report and the board say the same
+    assert record_row(make())["basis"] == lb_row(make().model_dump())["basis"] == figures.basis_summary(REPORT)
 
 
 def test_renaming_a_figure_in_the_table_renames_it_everywhere(monkeypatch):
@@ -115,5 +115,5 @@ def test_schema_1_records_load_through_the_one_migration(tmp_path):
     from moecap.leaderboard.data import load_results
 
     df = load_results(tmp_path)
-    assert df["basis"].iloc[0] == "util=traced cost=estimated" and df["output_tokens_per_s"].iloc[0] == 20.0
+    assert df["basis"].iloc[0] == "util=traced (calibrated peak); cost=estimated" and df["output_tokens_per_s"].iloc[0] == 20.0
     assert migrate({"schema_version": SCHEMA_VERSION, "x": 1}) == {"schema_version": SCHEMA_VERSION, "x": 1}

@@ -76,11 +76,13 @@ def _rows(table: dict) -> list[dict]:
 
 def test_table_lists_every_record(client):
     rows = _rows(client.predict(api_name="/filter_table"))
-    assert len(rows) == 4  # bs=1, bs=2, bs=4 and the quality cell
+    assert len(rows) == 3  # bs=1, bs=2, bs=4; the quality cell's figures are on them, not a row apart
     assert {r["Model"] for r in rows} == {"tiny-moe"}
-    assert sorted(r["Load"] for r in rows if r["Load"]) == ["bs=1", "bs=2", "bs=4"]
-    # quality merged onto the performance rows
+    assert sorted(r["Load"] for r in rows) == ["bs=1", "bs=2", "bs=4"]
+    assert {r["Workload"] for r in rows} == {"random-in128-out32 (in128-out8)"}  # the name, and what ran
+    # quality merged onto the performance rows, accuracy with its standard error
     assert all(r["Perplexity"] and r["Perplexity"] > 1 for r in rows)
+    assert all(" ± " in r["Accuracy"] for r in rows)
 
 
 def test_load_filter(client):
@@ -99,17 +101,16 @@ def test_search_and_columns_and_sort(client):
     # the rank first, then who, then the headline figures (C), then the setting
     assert table["headers"] == ["#", "Model", "Cost ($/1M tok)", "Load"]
     rows = _rows(table)
-    costs = [r["Cost ($/1M tok)"] for r in rows if r["Cost ($/1M tok)"] is not None]
+    costs = [r["Cost ($/1M tok)"] for r in rows]
     assert len(costs) == 3 and costs == sorted(costs)  # cost: lower is better, best first
-    assert [r["#"] for r in rows[:3]] == [1, 2, 3] and rows[3]["#"] is None  # the quality row: unranked, last
+    assert [r["#"] for r in rows] == [1, 2, 3]
 
 
 def test_default_ranking_and_empty_selection(client):
     rows = _rows(client.predict(api_name="/filter_table"))
     # ranked by output throughput by default, best first; the rank is the first column
     tps = [r["Output throughput (tok/s)"] for r in rows]
-    assert [r["#"] for r in rows] == [1, 2, 3, None] and tps[:3] == sorted(tps[:3], reverse=True)
-    assert rows[3]["Load"] is None  # the quality-only row has no throughput: unranked, last
+    assert [r["#"] for r in rows] == [1, 2, 3] and tps == sorted(tps, reverse=True)
     # unticking every value of a filter leaves no rows (it used to show them all)
     assert _rows(client.predict(load=[], api_name="/filter_table")) == []
 
@@ -147,6 +148,30 @@ def test_plots_and_record(client, app_url):
     assert "experts" in bytes_fig["plot"] and "TTFT" in lat_fig["plot"]
 
 
+def test_quality_figures_rank_only_on_one_set():
+    import pandas as pd
+
+    from moecap.leaderboard.app import RANK, rank_frame
+
+    frame = pd.DataFrame({
+        "cell_id": ["a1", "b", "a2", "none", "a3"],
+        "perplexity": [10.0, 5.0, 12.0, None, 11.0],
+        "ppl_set": ["c (15 windows)", "c (4 windows)", "c (15 windows)", None, "c (15 windows)"],
+        "output_tokens_per_s": [1.0, 3.0, 2.0, 4.0, None],
+    })
+    ranked, note = rank_frame(frame, "perplexity")
+    # the set most rows share is ranked (lower perplexity first); the 4-window row follows unranked,
+    # though its perplexity is lowest; the row without perplexity comes last
+    assert list(ranked["cell_id"]) == ["a1", "a3", "a2", "b", "none"]
+    assert list(ranked[RANK]) == [1, 2, 3, pd.NA, pd.NA]
+    assert "c (15 windows)" in note and "1 row(s)" in note
+    ranked, note = rank_frame(frame, "output_tokens_per_s")  # not a quality figure: every row with it
+    assert list(ranked["cell_id"]) == ["none", "b", "a2", "a1", "a3"] and note is None
+    assert list(ranked[RANK])[:4] == [1, 2, 3, 4]
+    ranked, note = rank_frame(frame.iloc[[0, 2]], "perplexity")  # one set: no note
+    assert note is None and list(ranked[RANK]) == [1, 2]
+
+
 def test_scatter_front_and_radar_figures():
     import pandas as pd
 
@@ -164,8 +189,10 @@ def test_scatter_front_and_radar_figures():
     assert list(front.x) == [1.0, 2.0, 3.0] and list(front.y) == [0.5, 0.7, 0.9]
     assert front.line.shape == "hv"  # corners at (worse cost, worse accuracy)
     radar = radar_figure(df, ["a", "b"])
+    # one configuration per system, its fastest row (x for a, y for b): C, A and P all from that row
     r = {t.name: list(t.r)[:3] for t in radar.data}
-    assert r["a"] == [1.0, 0.7 / 0.9, 0.5] and r["b"] == [1.0 / 2.5, 1.0, 1.0]
+    assert r["a"] == pytest.approx([1.0, 0.7 / 0.9, 0.5]) and r["b"] == pytest.approx([2.0 / 3.0, 1.0, 1.0])
+    assert {t.name: set(t.customdata) for t in radar.data} == {"a": {"x"}, "b": {"y"}}
 
 
 def test_names_render_as_text_in_plots():
@@ -205,7 +232,7 @@ def test_records_published_after_start_appear_without_restart(results_dir, tmp_p
         demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                     quiet=True, show_error=True)
         c = Client(demo.local_url, verbose=False)
-        assert len(_rows(c.predict(api_name="/filter_table"))) == 4
+        assert len(_rows(c.predict(api_name="/filter_table"))) == 3
         src = next(p for p in sorted((live / "quickstart").glob("*.json")) if "bs1" in p.name)
         rec = json.loads(src.read_text())
         rec["cell_id"] += "-late"
@@ -213,9 +240,9 @@ def test_records_published_after_start_appear_without_restart(results_dir, tmp_p
         (live / "quickstart" / f"{rec['cell_id']}.json").write_text(json.dumps(rec))
         time.sleep(0.6)
         models = [r["Model"] for r in _rows(c.predict(api_name="/filter_table"))]
-        assert len(models) == 5 and "tiny-moe-late" in models
+        assert len(models) == 4 and "tiny-moe-late" in models
         # a page's filters get the new value, ticked (the other values as the page had them)
-        updates = c.predict([], ["tiny-moe"], [], [], [], api_name="/refresh")
+        updates = c.predict([], ["tiny-moe"], [], [], [], [], [], [], api_name="/refresh")
         model_filter = updates[1]
         assert model_filter["value"] == ["tiny-moe", "tiny-moe-late"]
     finally:
@@ -290,6 +317,13 @@ def _visible_cell(page, value):
     return page.locator("#leaderboard-table span:visible").filter(has_text=_as_shown(value)).first
 
 
+def _readable(locator) -> bool:
+    """The cell's whole text is drawn: not cut off with an ellipsis, not overflowing its cell."""
+    return locator.evaluate(
+        "(el) => { const td = el.closest('[role=gridcell], td') || el; "
+        "return el.scrollWidth <= el.clientWidth + 1 && td.scrollWidth <= td.clientWidth + 1; }")
+
+
 @pytest.mark.parametrize("size", [(1440, 900), (390, 844)], ids=["desktop", "phone"])
 def test_browser_first_screen_and_empty_state(app_url, client, artifacts_dir, size):
     """The best row of the default ranking is on the first screen (at desktop size with its C, A and P
@@ -310,10 +344,17 @@ def test_browser_first_screen_and_empty_state(app_url, client, artifacts_dir, si
             name = "desktop" if size[0] > 800 else "phone"
             page.screenshot(path=str(artifacts_dir / f"leaderboard-first-screen-{name}.png"))
             assert _in_viewport(page, page.locator("#leaderboard-table th:visible").filter(has_text="#").first)
-            if name == "desktop":
-                for header in ("Model", "Cost ($/1M tok)", "Accuracy", "Output throughput (tok/s)"):
-                    cell = _visible_cell(page, best[header])
-                    assert _in_viewport(page, cell), (header, best[header], cell.bounding_box())
+            # at both sizes: who, then C, A and P of the best row, on the first screen and readable whole
+            for header in ("Model", "System", "Cost ($/1M tok)", "Accuracy", "Output throughput (tok/s)"):
+                value = best[header]
+                if name == "phone" and header == "Accuracy":  # the compact table: no standard error
+                    value = float(value.split(" ± ")[0])
+                cell = _visible_cell(page, value)
+                assert _in_viewport(page, cell), (name, header, value, cell.bounding_box())
+                assert _readable(cell), (name, header, value)
+            if name == "phone":  # the compact table: rank, who, C, A, P and nothing else
+                heads = [h.strip() for h in page.locator("#leaderboard-table th:visible").all_inner_texts()]
+                assert len([h for h in heads if h]) <= 6, heads
             page.locator("#search textarea, #search input").first.fill("no-such-thing")
             page.locator("#no-rows").wait_for(state="visible", timeout=15_000)
             assert "No rows match" in page.locator("#no-rows").inner_text()
@@ -323,7 +364,59 @@ def test_browser_first_screen_and_empty_state(app_url, client, artifacts_dir, si
             browser.close()
 
 
+@pytest.mark.parametrize("size", [(1440, 900), (390, 844)], ids=["desktop", "phone"])
+def test_browser_row_opens_record_and_url_keeps_state(app_url, client, artifacts_dir, size):
+    """A click on a row opens its record; the address carries the ranking, filters and search, and a
+    page opened from it shows that view."""
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from urllib.parse import parse_qs, urlsplit
+
+    cheapest = _rows(client.predict(load=["bs=1", "bs=4"], columns=["Cell", "Cost ($/1M tok)"],
+                                    sort_by="Cost ($/1M tok)", api_name="/filter_table"))[0]
+    name = "desktop" if size[0] > 800 else "phone"
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+            page.goto(app_url + "?rank=usd_per_1m_output_tokens&load=bs%3D1&load=bs%3D4",
+                      wait_until="domcontentloaded", timeout=30_000)
+            page.locator('#leaderboard-table [data-testid="cell-0-1"]').first.wait_for(state="attached", timeout=30_000)
+            _settle(page)
+            assert page.locator("#rank-by input").first.input_value() == "Cost ($/1M tok)"
+            rows = page.locator("#leaderboard-table [data-row]").evaluate_all(
+                "(els) => [...new Set(els.map((e) => e.dataset.row))]")
+            assert len(rows) == 2, rows  # bs=1 and bs=4, as the address asks
+            if name == "desktop":  # the phone's compact table has no Load column
+                loads = page.locator("#leaderboard-table span:visible").filter(has_text="bs=").all_inner_texts()
+                assert sorted({t.strip() for t in loads if t.strip().startswith("bs=")}) == ["bs=1", "bs=4"], loads
+            page.locator("#search textarea, #search input").first.fill("bs")
+            page.wait_for_function("() => location.search.includes('q=bs')", timeout=15_000)
+            query = parse_qs(urlsplit(page.url).query)
+            assert query["rank"] == ["usd_per_1m_output_tokens"] and query["load"] == ["bs=1", "bs=4"]
+            # a click on the first row (the cheapest of bs=1 and bs=4) opens its record
+            page.locator('#leaderboard-table [data-testid="cell-0-1"]:visible').first.click()
+            record_tab = page.get_by_role("tab", name="Record")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('[role=tab]')].some("
+                "t => t.textContent.trim() === 'Record' and t.getAttribute('aria-selected') === 'true')"
+                .replace(" and ", " && "), timeout=15_000)
+            assert record_tab.get_attribute("aria-selected") == "true"
+            pick = page.locator("#record-pick input").first
+            page.wait_for_function("(id) => document.querySelector('#record-pick input').value.includes(id)",
+                                   arg=cheapest["Cell"], timeout=15_000)
+            assert cheapest["Cell"] in pick.input_value()
+            page.locator("#latency-plot .js-plotly-plot").first.wait_for(timeout=30_000)
+            _settle(page)
+            page.screenshot(path=str(artifacts_dir / f"leaderboard-row-record-{name}.png"))
+        finally:
+            browser.close()
+
+
 def test_browser_renders_table_and_plots(app_url, artifacts_dir):
+    from gradio_client import Client
+
     if not CHROMIUM.exists():
         pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -343,6 +436,21 @@ def test_browser_renders_table_and_plots(app_url, artifacts_dir):
             page.locator("#radar-plot .js-plotly-plot").first.wait_for(timeout=30_000)
             assert page.locator("#cap-plot-1 svg.main-svg").count() >= 1
             _settle(page)
+            # the radar as drawn: each system's points (C, A, P) all come from one record, whose own
+            # figures they show
+            traces = page.locator("#radar-plot .js-plotly-plot").first.evaluate(
+                "(el) => el.data.map((t) => ({name: t.name, cells: t.customdata, meta: t.meta}))")
+            table = _rows(Client(app_url, verbose=False).predict(
+                columns=["Cell", "Cost ($/1M tok)", "Output throughput (tok/s)"], api_name="/filter_table"))
+            by_cell = {r["Cell"]: r for r in table}
+            assert traces and all(t["cells"] for t in traces)
+            for t in traces:
+                assert len(set(t["cells"])) == 1, t
+                row = by_cell[t["cells"][0]]
+                assert t["cells"][0] == table[0]["Cell"]  # the system's best on output throughput
+                # the table rounds: throughput to 0.1 tok/s, cost to $0.0001
+                assert t["meta"]["raw"]["P"] == pytest.approx(row["Output throughput (tok/s)"], abs=0.051)
+                assert t["meta"]["raw"]["C"] == pytest.approx(row["Cost ($/1M tok)"], abs=0.000051)
             page.screenshot(path=str(artifacts_dir / "leaderboard-cap.png"), full_page=True)
 
             page.get_by_role("tab", name="Roofline").click()

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from moecap import figures
 from moecap.leaderboard import data as lb
 from moecap.leaderboard.publish import publish, validate_record
 from moecap.records import Record, ResultStore
@@ -286,8 +287,8 @@ def test_basis_names_peaks_power_and_prices():
     rep = {"basis": {"utilization": "estimated", "cost": "estimated", "latency": "measured"},
            "utilization": {"peak": {"kind": "datasheet"}},
            "cost": {"power_source": "measured", "inputs": {"sources": {"gpu.price_usd": "override cost.gpu_price_usd"}}}}
-    assert lb.basis_label(rep) == "util=estimated (datasheet peak); cost=estimated (measured power, user prices)"
-    assert lb.basis_label({"basis": {"latency": "measured"}}) == "measured"
+    assert figures.basis_summary(rep) == "util=estimated (datasheet peak); cost=estimated (measured power, user prices)"
+    assert figures.basis_summary({"basis": {"latency": "measured"}}) == "measured"
 
 
 # ---------------------------------------------------------------- Pareto

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import numbers
 import json
 import logging
 import os
@@ -189,6 +190,28 @@ def _filter(df: pd.DataFrame, selections: list[list[str] | None], search: str | 
             continue  # everything ticked: no filter (keeps rows without a value, e.g. quality rows)
         kwargs[kw] = list(sel)
     return filter_frame(df, search=(search or None), **kwargs)
+
+
+def _same(values: Any) -> list[str | None]:
+    """Values as the browser and pandas both spell them (5 == 5.0, null == NA)."""
+    out: list[str | None] = []
+    for v in values:
+        if v is None or (not isinstance(v, str) and pd.isna(v)):
+            out.append(None)
+        elif isinstance(v, numbers.Number) and not isinstance(v, bool):
+            out.append(repr(float(v)))
+        else:
+            out.append(str(v))
+    return out
+
+
+def find_row(shown: pd.DataFrame, row_value: Any) -> int | None:
+    """The position in ``shown`` (the table as sent) of the row whose values the browser reported
+    (``SelectData.row_value``), or None."""
+    if not isinstance(row_value, (list, tuple)):
+        return None
+    want = _same(row_value)
+    return next((i for i, values in enumerate(shown.itertuples(index=False)) if _same(values) == want), None)
 
 
 def rank_frame(frame: pd.DataFrame, key: str | None) -> tuple[pd.DataFrame, str | None]:
@@ -552,9 +575,14 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
         return shown, bytes_figure(rec), latency_figure(rec)
 
     def open_record(evt: gr.SelectData, *args):
-        """A click on a table row opens its record in the Record tab."""
-        frame, _note = _ranked(args[:-1], args[-1])
-        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        """A click on a table row opens its record in the Record tab. The row is found by its shown
+        values (the table's own header menu may have re-sorted the view), else by its position."""
+        sel, labels, sort_by, is_compact = args[:-3], args[-3], args[-2], args[-1]
+        frame, _note = _ranked(sel, sort_by)
+        shown = filter_table(*sel, labels, sort_by, is_compact)
+        row = find_row(shown, evt.row_value)
+        if row is None:
+            row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         if not isinstance(row, int) or not 0 <= row < len(frame):
             return gr.update(), gr.update()
         return gr.update(value=str(frame.iloc[row]["cell_id"])), gr.Tabs(selected="record")
@@ -683,7 +711,7 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
             compact, viewport, [columns, table, is_phone], js="(w) => window.innerWidth", api_name=False).then(
             filter_table, table_inputs, table, api_name=False).then(None, tip_map, None, js=TOOLTIP_JS)
         gr.on([demo.load, *filter_triggers], no_rows, filter_inputs, empty_note, api_name=False)
-        table.select(open_record, [*filter_inputs, sort_by], [pick, tabs], api_name=False)
+        table.select(open_record, table_inputs, [pick, tabs], api_name=False)
         export.click(export_csv, [*filter_inputs, columns, sort_by], export_file, api_name="export_csv").then(
             lambda: gr.update(visible=True), None, export_file, api_name=False)
         gr.on([demo.load, *filter_triggers, x1.change, y1.change], cap_plot,

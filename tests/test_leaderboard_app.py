@@ -172,6 +172,21 @@ def test_quality_figures_rank_only_on_one_set():
     assert note is None and list(ranked[RANK]) == [1, 2]
 
 
+def test_a_clicked_row_is_found_by_its_values():
+    """The table's header menu can re-sort the view in the browser: the clicked row is found by the
+    values the browser reports, spelled as JSON spells them."""
+    import pandas as pd
+
+    from moecap.leaderboard.app import find_row
+
+    shown = pd.DataFrame({"#": pd.array([1, 2, None], dtype="Int64"), "Model": ["m", "m", "q"],
+                          "Output throughput (tok/s)": [20.0, 5.0, float("nan")], "Energy": ["n/a (x)", 0.5, 0.25]})
+    assert find_row(shown, [2, "m", 5, 0.5]) == 1  # 5 from JSON is 5.0 in pandas
+    assert find_row(shown, [None, "q", None, 0.25]) == 2  # null is NA / NaN
+    assert find_row(shown, [1, "m", 20.0, "n/a (x)"]) == 0
+    assert find_row(shown, [3, "m", 1.0, 0.5]) is None and find_row(shown, None) is None
+
+
 def test_scatter_front_and_radar_figures():
     import pandas as pd
 

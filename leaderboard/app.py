@@ -348,11 +348,20 @@ class _Records:
 
 
 def _record_choices(df: pd.DataFrame) -> list[tuple[str, str]]:
-    """(label, cell id) of every record, for the record picker."""
-    return [
-        (f"{r['cell_id']}  [{r['suite']}]" if pd.notna(r.get("suite")) else str(r["cell_id"]), str(r["cell_id"]))
-        for _, r in df.iterrows() if pd.notna(r.get("cell_id"))
-    ]
+    """(label, cell id) of every record, for the record picker: what the record is (model, system,
+    precision, workload, load, and hardware when the records have several), its suite, and the end of
+    its cell id (which tells apart records of the same setting)."""
+    several_hw = df["hardware"].nunique() > 1 if "hardware" in df.columns else False
+    out = []
+    for _, r in df.iterrows():
+        if pd.isna(r.get("cell_id")):
+            continue
+        cell = str(r["cell_id"])
+        keys = ("model", "system", "precision", "workload", "load") + (("hardware",) if several_hw else ())
+        what = " · ".join(str(r[k]) for k in keys if k in r and isinstance(r[k], str) and r[k])
+        suite = f" [{r['suite']}]" if isinstance(r.get("suite"), str) else ""
+        out.append((f"{what or cell}{suite} …{cell[-8:]}", cell))
+    return out
 
 
 TOOLTIP_JS = """(tips) => {
@@ -633,12 +642,12 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
                                                label="Shown columns", elem_id="columns")
             with gr.Tab("CAP trade-offs", id="cap"):
                 with gr.Row():
-                    with gr.Column():
+                    with gr.Column(min_width=340):
                         with gr.Row():
                             x1 = gr.Dropdown(choices=axis_choices, value=cap_x, label="x axis")
                             y1 = gr.Dropdown(choices=axis_choices, value=cap_y, label="y axis")
                         plot1 = gr.Plot(label="Trade-off", elem_id="cap-plot-1")
-                    with gr.Column():
+                    with gr.Column(min_width=340):
                         with gr.Row():
                             x2 = gr.Dropdown(choices=axis_choices, value=cap2_x, label="x axis")
                             y2 = gr.Dropdown(choices=axis_choices, value=cap2_y, label="y axis")
@@ -650,7 +659,7 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
                     "has one colour in every plot."
                 )
                 with gr.Row():
-                    with gr.Column(scale=1):
+                    with gr.Column(scale=1, min_width=300):
                         radar_systems = gr.CheckboxGroup(choices=all_systems, value=all_systems,
                                                          label="Systems on the radar")
                         radar_by = gr.Dropdown(choices=sortable,
@@ -665,7 +674,7 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
                             "drawn value (for cost, best/value; otherwise value/best). A figure the "
                             "record lacks is left out, not drawn as 0."
                         )
-                    with gr.Column(scale=2):
+                    with gr.Column(scale=2, min_width=340):
                         radar_plot = gr.Plot(label="C / A / P", elem_id="radar-plot")
             with gr.Tab("Roofline", id="roofline"):
                 gr.Markdown(
@@ -685,8 +694,8 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
                 pick = gr.Dropdown(choices=records, value=first,
                                    label="Cell", elem_id="record-pick")
                 with gr.Row():
-                    bytes_plot = gr.Plot(label="Bytes by component", elem_id="bytes-plot")
-                    lat_plot = gr.Plot(label="Latency", elem_id="latency-plot")
+                    bytes_plot = gr.Plot(label="Bytes by component", elem_id="bytes-plot", min_width=340)
+                    lat_plot = gr.Plot(label="Latency", elem_id="latency-plot", min_width=340)
                 rec_json = gr.JSON(label="Record (config, environment, report)", open=False)
 
         viewport = gr.Number(value=None, visible=False, elem_id="viewport-width")

@@ -225,12 +225,16 @@ def server_window(raw: dict[str, Any]) -> dict[str, Any]:
     switch_s: list[float] = []
     per_model: dict[str, dict[str, Any]] = {}
     for b in batches:
-        m = per_model.setdefault(b["model"], {"batches": 0, "requests": 0, "switches_to": 0})
+        m = per_model.setdefault(b["model"], {"batches": 0, "requests": 0, "switches_to": 0, "switch_s_total": 0.0,
+                                              "switch_request_s": 0.0})
         m["batches"] += 1
         m["requests"] += b["size"]
         if b["model"] != prev:
             m["switches_to"] += 1
             switch_s.append(float(b["switch_s"]))
+            m["switch_s_total"] += float(b["switch_s"])
+            # every request of the batch waited for the switch before its first token
+            m["switch_request_s"] += float(b["switch_s"]) * b["size"]
         prev = b["model"]
     sizes = [b["size"] for b in batches]
     out: dict[str, Any] = {

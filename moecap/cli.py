@@ -498,29 +498,60 @@ def _children_arg(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _data_arg(items: list[str] | None, children: dict[str, str], flag: str = "--data") -> dict[str, str] | None:
+    """--data NAME=DATA items (the data child NAME was tuned on); None: an error was printed."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, spec = item.partition("=")
+        if not sep or not spec:
+            print(f"moecap: {flag} {item!r}: want NAME=DATA (a .txt or .jsonl[#FIELD] file, "
+                  "hf:DATASET[/CONFIG]@SPLIT[#FIELD], or tiny-code / tiny-prose / tiny-c)", file=sys.stderr)
+            return None
+        if name not in children:
+            print(f"moecap: {flag} {item!r}: {name!r} is not one of the children ({', '.join(children)})",
+                  file=sys.stderr)
+            return None
+        out[name] = spec
+    return out
+
+
 def _cmd_engine_consolidate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    children = _children_arg(args.children)
+    models = list(args.models)
+    if args.pairwise:
+        base, children = None, _children_arg(models)
+    else:
+        base, children = models[0], _children_arg(models[1:])
     if len(children) < 2:
-        print("moecap: consolidation needs at least two children", file=sys.stderr)
+        print("moecap: consolidation needs at least two children" + ("" if args.pairwise else
+              " after the base (or --pairwise: two or more fine-tunes, no base)"), file=sys.stderr)
+        return 2
+    data = _data_arg(args.data, children)
+    if data is None:
         return 2
     if args.curve is not None:
+        if base is None:
+            print("moecap: --curve compares against the base: not with --pairwise", file=sys.stderr)
+            return 2
         from moecap.studies.consolidation import run_curve
 
-        run_curve(args.base, children, args.curve, args.output, windows=args.windows, shared=args.shared,
+        run_curve(base, children, args.curve, args.output, windows=args.windows, shared=args.shared,
                   merge_methods=() if args.no_merge else ("average", "task_arithmetic", "ties", "dare"),
                   log=lambda s: print(s, file=sys.stderr))
         print(f"records and curve.json / curve.png in {Path(args.output) / 'consolidation'}")
         return 0
-    from moecap.engine.consolidate import format_plan, make_plan
-    from moecap.engine.consolidate import measure_children
-    from moecap.models import local_path_for
+    from moecap.engine.consolidate import ConsolidationError, format_plan, make_plan, measure_children
 
     if args.threshold is None and args.budget_mb is None:
         print("moecap: give --threshold, --budget-mb or --curve", file=sys.stderr)
         return 2
-    sim, sizes = measure_children(local_path_for(args.base), {c: local_path_for(p) for c, p in children.items()})
+    try:
+        sim, sizes = measure_children(base, children, data=data, calibration_windows_n=args.calibration_windows,
+                                      log=lambda s: print(s, file=sys.stderr))
+    except ConsolidationError as err:
+        print(f"moecap engine consolidate: {err}", file=sys.stderr)
+        return 2
     plan = make_plan(sim, sizes, args.threshold, args.budget_mb * 2**20 if args.budget_mb else None)
     print(format_plan(plan))
     out = Path(args.plan_out)
@@ -795,10 +826,21 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("results", help="the records of a multi-model suite (e.g. results/consolidation-cpu)")
     et.add_argument("-o", "--out", default=None, help="the plot (default: RESULTS/tenants.png)")
     et.set_defaults(func=_cmd_engine_tenants, needs=("matplotlib",))
-    ec = eng.add_parser("consolidate", help="plan expert consolidation of fine-tuned children of one base "
-                        "(per-layer memory saving), or measure its curve over thresholds against merging")
-    ec.add_argument("base", help="the base model (an embedded name such as tiny-moe, or a directory)")
-    ec.add_argument("children", nargs="+", help="children: NAME=PATH or embedded names / directories")
+    ec = eng.add_parser("consolidate", help="plan expert consolidation of fine-tuned MoE models (children of one "
+                        "base, or --pairwise fine-tunes with no base): per-layer memory saving; or measure its curve "
+                        "over thresholds against merging")
+    ec.add_argument("models", nargs="+", metavar="MODEL",
+                    help="the base model, then the children (with --pairwise: the children only); each an "
+                    "embedded name (tiny-moe-code), a local directory or a hub id, NAME=MODEL to name it")
+    ec.add_argument("--pairwise", action="store_true",
+                    help="no base: the shared copy of an expert is the children's mean (the paper's authors pair "
+                    "two fine-tunes, e.g. Mixtral-8x7B and its Instruct variant)")
+    ec.add_argument("--data", action="append", metavar="NAME=DATA",
+                    help="the data child NAME was tuned on, to measure its experts on (repeat per child): a .txt "
+                    "or .jsonl[#FIELD] file, hf:DATASET[/CONFIG]@SPLIT[#FIELD], or tiny-code / tiny-prose / "
+                    "tiny-c; default for the embedded children: their own domain")
+    ec.add_argument("--calibration-windows", type=int, default=8,
+                    help="windows of 256 tokens of each child's data to measure on (default 8)")
     ec.add_argument("--threshold", type=float, help="private copy where the output distance exceeds this")
     ec.add_argument("--budget-mb", type=float, help="MiB for private expert copies (most distant first)")
     ec.add_argument("--plan-out", default="consolidation-plan.json")

@@ -1,30 +1,43 @@
-"""Expert consolidation: several fine-tuned children of one base MoE served from one model, similar
-experts stored once (after "QoS-Efficient Serving of Multiple Mixture-of-Expert LLMs Using Partial Runtime
-Reconfiguration", arXiv 2505.06481).
+"""Expert consolidation: several fine-tuned MoE models served from one, similar experts stored once (after
+"QoS-Efficient Serving of Multiple Mixture-of-Expert LLMs Using Partial Runtime Reconfiguration", arXiv
+2505.06481). Any family the engine serves (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE, OLMoE),
+children given as local directories or hub ids; nothing is ever held whole for every child.
 
-- :func:`measure_similarity`: for every child, MoE layer and expert, how far the child's expert is from
-  the base's: by **output distance** on calibration activations (the relative squared error
-  ||f_child(x) - f_base(x)||^2 / ||f_child(x)||^2 on tokens the child routes to that expert, from the child's
-  own domain text; raw weight cosine is ~1 for every fine-tune and says nothing) and by relative weight
-  distance ||W_child - W_base||_F / ||W_base||_F. Child-to-child output distances are kept too.
-- :func:`make_plan`: a threshold on the output distance, or a byte budget for private copies (the most
-  distant experts get them first), decides which (child, layer, expert) map to the one shared copy (the
-  base's expert) and which keep a private copy. The plan is a JSON file (:class:`ConsolidationPlan`), and
-  :func:`format_plan` prints its memory saving per layer.
-- :class:`ConsolidatedModel`: one model skeleton; per MoE layer one :class:`~moecap.engine.store.ExpertStore`
-  pool (shared copies + private copies) with a routing table per child; every child's non-expert weights
-  (attention, norms, routers, embeddings, LM head) kept in host memory (pinned with CUDA) or on the fast
-  device while room allows, and copied into the skeleton on a side stream when a batch for another
-  child runs (:meth:`ConsolidatedModel.activate`, timed).
+- :func:`check_architecture`: the children (and the base) really share an architecture; a clear error
+  names the first field that differs.
+- :func:`calibration_text`: each child's own data (a local text / jsonl file, an ``hf:`` data set with
+  split and field, an embedded corpus; the embedded tiny-moe children default to their domain's
+  validation text).
+- :func:`measure_similarity`: for every child, MoE layer and expert, how far the child's expert is from the
+  reference's, by **output distance** on the child's calibration activations (the relative squared error
+  ||f_child(x) - f_ref(x)||^2 / ||f_child(x)||^2 on the tokens the child routes to that expert) and by
+  relative weight distance ||W_child - W_ref||_F / ||W_ref||_F. The reference is the base (``base`` mode)
+  or, with no base (``pairwise`` mode, as the paper's authors pair two fine-tunes), the children's mean
+  expert. Streamed: one child model at a time collects its routed inputs, then the experts are read from
+  the safetensors files (memory-mapped) one at a time. An expert the calibration data never routed to has
+  no output distance: the plan falls back to its squared weight distance (so it is shared only when its
+  weights equal the reference's) and says so.
+- :func:`make_plan`: a threshold on the distance, or a byte budget for private copies (the most distant
+  first), decides which (child, layer, expert) use the one shared copy and which keep a private copy. The
+  plan is a JSON file (:class:`ConsolidationPlan`) that records the mode, the data each child was measured
+  on and how many distances fell back to weights; :func:`format_plan` prints its saving per layer.
+- :class:`ConsolidatedModel`: one transformers skeleton built on the meta device and filled from the
+  checkpoints tensor by tensor; per MoE layer one :class:`~moecap.engine.store.ExpertStore` pool (shared
+  copies + private copies) with a routing table per child; every child's non-expert weights (attention,
+  norms, routers, shared experts, embeddings, LM head) kept in host memory (pinned with CUDA) or on the
+  fast device, and copied into the skeleton on a side stream when a batch for another child runs
+  (:meth:`ConsolidatedModel.activate`, timed per child).
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +45,10 @@ from torch import nn
 from moecap.engine.store import CostModel, ExpertStore, Slot, StoredExpert, expert_forward, moe_blocks, model_family
 
 SHARED = -1  # in a plan: this (child, layer, expert) uses the shared copy
+
+
+class ConsolidationError(ValueError):
+    """Children that cannot be consolidated (different architectures, no calibration data ...)."""
 
 
 def _load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -42,83 +59,283 @@ def _load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dty
     return AutoModelForCausalLM.from_pretrained(local_path_for(str(path)), dtype=dtype).to(device).eval()
 
 
-def _expert_fn(gate_up: torch.Tensor, down: torch.Tensor, act: Any, x: torch.Tensor) -> torch.Tensor:
-    return expert_forward(x, gate_up, down, act)
+def resolve_dir(model: str | Path) -> Path:
+    """A local checkpoint directory for an embedded name, a directory or a hub id (downloaded once by
+    ``huggingface_hub``, safetensors and configs only)."""
+    from moecap.models import local_path_for
+
+    local = Path(local_path_for(str(model))).expanduser()
+    if local.is_dir():
+        return local
+    if "/" in str(model) and not str(model).startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    raise ConsolidationError(f"{model}: not a model directory, an embedded model or a hub id")
+
+
+# ------------------------------------------------------------------------------------ architecture
+# the fields that must agree for experts, routers and non-expert layers to be interchangeable
+ARCH_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "vocab_size", "num_local_experts", "num_experts", "num_experts_per_tok",
+               "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+               "decoder_sparse_step", "mlp_only_layers", "tie_word_embeddings", "hidden_act")
+
+
+def check_architecture(dirs: dict[str, str | Path]) -> Any:
+    """The shared config of ``dirs`` (name -> checkpoint directory); raises :class:`ConsolidationError`
+    naming the model and field that differ, or a family the engine does not serve."""
+    from transformers import AutoConfig
+
+    from moecap.engine.store import FAMILIES
+
+    configs = {n: AutoConfig.from_pretrained(str(d)) for n, d in dirs.items()}
+    (ref_name, ref), *others = configs.items()
+    if getattr(ref, "model_type", None) not in FAMILIES:
+        raise ConsolidationError(f"{ref_name} ({dirs[ref_name]}): model_type {getattr(ref, 'model_type', None)!r}; "
+                                 f"consolidation serves {', '.join(FAMILIES)}")
+    for name, cfg in others:
+        diff = [f"{f} {getattr(cfg, f, None)!r} vs {getattr(ref, f, None)!r}" for f in ARCH_FIELDS
+                if getattr(cfg, f, None) != getattr(ref, f, None)]
+        if diff:
+            raise ConsolidationError(f"{name} ({dirs[name]}) and {ref_name} ({dirs[ref_name]}) do not share an "
+                                     f"architecture: {'; '.join(diff)}")
+    return ref
+
+
+def expert_sizes(config: Any, dtype: torch.dtype = torch.float32) -> dict[int, int]:
+    """Bytes of one routed expert (gate/up and down) of each MoE layer at ``dtype``, from the config."""
+    from moecap.engine.model import Arch
+
+    arch = Arch.from_config(config)
+    size = torch.empty((), dtype=dtype).element_size()
+    return {i: 3 * arch.hidden * arch.moe_inter * size for i in arch.moe_layers}
+
+
+# ------------------------------------------------------------------------------------- calibration
+EMBEDDED_DOMAINS = ("code", "prose", "c")
+
+
+def _domain_of(model_dir: Path) -> str | None:
+    meta = Path(model_dir) / "moecap.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("domain")
+    return None
+
+
+def _jsonl_text(path: Path, key: str) -> str:
+    parts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as err:
+            raise ConsolidationError(f"{path}:{n}: not a JSON line ({err})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
+            raise ConsolidationError(f"{path}:{n}: no string field {key!r} (name another with {path}#FIELD)")
+        parts.append(obj[key])
+    if not parts:
+        raise ConsolidationError(f"{path}: no records")
+    return "\n\n".join(parts)
+
+
+def read_data(spec: str) -> str:
+    """The text of a calibration data spec:
+
+    - ``FILE.txt`` (any text file): the file;
+    - ``FILE.jsonl[#FIELD]``: one JSON object per line, the string ``FIELD`` of each (default ``text``);
+    - ``hf:DATASET[/CONFIG]@SPLIT[#FIELD]``: a hub data set through ``datasets`` (default field ``text``);
+    - ``tiny-code`` / ``tiny-prose`` / ``tiny-c``: the embedded corpus's validation split (never its test
+      split, which perplexity scores).
+    """
+    spec = str(spec).strip()
+    if spec.startswith("hf:"):
+        body, _, key = spec[3:].partition("#")
+        name, _, split = body.partition("@")
+        parts = name.split("/")
+        repo, config = ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else (name, "")
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(repo, config or None, split=split or "train")
+            return "\n\n".join(str(t) for t in ds[key or "text"])
+        except Exception as err:
+            raise ConsolidationError(f"calibration data {spec!r} could not be loaded through `datasets` "
+                                     f"({type(err).__name__}: {err})") from err
+    path_part, _, key = spec.partition("#")
+    path = Path(path_part).expanduser()
+    if path.is_file():
+        if path.suffix in (".jsonl", ".ndjson"):
+            return _jsonl_text(path, key or "text")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise ConsolidationError(f"{path}: empty")
+        return text
+    if spec.startswith("tiny-") and spec[5:] in EMBEDDED_DOMAINS:
+        from moecap.corpus import domain_splits
+
+        return domain_splits(spec[5:])["validation"]
+    raise ConsolidationError(f"calibration data {spec!r}: not a file, not hf:DATASET[/CONFIG]@SPLIT[#FIELD], "
+                             f"not an embedded corpus ({', '.join('tiny-' + d for d in EMBEDDED_DOMAINS)})")
+
+
+def calibration_text(name: str, child_dir: Path, spec: str | None = None) -> tuple[str, str]:
+    """(text, what it is) to measure child ``name`` on: ``spec`` (:func:`read_data`), else the embedded
+    tiny-moe child's own domain (validation split)."""
+    if spec:
+        return read_data(spec), str(spec)
+    domain = _domain_of(child_dir)
+    if domain is None:
+        raise ConsolidationError(f"child {name!r} ({child_dir}) is not an embedded tiny-moe child: name the data it "
+                                 f"was tuned on, e.g. --data {name}=FILE.jsonl (or .txt, hf:DATASET@SPLIT#FIELD)")
+    return read_data(f"tiny-{domain}"), f"tiny-{domain} (validation split, the child's own domain)"
+
+
+def child_texts(child_dir: Path, dataset: str | None = None) -> tuple[str, str, str]:
+    """(calibration text, test text, data set name) of an embedded tiny-moe child (its domain's
+    validation and test splits), or of any child with its perplexity data set named."""
+    from moecap.quality.perplexity import load_text
+
+    domain = _domain_of(child_dir)
+    if dataset is None and domain is None:
+        raise ConsolidationError(f"{child_dir}: not an embedded tiny-moe child (no moecap.json domain); give its "
+                                 "data set as CHILD=DATASET")
+    name = dataset or f"tiny-{domain}"
+    calib = read_data(f"tiny-{domain}") if domain else read_data(dataset)
+    return calib, load_text(name), name
+
+
+def calibration_windows(tokenizer: Any, text: str, context: int, count: int) -> list[list[int]]:
+    from moecap.metrics.perplexity import windows as cut
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    wins = cut(ids, context, count)
+    if not wins:
+        raise ConsolidationError(f"the calibration text has {len(ids)} tokens: fewer than one window of {context}")
+    return wins
 
 
 # --------------------------------------------------------------------------------------- similarity
-def _routed_inputs(model: nn.Module, windows: Sequence[Sequence[int]], per_expert: int) -> dict[int, list[torch.Tensor]]:
-    """Per MoE layer and expert, up to ``per_expert`` hidden states the model routes to it."""
+def _sources(dirs: dict[str, str | Path]) -> dict[str, Any]:
+    from moecap.engine.model import CheckpointSource
+
+    return {n: CheckpointSource(d) for n, d in dirs.items()}
+
+
+def _expert(src: Any, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gu, dn = src.expert(layer, e)
+    return gu.float(), dn.float()
+
+
+def _mean_expert(srcs: Sequence[Any], layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of expert ``e`` over ``srcs``, accumulated in float64 (the mean of equal tensors is them)."""
+    acc_gu = acc_dn = None
+    for src in srcs:
+        gu, dn = src.expert(layer, e)
+        acc_gu = gu.double() if acc_gu is None else acc_gu.add_(gu.double())
+        acc_dn = dn.double() if acc_dn is None else acc_dn.add_(dn.double())
+    return (acc_gu / len(srcs)).float(), (acc_dn / len(srcs)).float()
+
+
+def _out_distance(ref: tuple[torch.Tensor, torch.Tensor], mine: tuple[torch.Tensor, torch.Tensor], act: Any,
+                  x: torch.Tensor) -> float:
+    yc = expert_forward(x, mine[0], mine[1], act)
+    yr = expert_forward(x, ref[0], ref[1], act)
+    return float((yc - yr).pow(2).sum() / yc.pow(2).sum().clamp_min(1e-12))
+
+
+@torch.inference_mode()
+def measure_similarity(reference: str | Path | None, children: dict[str, str | Path],
+                       calibration: dict[str, Sequence[Sequence[int]]], per_expert: int = 128,
+                       dtype: torch.dtype = torch.float32, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Distances of every child's experts from the reference's, per layer and expert (see the module
+    docstring). ``reference``: the base's directory, or None for pairwise mode (the children's mean).
+    ``calibration[child]``: token windows of that child's own data. One child model is loaded at a time
+    (in ``dtype``) to collect its routed inputs; experts are read from the checkpoints one at a time.
+
+    Returns ``{"mode", "output": {child: {layer: [distance or None per expert]}}, "weight": ...,
+    "tokens": {child: {layer: [routed tokens per expert]}}}``; None: no calibration token reached it."""
+    from moecap.engine.model import Arch, _act
     from moecap.engine.planner import collect_routed
 
-    _, samples, _ = collect_routed(model, windows, per_expert)
-    return {i: [torch.cat(v) if v else torch.zeros(0) for v in rows] for i, rows in samples.items()}
-
-
-def expert_sizes(model: nn.Module) -> dict[int, int]:
-    """Bytes of one routed expert (gate/up and down) of each MoE layer, at the model's dtype."""
-    return {i: b.experts.gate_up_proj[0].numel() * b.experts.gate_up_proj.element_size()
-            + b.experts.down_proj[0].numel() * b.experts.down_proj.element_size() for i, _, b in moe_blocks(model)}
-
-
-def _expert_tensors(model: nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor, Any]]:
-    return {i: (b.experts.gate_up_proj.detach().float().cpu(), b.experts.down_proj.detach().float().cpu(),
-                b.experts.act_fn) for i, _, b in moe_blocks(model)}
-
-
-def measure_similarity(base: nn.Module, children: dict[str, nn.Module], calibration: dict[str, Sequence[Sequence[int]]],
-                       per_expert: int = 256) -> dict[str, Any]:
-    """Distances of every child's experts from the base's (and from each other's), per layer and expert.
-
-    ``calibration[child]``: token windows of that child's own domain; the inputs to child ``c``'s expert e
-    are the tokens child ``c`` routes to e on that text. Returns ``{"output": {child: {layer: [per expert]}},
-    "weight": ..., "pairwise": {"a|b": {layer: [...]}}, "tokens": {child: {layer: [n per expert]}}}``."""
-    ref = _expert_tensors(base)
-    out: dict[str, Any] = {"output": {}, "weight": {}, "pairwise": {}, "tokens": {}}
-    tensors = {c: _expert_tensors(m) for c, m in children.items()}
-    inputs = {c: _routed_inputs(m, calibration[c], per_expert) for c, m in children.items()}
-    for c in children:
+    dirs = {c: Path(d) for c, d in children.items()}
+    config = check_architecture({"base": reference, **dirs} if reference is not None else dirs)
+    arch = Arch.from_config(config)
+    act = _act(arch.act)
+    srcs = _sources(dirs)
+    ref_src = _sources({"base": reference})["base"] if reference is not None else None
+    out: dict[str, Any] = {"mode": "base" if reference is not None else "pairwise",
+                           "output": {}, "weight": {}, "tokens": {}}
+    for c, d in dirs.items():
+        if log:
+            log(f"similarity: {c}: routing its calibration data")
+        model = _load(d, "cpu", dtype)
+        freq, samples, _ = collect_routed(model, calibration[c], per_expert)
+        del model
+        gc.collect()
         out["output"][c], out["weight"][c], out["tokens"][c] = {}, {}, {}
-        for layer, (gu_b, dn_b, act) in ref.items():
-            gu_c, dn_c, _ = tensors[c][layer]
-            o_row, w_row, n_row = [], [], []
-            for e in range(gu_b.shape[0]):
-                wb = torch.cat([gu_b[e].reshape(-1), dn_b[e].reshape(-1)])
-                wc = torch.cat([gu_c[e].reshape(-1), dn_c[e].reshape(-1)])
-                w_row.append(float((wc - wb).norm() / wb.norm().clamp_min(1e-12)))
-                x = inputs[c][layer][e]
-                n_row.append(int(x.shape[0]))
-                if x.numel() == 0:
-                    o_row.append(0.0)  # the child never routes there on its own text: sharing costs nothing seen
-                    continue
-                yc = _expert_fn(gu_c[e], dn_c[e], act, x)
-                yb = _expert_fn(gu_b[e], dn_b[e], act, x)
-                o_row.append(float((yc - yb).pow(2).sum() / yc.pow(2).sum().clamp_min(1e-12)))
-            out["output"][c][layer], out["weight"][c][layer], out["tokens"][c][layer] = o_row, w_row, n_row
-    names = list(children)
-    for a_i, a in enumerate(names):
-        for b in names[a_i + 1:]:
-            rows = {}
-            for layer, (_, _, act) in ref.items():
-                gu_a, dn_a, _ = tensors[a][layer]
-                gu_b2, dn_b2, _ = tensors[b][layer]
-                row = []
-                for e in range(gu_a.shape[0]):
-                    x = torch.cat([inputs[a][layer][e], inputs[b][layer][e]])
-                    if x.numel() == 0:
-                        row.append(0.0)
-                        continue
-                    ya, yb = _expert_fn(gu_a[e], dn_a[e], act, x), _expert_fn(gu_b2[e], dn_b2[e], act, x)
-                    row.append(float((ya - yb).pow(2).sum() / ya.pow(2).sum().clamp_min(1e-12)))
-                rows[layer] = row
-            out["pairwise"][f"{a}|{b}"] = rows
+        for layer in arch.moe_layers:
+            o_row: list[float | None] = []
+            w_row: list[float] = []
+            for e in range(arch.experts):
+                mine = _expert(srcs[c], layer, e)
+                ref = _expert(ref_src, layer, e) if ref_src is not None else _mean_expert(list(srcs.values()), layer, e)
+                wr = torch.cat([ref[0].reshape(-1), ref[1].reshape(-1)])
+                wc = torch.cat([mine[0].reshape(-1), mine[1].reshape(-1)])
+                w_row.append(float((wc - wr).norm() / wr.norm().clamp_min(1e-12)))
+                rows = samples[layer][e]
+                o_row.append(_out_distance(ref, mine, act, torch.cat(rows)) if rows else None)
+            out["output"][c][layer], out["weight"][c][layer] = o_row, w_row
+            out["tokens"][c][layer] = [int(n) for n in freq[layer]]
+            for src in (*srcs.values(), ref_src):
+                if src is not None:
+                    src.release()
+        del samples
+        gc.collect()
     return out
+
+
+@torch.inference_mode()
+def measure_children(base_dir: str | Path | None, child_dirs: dict[str, str | Path], dtype: torch.dtype = torch.float32,
+                     context: int = 256, calibration_windows_n: int = 8, data: dict[str, str] | None = None,
+                     per_expert: int = 128, log: Callable[[str], None] | None = None) -> tuple[Any, Any]:
+    """(similarity, per-expert sizes) of ``child_dirs`` against ``base_dir`` (None: pairwise), each child
+    measured on the first ``calibration_windows_n`` windows of its own data (:func:`calibration_text`,
+    ``data[child]`` when given): what :func:`make_plan` takes. The similarity records the data, and the
+    peak resident memory growth while measuring (Linux)."""
+    from transformers import AutoTokenizer
+
+    from moecap.engine.loadmem import PeakMemory
+
+    dirs = {c: resolve_dir(d) for c, d in child_dirs.items()}
+    base = resolve_dir(base_dir) if base_dir is not None else None
+    tok = AutoTokenizer.from_pretrained(str(base or next(iter(dirs.values()))))
+    used: dict[str, Any] = {}
+    calib = {}
+    for c, d in dirs.items():
+        text, what = calibration_text(c, d, (data or {}).get(c))
+        calib[c] = calibration_windows(tok, text, context, calibration_windows_n)
+        used[c] = {"data": what, "sha256": hashlib.sha256(text.encode()).hexdigest()[:16], "chars": len(text),
+                   "windows": len(calib[c]), "tokens": sum(len(w) for w in calib[c])}
+    t0 = time.perf_counter()
+    with PeakMemory() as pm:
+        sim = measure_similarity(base, dirs, calib, per_expert=per_expert, dtype=dtype, log=log)
+    peak = pm.result()
+    sim["data"] = used
+    sim["measure"] = {"seconds": time.perf_counter() - t0, "peak_anon_growth_bytes": peak.get("peak_anon_growth_bytes"),
+                      "dtype": str(dtype).replace("torch.", ""), "per_expert": per_expert, "context": context}
+    config = check_architecture({"x": base or next(iter(dirs.values()))})
+    return sim, expert_sizes(config, dtype)
 
 
 # --------------------------------------------------------------------------------------------- plan
 @dataclass
 class ConsolidationPlan:
-    """``assign[child][layer][e]``: ``SHARED`` (-1) or 0 (a private copy). Sizes in bytes."""
+    """``assign[child][layer][e]``: ``SHARED`` (-1) or 0 (a private copy). Sizes in bytes. ``mode``: base
+    (the shared copies stand for the base's experts) or pairwise (for the children's mean); ``data``: what
+    each child was measured on; ``fallback``: per child, the (layer, expert) whose distance is the squared
+    weight distance because no calibration token was routed there."""
 
     children: list[str]
     assign: dict[str, dict[int, list[int]]]
@@ -126,6 +343,10 @@ class ConsolidationPlan:
     threshold: float | None = None
     budget_bytes: float | None = None
     distances: dict[str, Any] = field(default_factory=dict)
+    mode: str = "base"
+    data: dict[str, Any] = field(default_factory=dict)
+    fallback: dict[str, list[list[int]]] = field(default_factory=dict)
+    measure: dict[str, Any] = field(default_factory=dict)
 
     def private(self, child: str, layer: int, e: int) -> bool:
         return self.assign[child][layer][e] != SHARED
@@ -145,10 +366,13 @@ class ConsolidationPlan:
         privates = {c: sum(1 for layer in self.expert_bytes for e in range(len(self.assign[c][layer]))
                            if self.private(c, layer, e)) for c in self.children}
         return {"expert_bytes_consolidated": cons, "expert_bytes_separate": sep,
-                "expert_saving": 1 - cons / sep if sep else 0.0, "private_experts": privates}
+                "expert_saving": 1 - cons / sep if sep else 0.0, "private_experts": privates,
+                "weight_fallback_experts": {c: len(v) for c, v in self.fallback.items()}}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"children": self.children, "threshold": self.threshold, "budget_bytes": self.budget_bytes,
+        return {"children": self.children, "mode": self.mode, "threshold": self.threshold,
+                "budget_bytes": self.budget_bytes, "data": self.data, "measure": self.measure,
+                "fallback": self.fallback,
                 "expert_bytes": {str(k): v for k, v in self.expert_bytes.items()},
                 "assign": {c: {str(k): v for k, v in rows.items()} for c, rows in self.assign.items()},
                 "totals": self.totals(),
@@ -159,7 +383,8 @@ class ConsolidationPlan:
     def from_dict(cls, d: dict[str, Any]) -> "ConsolidationPlan":
         return cls(list(d["children"]), {c: {int(k): list(v) for k, v in rows.items()} for c, rows in d["assign"].items()},
                    {int(k): int(v) for k, v in d["expert_bytes"].items()}, d.get("threshold"), d.get("budget_bytes"),
-                   dict(d.get("distances") or {}))
+                   dict(d.get("distances") or {}), d.get("mode", "base"), dict(d.get("data") or {}),
+                   {c: [list(x) for x in v] for c, v in (d.get("fallback") or {}).items()}, dict(d.get("measure") or {}))
 
     def save(self, path: str | Path) -> None:
         from moecap.paths import atomic_write_text
@@ -173,12 +398,26 @@ class ConsolidationPlan:
 
 def make_plan(similarity: dict[str, Any], expert_bytes: dict[int, int], threshold: float | None = None,
               budget_bytes: float | None = None) -> ConsolidationPlan:
-    """Private copies for the (child, layer, expert) whose output distance exceeds ``threshold``; or,
-    with ``budget_bytes``, for the most distant ones first while their bytes fit (both: the stricter)."""
+    """Private copies for the (child, layer, expert) whose distance exceeds ``threshold``; or, with
+    ``budget_bytes``, for the most distant ones first while their bytes fit (both: the stricter). The
+    distance is the output distance, or, for an expert no calibration token reached, the squared relative
+    weight distance (0 only for weights equal to the reference's: an expert never routed to is not taken
+    for identical), and the plan lists those."""
     if threshold is None and budget_bytes is None:
         raise ValueError("a consolidation plan needs a threshold or a budget for private copies")
-    dist = similarity["output"]
-    children = list(dist)
+    out, weight = similarity["output"], similarity.get("weight", {})
+    children = list(out)
+    fallback: dict[str, list[list[int]]] = {c: [] for c in children}
+    dist: dict[str, dict[int, list[float]]] = {}
+    for c, rows in out.items():
+        dist[c] = {}
+        for layer, row in rows.items():
+            dist[c][layer] = []
+            for e, d in enumerate(row):
+                if d is None:
+                    fallback[c].append([int(layer), e])
+                    d = float(weight[c][layer][e]) ** 2
+                dist[c][layer].append(float(d))
     assign = {c: {layer: [SHARED] * len(row) for layer, row in rows.items()} for c, rows in dist.items()}
     ranked = sorted(((d, c, layer, e) for c, rows in dist.items() for layer, row in rows.items()
                      for e, d in enumerate(row)), reverse=True)
@@ -191,7 +430,9 @@ def make_plan(similarity: dict[str, Any], expert_bytes: dict[int, int], threshol
         assign[c][layer][e] = 0
         used += expert_bytes[layer]
     return ConsolidationPlan(children, assign, dict(expert_bytes), threshold, budget_bytes,
-                             {"output": dist, "weight": similarity.get("weight", {})})
+                             {"output": out, "weight": weight, "tokens": similarity.get("tokens", {})},
+                             similarity.get("mode", "base"), dict(similarity.get("data") or {}), fallback,
+                             dict(similarity.get("measure") or {}))
 
 
 def format_plan(plan: ConsolidationPlan) -> str:
@@ -204,24 +445,74 @@ def format_plan(plan: ConsolidationPlan) -> str:
     lines.append(f"total: {t['expert_bytes_separate'] / 2**20:.2f} MiB of experts for {len(plan.children)} separate "
                  f"models -> {t['expert_bytes_consolidated'] / 2**20:.2f} MiB consolidated ({t['expert_saving']:.1%} "
                  f"saved); private experts per child: {t['private_experts']}")
+    lines.append(f"mode: {plan.mode} (the shared copy stands for "
+                 f"{'the base' if plan.mode == 'base' else 'the children' + chr(39) + 's mean'}'s expert)")
+    for c in plan.children:
+        used = plan.data.get(c) or {}
+        n = len(plan.fallback.get(c, []))
+        lines.append(f"  {c}: measured on {used.get('data', '?')} ({used.get('tokens', '?')} tokens)"
+                     + (f"; {n} experts no token reached, judged by weight distance" if n else ""))
+    peak = plan.measure.get("peak_anon_growth_bytes")
+    if peak:
+        lines.append(f"measuring took {plan.measure.get('seconds', 0):.1f} s, peak memory growth {peak / 2**20:.0f} MiB")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------- runtime
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def skeleton(config: Any, src: Any, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A transformers model of ``config`` whose non-expert weights are read from ``src`` (a
+    :class:`~moecap.engine.model.CheckpointSource`) tensor by tensor; its routed experts are never
+    allocated (they stay on the meta device until the caller replaces them)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, p in list(model.named_parameters()):
+        if ".experts." in name:
+            continue
+        t = src.get(name)
+        _set_tensor(model, name, t.to(device=device, dtype=dtype, copy=True))
+    src.release()
+    # buffers computed at construction (rotary frequencies): build those modules again, for real
+    for mod_name, mod in list(model.named_modules()):
+        if any(b.is_meta for b in mod.buffers(recurse=False)):
+            with torch.device(device):
+                fresh = type(mod)(config=getattr(mod, "config", config))
+            parent, _, attr = mod_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, fresh)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
 class ConsolidatedModel:
     """Children served from one skeleton: pooled experts per layer, non-expert weights swapped per child."""
 
-    def __init__(self, base: str | Path, children: dict[str, str | Path], plan: ConsolidationPlan,
+    def __init__(self, base: str | Path | None, children: dict[str, str | Path], plan: ConsolidationPlan,
                  device: str = "cpu", dtype: torch.dtype = torch.float32, non_expert_on_device: bool = False,
                  shared: str = "mean", fast_budget_bytes: float | None = None):
-        """``shared``: what the one shared copy of an expert is: the base's expert (``base``), or the mean
-        of the children that share it (``mean``: closer to each of them when they moved alike).
-        ``fast_budget_bytes``: the fast-device memory the weights may use (the skeleton's non-expert
-        layers, every child's too with ``non_expert_on_device``, and the pooled experts); pooled experts
-        that do not fit are kept in host memory, those the fewest children share first (they carry the
-        least traffic). None: every pooled expert on the fast device."""
+        """``base``: the children's base (its experts can be the shared copies), or None (pairwise plans).
+        ``shared``: what the one shared copy of an expert is: the base's expert (``base``), or the mean
+        of the children that share it (``mean``: closer to each of them when they moved alike; the only
+        choice without a base). ``fast_budget_bytes``: the fast-device memory the weights may use (the
+        skeleton's non-expert layers, every child's too with ``non_expert_on_device``, and the pooled
+        experts); pooled experts that do not fit are kept in host memory, those the fewest children share
+        first (they carry the least traffic). None: every pooled expert on the fast device.
+
+        Built from the checkpoints tensor by tensor (memory-mapped safetensors): no child is ever loaded
+        whole; the peak resident growth while building is in :meth:`memory` (Linux)."""
+        from moecap.engine.loadmem import PeakMemory
+
         if shared not in ("base", "mean"):
             raise ValueError(f"shared={shared!r}: allowed base, mean")
+        if base is None and shared == "base":
+            raise ValueError("shared='base' needs the base model; a pairwise plan shares the children's mean")
         self.shared = shared
         self.device = torch.device(device)
         self.names = list(children)
@@ -229,90 +520,101 @@ class ConsolidatedModel:
         if missing:
             raise ValueError(f"the consolidation plan has no assignment for {missing}; it covers {plan.children}")
         self.plan = plan
-        skeleton = _load(base, self.device, dtype)
-        model_family(skeleton)
-        self.model = skeleton
-        blocks = moe_blocks(skeleton)
+        t0 = time.perf_counter()
+        with PeakMemory() as pm:
+            self._build(base, children, plan, dtype, non_expert_on_device, fast_budget_bytes)
+        self.load_info = {"seconds": time.perf_counter() - t0, **pm.result()}
+        self.activate(self.names[0])
+
+    def _build(self, base: str | Path | None, children: dict[str, str | Path], plan: ConsolidationPlan,
+               dtype: torch.dtype, non_expert_on_device: bool, fast_budget_bytes: float | None) -> None:
+        from moecap.engine.model import Arch, _act
+
+        dirs = {c: resolve_dir(d) for c, d in children.items()}
+        base_dir = resolve_dir(base) if base is not None else None
+        config = check_architecture({"base": base_dir, **dirs} if base_dir is not None else dirs)
+        arch = Arch.from_config(config)
+        srcs = _sources(dirs)
+        base_src = _sources({"base": base_dir})["base"] if base_dir is not None else None
         fast, host = self.device, torch.device("cpu")
-        cost = CostModel()
+        # the skeleton carries the first child's non-expert weights (activate() copies in the others')
+        model = skeleton(config, srcs[self.names[0]], fast, dtype)
+        model_family(model)
+        self.model = model
+        blocks = moe_blocks(model)
         full = Slot("fast", "full")
-        # pools: entry e = the base's expert e (shared), then the private copies
+        act = _act(arch.act)
         pools: dict[int, list[StoredExpert]] = {}
         tables: dict[str, dict[int, list[int]]] = {c: {} for c in self.names}
-        for i, _, b in blocks:
-            gu, dn = b.experts.gate_up_proj.data, b.experts.down_proj.data
-            shared_needed = [any(not plan.private(c, i, e) for c in self.names) for e in range(gu.shape[0])]
+        for i, _, _b in blocks:
             pools[i] = []
-            shared_entry = {}
-            for e in range(gu.shape[0]):
-                if shared_needed[e]:
-                    shared_entry[e] = len(pools[i])
-                    pools[i].append(StoredExpert(gu[e], dn[e], full, 64, fast, host))
-            for c in self.names:
-                tables[c][i] = [shared_entry.get(e, -1) for e in range(gu.shape[0])]
-        # private copies and per-child non-expert weights, one child at a time
-        sums: dict[tuple[int, int], list[Any]] = {}  # (layer, e) -> [sum gate_up, sum down, count] for "mean"
-        self.non_expert: dict[str, dict[str, torch.Tensor]] = {}
-        names = [n for n, _ in skeleton.named_parameters() if ".experts." not in n]
-        pin = self.device.type == "cuda" and not non_expert_on_device
-        for c in self.names:
-            child = _load(children[c], "cpu", dtype)
-            params = dict(child.named_parameters())
-            for i, _, b in moe_blocks(child):
-                gu, dn = b.experts.gate_up_proj.data, b.experts.down_proj.data
-                for e in range(gu.shape[0]):
+            for e in range(arch.experts):
+                sharers = [c for c in self.names if not plan.private(c, i, e)]
+                entry = -1
+                if sharers:
+                    if self.shared == "base":
+                        gu, dn = base_src.expert(i, e)
+                        gu, dn = gu.float(), dn.float()
+                    else:
+                        gu, dn = _mean_expert([srcs[c] for c in sharers], i, e)
+                    entry = len(pools[i])
+                    pools[i].append(StoredExpert(gu.to(dtype), dn.to(dtype), full, 64, fast, host, act))
+                for c in self.names:
+                    tables[c].setdefault(i, []).append(entry)
+                for c in self.names:
                     if plan.private(c, i, e):
+                        gu, dn = srcs[c].expert(i, e)
                         tables[c][i][e] = len(pools[i])
-                        pools[i].append(StoredExpert(gu[e], dn[e], full, 64, fast, host))
-                    elif shared == "mean":
-                        acc = sums.setdefault((i, e), [torch.zeros_like(gu[e], dtype=torch.float32),
-                                                       torch.zeros_like(dn[e], dtype=torch.float32), 0])
-                        acc[0] += gu[e].float()
-                        acc[1] += dn[e].float()
-                        acc[2] += 1
+                        pools[i].append(StoredExpert(gu.to(dtype, copy=True), dn.to(dtype, copy=True), full, 64,
+                                                     fast, host, act))
+            for src in (*srcs.values(), base_src):
+                if src is not None:
+                    src.release()
+        # every child's non-expert weights, read tensor by tensor
+        names = [n for n, _ in model.named_parameters() if ".experts." not in n]
+        pin = self.device.type == "cuda" and not non_expert_on_device
+        self.non_expert: dict[str, dict[str, torch.Tensor]] = {}
+        for c in self.names:
             keep = {}
             for n in names:
-                t = params[n].detach()
-                t = t.to(self.device).clone() if non_expert_on_device else (t.clone().pin_memory() if pin else t.clone())
-                keep[n] = t
+                t = srcs[c].get(n)
+                if non_expert_on_device:
+                    keep[n] = t.to(device=self.device, dtype=dtype, copy=True)
+                else:
+                    keep[n] = t.to(dtype=dtype, copy=True)
+                    if pin:
+                        keep[n] = keep[n].pin_memory()
+            srcs[c].release()
             self.non_expert[c] = keep
-            del child
-        for (i, e), (sgu, sdn, n) in sums.items():  # the shared copies become the sharers' mean
-            entry = next(tables[c][i][e] for c in self.names if not plan.private(c, i, e))
-            pools[i][entry] = StoredExpert((sgu / n).to(dtype), (sdn / n).to(dtype), full, 64, fast, host)
         self.tables = tables
         if fast_budget_bytes is not None:
-            fixed = sum(p.numel() * p.element_size() for n, p in skeleton.named_parameters() if ".experts." not in n)
+            fixed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
             if non_expert_on_device:
                 fixed *= 1 + len(self.names)
             room = fast_budget_bytes - fixed
-            sharers = {(i, k): sum(tables[c][i].count(k) for c in self.names) for i in pools for k in range(len(pools[i]))}
+            sharers_of = {(i, k): sum(tables[c][i].count(k) for c in self.names) for i in pools for k in range(len(pools[i]))}
             # keep the most shared entries (ties: earlier layers) on the fast device while they fit
-            order = sorted(sharers, key=lambda key: (-sharers[key], key))
-            for i, k in order:
+            for i, k in sorted(sharers_of, key=lambda key: (-sharers_of[key], key)):
                 entry = pools[i][k]
                 if entry.nbytes() <= room:
                     room -= entry.nbytes()
                 else:
-                    pools[i][k] = StoredExpert(entry.gate_up, entry.down, Slot("host", "full"), 64, fast, host)
+                    pools[i][k] = StoredExpert(entry.gate_up, entry.down, Slot("host", "full"), 64, fast, host, act)
         self.stores: list[ExpertStore] = []
         from moecap.engine.store import EngineMoeBlock
 
-        cfg = skeleton.config
-        norm = True if model_family(skeleton) == "mixtral" else bool(getattr(cfg, "norm_topk_prob", False))
         for i, layer, b in blocks:
-            store = ExpertStore(i, pools[i], b.experts.act_fn, fast, host, cost, cache_size=0,
-                                table=tables[self.names[0]][i], num_experts=b.experts.gate_up_proj.shape[0])
+            store = ExpertStore(i, pools[i], act, fast, host, CostModel(), cache_size=0,
+                                table=tables[self.names[0]][i], num_experts=arch.experts)
             self.stores.append(store)
-            layer.mlp = EngineMoeBlock(b, store, model_family(skeleton), int(cfg.num_experts_per_tok), norm)
+            layer.mlp = EngineMoeBlock(b, store, arch.family, arch.top_k, arch.norm_topk)
             del b.experts
-        swapped = set(names)
-        self._params = {n: p for n, p in skeleton.named_parameters() if n in swapped}
+        self._params = {n: p for n, p in model.named_parameters() if n in set(names)}
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.active: str | None = None
         self.swaps = 0
         self.swap_seconds: list[float] = []
-        self.activate(self.names[0])
+        self.swap_seconds_by_child: dict[str, list[float]] = {c: [] for c in self.names}
 
     @torch.inference_mode()
     def activate(self, child: str) -> float:
@@ -335,10 +637,13 @@ class ConsolidatedModel:
                 p.data.copy_(src[n])
         for store in self.stores:
             store.set_table(self.tables[child][store.layer])
+        first = self.active is None
         self.active = child
         dt = time.perf_counter() - t0
-        self.swaps += 1
-        self.swap_seconds.append(dt)
+        if not first:  # the first activation is part of loading, not a switch
+            self.swaps += 1
+            self.swap_seconds.append(dt)
+            self.swap_seconds_by_child[child].append(dt)
         return dt
 
     def memory(self) -> dict[str, int]:
@@ -346,51 +651,12 @@ class ConsolidatedModel:
         fast = sum(sum(e.nbytes() for e in s.experts if e.slot.placement == "fast") for s in self.stores)
         skeleton = sum(p.numel() * p.element_size() for p in self._params.values())
         per_child = sum(t.numel() * t.element_size() for t in next(iter(self.non_expert.values())).values())
-        return {"expert_bytes": experts, "expert_bytes_fast": fast, "expert_bytes_host": experts - fast,
-                "skeleton_non_expert_bytes": skeleton,
-                "child_non_expert_bytes_each": per_child,
-                "child_non_expert_bytes_total": per_child * len(self.names),
-                "total_bytes": experts + skeleton + per_child * len(self.names)}
-
-
-# ---------------------------------------------------------------------- children and their texts
-
-
-def _domain_of(model_dir: Path) -> str | None:
-    meta = model_dir / "moecap.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("domain")
-    return None
-
-
-def child_texts(child_dir: Path, dataset: str | None = None) -> tuple[str, str, str]:
-    """(calibration text, test text, dataset name) of a child: its embedded domain's validation and
-    test splits for tiny-moe children, else the named perplexity data set (test) and stdlib text."""
-    from moecap.corpus import domain_splits, stdlib_text
-    from moecap.quality.perplexity import load_text
-
-    domain = _domain_of(child_dir)
-    if dataset is None and domain is None:
-        raise ValueError(f"{child_dir}: not an embedded tiny-moe child (no moecap.json domain); give its data set "
-                         "as CHILD=DATASET")
-    name = dataset or f"tiny-{domain}"
-    calib = domain_splits(domain)["validation"] if domain else stdlib_text(max_chars=400_000)
-    return calib, load_text(name), name
-
-
-@torch.inference_mode()
-def measure_children(base_dir: str | Path, child_dirs: dict[str, str | Path], dtype: torch.dtype = torch.float32,
-                     context: int = 256, calibration_windows: int = 8) -> tuple[Any, Any]:
-    """(similarity, the base's per-expert sizes) of children of one base, each measured on the first
-    ``calibration_windows`` windows of its own calibration text (see :func:`child_texts`): what
-    :func:`make_plan` takes. The models are loaded on the CPU and released."""
-    from transformers import AutoTokenizer
-
-    from moecap.metrics.perplexity import windows as cut
-
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    calib = {c: cut(tok(child_texts(Path(d))[0], add_special_tokens=False)["input_ids"], context, calibration_windows)
-             for c, d in child_dirs.items()}
-    base_model = _load(base_dir, "cpu", dtype)
-    children = {c: _load(d, "cpu", dtype) for c, d in child_dirs.items()}
-    return measure_similarity(base_model, children, calib), expert_sizes(base_model)
+        out = {"expert_bytes": experts, "expert_bytes_fast": fast, "expert_bytes_host": experts - fast,
+               "skeleton_non_expert_bytes": skeleton,
+               "child_non_expert_bytes_each": per_child,
+               "child_non_expert_bytes_total": per_child * len(self.names),
+               "total_bytes": experts + skeleton + per_child * len(self.names)}
+        for k in ("peak_anon_growth_bytes", "peak_rss_growth_bytes"):
+            if self.load_info.get(k) is not None:
+                out[f"load_{k}"] = int(self.load_info[k])
+        return out

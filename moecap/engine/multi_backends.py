@@ -2,7 +2,9 @@
 
 - :class:`ConsolidatedBackend` (``--backend consolidated``): one skeleton, experts pooled with similar
   ones stored once (:mod:`moecap.engine.consolidate`), each child's non-expert layers swapped in by
-  ``activate`` (timed; the scheduler groups requests by child to limit swaps).
+  ``activate`` (timed per child; the scheduler groups requests by child to limit swaps). Children of one
+  base (``base`` mode), or two or more fine-tunes with no base (``pairwise``); each measured on its own
+  calibration data.
 - :class:`PartitionBackend` (``--backend partition``): the static partition the consolidation paper
   compares with, emulated by memory budgets: each child is its own engine model whose fast-device share
   for experts is ``fast_budget_gb / N``; the experts that do not fit live in host memory (offloaded,
@@ -63,30 +65,42 @@ class ConsolidatedBackend:
     def __init__(self, models: dict[str, str | Path], device: str = "cpu", dtype: str = "auto",
                  max_model_len: int | None = None, base: str | None = None, threshold: float = 0.3,
                  plan: str | None = None, shared: str = "mean", non_expert_on_device: bool = False,
-                 calibration_windows: int = 8, fast_budget_gb: float | None = None):
+                 calibration_windows: int = 8, fast_budget_gb: float | None = None, pairwise: bool = False,
+                 data: dict[str, str] | None = None):
         import torch
         from transformers import AutoTokenizer
 
-        from moecap.engine.consolidate import ConsolidatedModel, ConsolidationPlan, make_plan
-        from moecap.engine.consolidate import measure_children
-        from moecap.models import local_path_for
+        from moecap.engine.consolidate import (ConsolidatedModel, ConsolidationError, ConsolidationPlan, make_plan,
+                                               measure_children, resolve_dir)
 
         if len(models) < 2:
-            raise BackendError("the consolidated backend serves two or more children of one base")
+            raise BackendError("the consolidated backend serves two or more fine-tunes of one architecture")
+        unknown = sorted(set(data or {}) - set(models))
+        if unknown:
+            raise BackendError(f"calibration data for {unknown}, which are not served ({', '.join(models)})")
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
-        dirs = {n: str(local_path_for(str(s))) for n, s in models.items()}
-        base_dir = _base_of(dirs, base)
-        if plan:
-            self.plan = ConsolidationPlan.load(plan)
-            if set(self.plan.children) != set(dirs):
-                raise BackendError(f"plan {plan} covers {self.plan.children}, the served models are {list(dirs)}")
-        else:
-            sim, sizes = measure_children(base_dir, dirs, self._dtype, calibration_windows=calibration_windows)
-            self.plan = make_plan(sim, sizes, threshold=threshold)
-        self.cm = ConsolidatedModel(base_dir, dirs, self.plan, str(self._device), self._dtype,
-                                    non_expert_on_device=non_expert_on_device, shared=shared,
-                                    fast_budget_bytes=None if fast_budget_gb is None else fast_budget_gb * 1e9)
+        try:
+            dirs = {n: str(resolve_dir(s)) for n, s in models.items()}
+            base_dir = None if pairwise else _base_of(dirs, base)
+            if pairwise and shared == "base":
+                raise BackendError("--shared base needs a base; pairwise consolidation shares the children's mean")
+            if plan:
+                self.plan = ConsolidationPlan.load(plan)
+                if set(self.plan.children) != set(dirs):
+                    raise BackendError(f"plan {plan} covers {self.plan.children}, the served models are {list(dirs)}")
+                if (self.plan.mode == "pairwise") != pairwise:
+                    raise BackendError(f"plan {plan} is a {self.plan.mode}-mode plan: "
+                                       f"{'add' if self.plan.mode == 'pairwise' else 'drop'} --pairwise")
+            else:
+                sim, sizes = measure_children(base_dir, dirs, self._dtype, calibration_windows_n=calibration_windows,
+                                              data=data)
+                self.plan = make_plan(sim, sizes, threshold=threshold)
+            self.cm = ConsolidatedModel(base_dir, dirs, self.plan, str(self._device), self._dtype,
+                                        non_expert_on_device=non_expert_on_device, shared=shared,
+                                        fast_budget_bytes=None if fast_budget_gb is None else fast_budget_gb * 1e9)
+        except ConsolidationError as err:
+            raise BackendError(str(err)) from None
         self._tok = {n: AutoTokenizer.from_pretrained(d) for n, d in dirs.items()}
         self._eos = {n: eos_ids(self._tok[n], _generation_config(d)) for n, d in dirs.items()}
         ctx = config_context_length(self.cm.model.config)
@@ -131,6 +145,9 @@ class ConsolidatedBackend:
         swaps = self.cm.swap_seconds
         mem["swaps"] = self.cm.swaps
         mem["swap_us_total"] = int(1e6 * sum(swaps))
+        for child, times in self.cm.swap_seconds_by_child.items():
+            mem[f"swap_us_total:{child}"] = int(1e6 * sum(times))
+            mem[f"swaps:{child}"] = len(times)
         mem.update(device_memory(self._device))
         return mem
 

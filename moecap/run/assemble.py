@@ -33,6 +33,15 @@ def build_report(trace: Any, peaks: Any, slo_ms: dict[str, float] | None = None
                 "requests": sum(1 for r in trace.requests if r.model == m)}
             for m in models
         }
+        server_models = (report.get("server") or {}).get("per_model") or {}
+        for m, sec in report["per_model"].items():
+            srv = server_models.get(m)
+            if not isinstance(srv, dict) or "switch_s_total" not in srv:
+                continue
+            ttft = (sec.get("latency") or {}).get("ttft_ms") or {}
+            ttft_s = (ttft.get("mean") or 0.0) * (ttft.get("n") or 0) / 1e3  # the model's requests' TTFTs, summed
+            sec["switch"] = {"switches": srv.get("switches_to"), "switch_s_total": srv["switch_s_total"],
+                             "share_of_ttft": srv["switch_request_s"] / ttft_s if ttft_s > 0 else None}
     report["pass_latency"] = pass_latency(trace.passes)
     if acc is not None:
         report["model"] = acc.summary()

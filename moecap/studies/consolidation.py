@@ -102,10 +102,10 @@ def run_curve(base: str, children: dict[str, str], thresholds: Sequence[float], 
 
     # similarity once, then a plan and a consolidated model per threshold
     t0 = time.perf_counter()
-    base_model = _load(base_dir)
-    sim = measure_similarity(base_model, models, calib)
+    sim = measure_similarity(base_dir, child_dirs, calib)
     sim_s = time.perf_counter() - t0
-    expert_bytes = expert_sizes(base_model)
+    base_model = _load(base_dir)
+    expert_bytes = expert_sizes(base_model.config)
     base_ppl = {c: perplexity_of(base_model, test[c]) for c in child_dirs}
     record("base", "base-for-all", {}, base_ppl, _model_bytes(base_model))
     del models, base_model

@@ -58,6 +58,9 @@ def collect(root: str | Path) -> tuple[list[dict[str, Any]], dict[str, dict[str,
                 "ttft_p50_ms": figures.value(fig, "ttft_ms_p50"),
                 "switches": _int(figures.value(rep, "server_switches")),
                 "switch_ms_mean": figures.value(rep, "server_switch_ms_mean"),
+                "child_swap_ms": None if not isinstance(fig.get("switch"), dict)
+                else 1e3 * fig["switch"]["switch_s_total"],
+                "swap_share_ttft": (fig.get("switch") or {}).get("share_of_ttft"),
                 "expert_mib": None if experts is None else experts / 2**20,
                 "expert_fast_mib": None if fast is None else fast / 2**20,
             })
@@ -70,9 +73,10 @@ def format_table(rows: list[dict[str, Any]], quality: dict[str, dict[str, float]
         return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
     head = ["runner", "backend", "load", "child", "req", "E2E p50 ms", "E2E p90 ms", "TTFT p50 ms", "switches",
-            "switch ms", "experts MiB", "fast MiB", "own-domain ppl"]
+            "switch ms", "swap ms (child)", "swap % of TTFT", "experts MiB", "fast MiB", "own-domain ppl"]
     body = [[r["runner"], r["backend"], r["load"], r["child"], f(r["requests"]), f(r["e2el_p50_ms"]),
              f(r["e2el_p90_ms"]), f(r["ttft_p50_ms"]), f(r["switches"]), f(r["switch_ms_mean"], 2),
+             f(r["child_swap_ms"], 2), f(None if r["swap_share_ttft"] is None else 100 * r["swap_share_ttft"], 2),
              f(r["expert_mib"]), f(r["expert_fast_mib"]), f(quality.get(r["runner"], {}).get(r["child"]), 2)]
             for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]

@@ -213,3 +213,30 @@ def test_threshold_zero_serves_every_child_exactly_through_moecap_serve(fam):
     one = sum(fam["sizes"].values()) * EXPERTS
     assert mem["expert_bytes"] == one + 3 * next(iter(fam["sizes"].values()))  # the 3 changed experts twice
     assert sum(mem[f"swaps:{c}"] for c in CHANGED) == mem["swaps"] >= 5
+
+
+def test_consolidate_cli_pairwise_with_each_childs_data(fam, tmp_path):
+    from test_e2e_cli import moecap
+
+    if fam["family"] != "olmoe":
+        pytest.skip("one family is enough for the command line")
+    out = tmp_path / "plan.json"
+    kids = [f"{c}={d}" for c, d in fam["kids"].items()]
+    data = [arg for c, spec in fam["data"].items() for arg in ("--data", f"{c}={spec}")]
+    proc = moecap("engine", "consolidate", "--pairwise", *kids, *data, "--threshold", "0",
+                  "--calibration-windows", "2", "--plan-out", str(out), check=0)
+    assert "mode: pairwise" in proc.stdout and "a: measured on " in proc.stdout
+    plan = json.loads(out.read_text())
+    differ = sorted([layer, e] for layer, e in set().union(*CHANGED.values()))
+    for child in CHANGED:
+        private = sorted([int(layer), e] for layer, row in plan["assign"][child].items() for e, v in enumerate(row)
+                         if v != -1)
+        assert private == differ, child
+    assert plan["mode"] == "pairwise" and plan["data"]["b"]["data"].endswith("#content")
+    # bad input: a data spec for a model that is not a child, a child with no data, a missing base
+    bad = moecap("engine", "consolidate", str(fam["dirs"]["base"]), *kids, "--data", "z=x.txt", "--threshold", "0",
+                 check=2)
+    assert "'z' is not one of the children (a, b, c)" in bad.stderr
+    bad = moecap("engine", "consolidate", str(fam["dirs"]["base"]), *kids, "--threshold", "0", check=2)
+    assert "child 'a'" in bad.stderr and "name the data it was tuned on" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -229,13 +229,40 @@ def _expert(src: Any, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _mean_expert(srcs: Sequence[Any], layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean of expert ``e`` over ``srcs``, accumulated in float64 (the mean of equal tensors is them)."""
-    acc_gu = acc_dn = None
-    for src in srcs:
-        gu, dn = src.expert(layer, e)
-        acc_gu = gu.double() if acc_gu is None else acc_gu.add_(gu.double())
-        acc_dn = dn.double() if acc_dn is None else acc_dn.add_(dn.double())
+    """The mean of expert ``e`` over ``srcs`` (float32), accumulated in float64 so that the mean of equal
+    tensors is them; equal experts (what a threshold-0 plan shares) are returned as read, no arithmetic."""
+    first = srcs[0].expert(layer, e)
+    rest = [src.expert(layer, e) for src in srcs[1:]]
+    if all(torch.equal(first[0], gu) and torch.equal(first[1], dn) for gu, dn in rest):
+        return first[0].float(), first[1].float()
+    acc_gu, acc_dn = first[0].double(), first[1].double()
+    for gu, dn in rest:
+        acc_gu.add_(gu.double())
+        acc_dn.add_(dn.double())
     return (acc_gu / len(srcs)).float(), (acc_dn / len(srcs)).float()
+
+
+def _router_model(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The child as the engine's own model (every expert at full precision), streamed from its checkpoint
+    a tensor at a time: it routes and computes as transformers does, without transformers' load-time
+    copies."""
+    from moecap.engine.model import load_engine_model
+    from moecap.engine.store import ExpertPlan
+
+    return load_engine_model(path, lambda arch: ExpertPlan.uniform({i: arch.experts for i in arch.moe_layers}),
+                             "cpu", dtype)
+
+
+def _give_back_memory() -> None:
+    """Free what the last child held and hand the freed heap back to the system (glibc keeps it
+    otherwise, and the next child's load would stack on top)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _out_distance(ref: tuple[torch.Tensor, torch.Tensor], mine: tuple[torch.Tensor, torch.Tensor], act: Any,
@@ -270,10 +297,10 @@ def measure_similarity(reference: str | Path | None, children: dict[str, str | P
     for c, d in dirs.items():
         if log:
             log(f"similarity: {c}: routing its calibration data")
-        model = _load(d, "cpu", dtype)
+        model = _router_model(d, dtype)
         freq, samples, _ = collect_routed(model, calibration[c], per_expert)
         del model
-        gc.collect()
+        _give_back_memory()
         out["output"][c], out["weight"][c], out["tokens"][c] = {}, {}, {}
         for layer in arch.moe_layers:
             o_row: list[float | None] = []
@@ -292,7 +319,7 @@ def measure_similarity(reference: str | Path | None, children: dict[str, str | P
                 if src is not None:
                     src.release()
         del samples
-        gc.collect()
+        _give_back_memory()
     return out
 
 
@@ -459,6 +486,9 @@ def format_plan(plan: ConsolidationPlan) -> str:
 
 
 # ---------------------------------------------------------------------------------------- runtime
+UNMAP_BYTES = 16 * 2**20  # after reading a tensor this large, unmap the checkpoint (its pages leave the RSS)
+
+
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
@@ -478,6 +508,8 @@ def skeleton(config: Any, src: Any, device: torch.device, dtype: torch.dtype) ->
             continue
         t = src.get(name)
         _set_tensor(model, name, t.to(device=device, dtype=dtype, copy=True))
+        if t.numel() * t.element_size() >= UNMAP_BYTES:
+            src.release()  # a large tensor's mapped pages leave the process at once
     src.release()
     # buffers computed at construction (rotary frequencies): build those modules again, for real
     for mod_name, mod in list(model.named_modules()):
@@ -570,6 +602,7 @@ class ConsolidatedModel:
             for src in (*srcs.values(), base_src):
                 if src is not None:
                     src.release()
+            _give_back_memory()
         # every child's non-expert weights, read tensor by tensor
         names = [n for n, _ in model.named_parameters() if ".experts." not in n]
         pin = self.device.type == "cuda" and not non_expert_on_device
@@ -584,8 +617,11 @@ class ConsolidatedModel:
                     keep[n] = t.to(dtype=dtype, copy=True)
                     if pin:
                         keep[n] = keep[n].pin_memory()
+                if t.numel() * t.element_size() >= UNMAP_BYTES:
+                    srcs[c].release()
             srcs[c].release()
             self.non_expert[c] = keep
+            _give_back_memory()
         self.tables = tables
         if fast_budget_bytes is not None:
             fixed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)

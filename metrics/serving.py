@@ -222,6 +222,8 @@ def server_window(raw: dict[str, Any]) -> dict[str, Any]:
         return dict(raw)
     batches = raw["batches"]
     prev = raw.get("previous_model")
+    # a partition runs each model on its own worker: consecutive batches of two models are no switch
+    own_workers = raw.get("backend") == "partition"
     switch_s: list[float] = []
     per_model: dict[str, dict[str, Any]] = {}
     for b in batches:
@@ -229,7 +231,7 @@ def server_window(raw: dict[str, Any]) -> dict[str, Any]:
                                               "switch_request_s": 0.0})
         m["batches"] += 1
         m["requests"] += b["size"]
-        if b["model"] != prev:
+        if b["model"] != prev and not own_workers:
             m["switches_to"] += 1
             switch_s.append(float(b["switch_s"]))
             m["switch_s_total"] += float(b["switch_s"])

@@ -647,7 +647,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return 2
     # every backend option; make_backend drops the unset ones and names any the backend does not take
     backend_kw = {"base": args.base, "threshold": args.threshold, "plan": args.consolidation_plan,
-                  "shared": args.shared, "fast_budget_gb": args.fast_budget_gb, "max_model_len": args.max_model_len}
+                  "shared": args.shared, "fast_budget_gb": args.fast_budget_gb, "max_model_len": args.max_model_len,
+                  "pairwise": args.pairwise or None}
+    if args.data:
+        data = _data_arg(args.data, {name: "" for name in models})
+        if data is None:
+            return 2
+        backend_kw["data"] = data
+    if args.backend == "partition":  # a router in front of one server process per child, not one scheduler
+        from moecap.engine.partition import serve_partition
+
+        return serve_partition(models, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                               max_wait_s=args.max_wait_s, max_consecutive_batches=args.max_consecutive_batches,
+                               device=args.device, dtype=args.dtype, api_key=api_key,
+                               max_request_bytes=max_request_bytes, **backend_kw)
     return serve(models, host=args.host, port=args.port, backend=args.backend, max_batch_size=args.max_batch_size,
                  max_wait_s=args.max_wait_s, max_consecutive_batches=args.max_consecutive_batches,
                  device=args.device, dtype=args.dtype, api_key=api_key, max_request_bytes=max_request_bytes,
@@ -888,8 +901,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "token ids or as JSON-escaped text, while a runaway body is refused before it is parsed)")
     sv.add_argument("--backend", choices=sorted(BACKENDS), default="separate",
                     help="separate: every model fully loaded; consolidated: children of one base MoE sharing "
-                    "similar experts, non-expert layers swapped per batch; partition: each child alone in a 1/N "
-                    "share of --fast-budget-gb, experts that do not fit offloaded")
+                    "similar experts, non-expert layers swapped per batch; partition: the static-partition "
+                    "baseline, each child its own server process (own scheduler worker, 1/N of the CPU threads "
+                    "and of --fast-budget-gb, experts that do not fit offloaded to host memory) behind this "
+                    "process as a router")
     sv.add_argument("--max-model-len", type=int, default=None, help="cap every model's context length")
     cg = sv.add_argument_group("consolidated backend")
     cg.add_argument("--base", help="the children's base model (default: the parent their moecap.json names)")
@@ -898,6 +913,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 0.3; see moecap engine consolidate)")
     cg.add_argument("--consolidation-plan", metavar="PLAN.json", help="a plan from moecap engine consolidate "
                     "--plan-out (instead of measuring similarity at start-up)")
+    cg.add_argument("--pairwise", action="store_true",
+                    help="no base: fine-tunes of one architecture, the shared copy of an expert their mean")
+    cg.add_argument("--data", action="append", metavar="NAME=DATA",
+                    help="the data model NAME was tuned on, to measure its experts on (repeat per model; see "
+                    "moecap engine consolidate --data)")
     cg.add_argument("--shared", choices=["mean", "base"], default=None,
                     help="the one shared copy: the sharers' mean (default) or the base's expert")
     pg = sv.add_argument_group("consolidated and partition backends")

@@ -150,3 +150,17 @@ def test_consolidation_curve_records(tiny_moe_dir, tmp_path):
     rec = next(r for r in recs if r.config["runner"].get("threshold") == 0.2)
     assert set(rec.report["quality"]["perplexity_per_child"]) == set(CHILDREN)
     assert rec.report["consolidation"]["plan"]["totals"]["expert_saving"] > 0
+
+
+def test_curve_perplexity_builds_no_graph(family):
+    """Issue 21: the consolidation curve's perplexity ran with autograd on (a graph per window)."""
+    from moecap.studies.consolidation import perplexity_of
+
+    model = family["models"]["c"]
+    seen = []
+    hook = model.register_forward_hook(lambda _m, _a, out: seen.append((torch.is_grad_enabled(), out.logits.requires_grad)))
+    try:
+        result = perplexity_of(model, [family["ids"][0].tolist()])
+    finally:
+        hook.remove()
+    assert seen == [(False, False)] and result["perplexity"] > 1

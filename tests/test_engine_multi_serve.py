@@ -213,7 +213,7 @@ def test_backend_registry_and_options():
         make_backend("separate", {"a": "x"}, fast_budget_gb=1.0)
     with pytest.raises(BackendError, match="needs --fast-budget-gb"):
         make_backend("partition", {"a": "x", "b": "y"})
-    with pytest.raises(BackendError, match="two or more children"):
+    with pytest.raises(BackendError, match="two or more fine-tunes of one architecture"):
         make_backend("consolidated", {"a": "x"})
 
 

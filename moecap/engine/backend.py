@@ -8,8 +8,11 @@ several models of one family through this protocol only, so any engine can sit b
 - ``ConsolidatedBackend`` (``--backend consolidated``, :mod:`moecap.engine.multi_backends`): fine-tuned
   children of one base MoE sharing one device, similar experts stored once; its ``activate()`` swaps the
   child's non-expert weights and reports how long that took.
-- ``PartitionBackend`` (``--backend partition``): each child alone in a 1/N share of a fast-memory budget,
-  the experts that do not fit offloaded (the static-partition baseline).
+- ``PartitionShareBackend`` (``--backend partition``, :mod:`moecap.engine.partition`): each child alone in a
+  1/N share of a fast-memory budget, the experts that do not fit offloaded (the static-partition baseline).
+  ``moecap serve --backend partition`` does not run it behind one scheduler: the command starts a router
+  (:func:`moecap.engine.partition.serve_partition`) and one child server process per model, each building
+  this backend for its one model with its share of memory and threads.
 
 Backends are built by :func:`make_backend` from the kinds in :data:`BACKENDS` (``"module:Class"``
 strings, loaded on first use: importing this module imports neither torch nor transformers).
@@ -31,7 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover
 BACKENDS: dict[str, str] = {
     "separate": "moecap.engine.backend:SeparateModelsBackend",
     "consolidated": "moecap.engine.multi_backends:ConsolidatedBackend",
-    "partition": "moecap.engine.multi_backends:PartitionBackend",
+    # the engine of one partition; `moecap serve --backend partition` runs one per child process, behind
+    # a router (moecap.engine.partition.serve_partition)
+    "partition": "moecap.engine.partition:PartitionShareBackend",
 }
 
 

@@ -1,16 +1,15 @@
-"""Backends of ``moecap serve`` for several fine-tuned children of one base MoE:
+"""The consolidated backend of ``moecap serve`` for several fine-tuned MoE models of one architecture:
 
-- :class:`ConsolidatedBackend` (``--backend consolidated``): one skeleton, experts pooled with similar
+:class:`ConsolidatedBackend` (``--backend consolidated``): one skeleton, experts pooled with similar
   ones stored once (:mod:`moecap.engine.consolidate`), each child's non-expert layers swapped in by
-  ``activate`` (timed per child; the scheduler groups requests by child to limit swaps). Children of one
-  base (``base`` mode), or two or more fine-tunes with no base (``pairwise``); each measured on its own
-  calibration data.
-- :class:`PartitionBackend` (``--backend partition``): the static partition the consolidation paper
-  compares with, emulated by memory budgets: each child is its own engine model whose fast-device share
-  for experts is ``fast_budget_gb / N``; the experts that do not fit live in host memory (offloaded,
-  computed on the CPU or copied per call). Never touches a GPU's real MIG settings.
+``activate`` (timed per child; the scheduler groups requests by child to limit swaps). Children of one
+base (``base`` mode), or two or more fine-tunes with no base (``pairwise``); each measured on its own
+calibration data.
 
-Both follow :class:`moecap.engine.backend.Backend`.
+The static-partition baseline the consolidation paper compares with (``--backend partition``) lives in
+:mod:`moecap.engine.partition`: one server process per child behind a router.
+
+It follows :class:`moecap.engine.backend.Backend`.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from typing import Any
 
 from moecap.engine.backend import (
     BackendError,
-    SeparateModelsBackend,
     config_context_length,
     device_memory,
     eos_ids,
@@ -150,36 +148,3 @@ class ConsolidatedBackend:
             mem[f"swaps:{child}"] = len(times)
         mem.update(device_memory(self._device))
         return mem
-
-
-class PartitionBackend(SeparateModelsBackend):
-    """Each child alone with a 1/N share of a fast-memory budget for its experts (the rest offloaded)."""
-
-    def __init__(self, models: dict[str, str | Path], device: str = "cpu", dtype: str = "auto",
-                 max_model_len: int | None = None, fast_budget_gb: float | None = None):
-        from moecap.engine.planner import make_plan
-        from moecap.engine.store import CostModel, install
-
-        if fast_budget_gb is None:
-            raise BackendError("the partition backend needs --fast-budget-gb (the device memory the children share)")
-        super().__init__(models, device=device, dtype=dtype, max_model_len=max_model_len)
-        share = fast_budget_gb * 1e9 / len(models)
-        self.partition: dict[str, Any] = {"fast_budget_bytes": fast_budget_gb * 1e9, "per_child_bytes": share}
-        self.stores: dict[str, list[Any]] = {}
-        for name, model in self._models.items():
-            non_expert = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
-            budget = max(0.0, share - non_expert)  # the child's share holds its non-expert layers first
-            plan = make_plan(model, None, 0.0, "int8", 0.0, fast_budget_bytes=budget, name=f"partition-{name}")
-            self.stores[name] = install(model, plan, self._device, CostModel())
-            self.partition[name] = plan.summary()
-
-    def memory(self) -> dict[str, int]:
-        out = super().memory()
-        fast = host = 0
-        for stores in self.stores.values():
-            for s in stores:
-                t = s.tier_nbytes()
-                fast += t["fast"]
-                host += t["host"]
-        out.update({"expert_bytes": fast + host, "expert_bytes_fast": fast, "expert_bytes_host": host})
-        return out

@@ -281,12 +281,14 @@ class OpenAIServer:
 
     def __init__(self, backend: Any, scheduler: Scheduler, backend_kind: str = "separate",
                  sources: dict[str, str] | None = None, api_key: str | None = None,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, process_info: dict[str, Any] | None = None):
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.backend = backend
         self.scheduler = scheduler
         self.backend_kind = backend_kind
+        # what this process is (a partition child's pid, thread share ...): in /health and /stats when given
+        self.process_info = dict(process_info) if process_info is not None else None
         self.sources = dict(sources or {})
         self.created = int(time.time())
         self.models = list(backend.model_names())
@@ -366,7 +368,10 @@ class OpenAIServer:
     async def health(self, request: web.Request) -> web.Response:
         if self._shutting_down or self.scheduler.closing:
             return _json_response(503, {"status": "shutting down"})
-        return _json_response(200, {"status": "ok", "models": self.models})
+        out: dict[str, Any] = {"status": "ok", "models": self.models}
+        if self.process_info is not None:
+            out["process"] = self.process_info
+        return _json_response(200, out)
 
     def _model_card(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "moecap",
@@ -384,6 +389,8 @@ class OpenAIServer:
     async def stats(self, request: web.Request) -> web.Response:
         out = self.scheduler.stats()
         out["backend"] = self.backend_kind
+        if self.process_info is not None:
+            out["process"] = self.process_info
         try:
             out["memory"] = self.backend.memory()
         except Exception as err:  # records are best effort
@@ -775,10 +782,17 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def serve(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, backend: str = "separate",
           max_batch_size: int = 8, max_wait_s: float | None = 2.0, max_consecutive_batches: int | None = 4,
           device: str = "auto", dtype: str = "auto", api_key: str | None = None,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, **backend_kw: Any) -> int:
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, sock: socket.socket | None = None,
+          process_info: dict[str, Any] | None = None, **backend_kw: Any) -> int:
     """Load ``models`` into a ``backend`` and serve them until SIGTERM/SIGINT; return the exit status.
     ``api_key`` (the command line's ``--api-key`` or ``$MOECAP_API_KEY``; this function reads no environment)
-    locks every endpoint but ``/health``; it is never printed."""
+    locks every endpoint but ``/health``; it is never printed.
+
+    ``sock``: a listening socket to serve on instead of binding ``host:port`` (a ``moecap serve --backend
+    partition`` child gets its socket from the router, so the port is known before the child starts and
+    no other process can take it); it is closed on return. ``process_info``: reported under ``process`` by
+    ``/health`` and ``/stats``, with ``clock_origin_unix`` (the wall-clock time of the scheduler's clock 0,
+    which its batches' ``start_s`` count from) added."""
     from moecap.engine.backend import BackendError, make_backend
 
     if api_key is not None:
@@ -790,11 +804,12 @@ def serve(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, bac
     if max_request_bytes < 1:
         print("moecap serve: --max-request-bytes must be >= 1", file=sys.stderr)
         return 2
-    try:
-        sock = _bind(host, port)
-    except OSError as err:
-        print(f"moecap serve: cannot listen on {host}:{port}: {err}", file=sys.stderr)
-        return 2
+    if sock is None:
+        try:
+            sock = _bind(host, port)
+        except OSError as err:
+            print(f"moecap serve: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+            return 2
     actual = sock.getsockname()[1]
     # the address actually bound decides (a host name may resolve to a loopback address), at once: an
     # operator sees it before the (slow) model load
@@ -827,9 +842,11 @@ def serve(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, bac
                 signal.signal(signal.SIGTERM, previous)
         scheduler = Scheduler(be, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
                               max_consecutive_batches=max_consecutive_batches)
+        if process_info is not None:  # taken right after the scheduler's own clock 0: microseconds apart
+            process_info = {**process_info, "clock_origin_unix": time.time()}
         sources = {m: (be.source(m) if hasattr(be, "source") else str(models.get(m, m))) for m in be.model_names()}
         server = OpenAIServer(be, scheduler, backend_kind=backend, sources=sources, api_key=api_key,
-                              max_request_bytes=max_request_bytes)
+                              max_request_bytes=max_request_bytes, process_info=process_info)
         print(f"moecap serve: {', '.join(be.model_names())} on {be.device()} loaded in "
               f"{time.perf_counter() - t0:.1f} s; listening on http://{_host_port(host, actual)}"
               + (" (API key required)" if server.requires_api_key else ""), flush=True)

@@ -21,7 +21,9 @@ from moecap.engine.consolidate import (ConsolidatedModel, _load, child_texts, ex
 
 
 
+@torch.inference_mode()
 def perplexity_of(model: torch.nn.Module, wins: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Token perplexity of ``model`` over ``wins`` (no autograd: a graph per window would be kept)."""
     from moecap.metrics.perplexity import perplexity
 
     nll = []

@@ -127,6 +127,17 @@ def test_moecap_serve_runner_multi_tenant_suite(tmp_path, tiny_moe_dir):
     for m in perf["per_model"].values():
         assert m["latency"]["e2el_ms"]["median"] > 0  # turnaround per child
     server = perf["server"]
+    # per child: what its swaps cost, and their share of its TTFT (every request of a batch that switched
+    # waited for the switch before its first token)
+    for child, m in perf["per_model"].items():
+        srv = server["per_model"][child]
+        assert m["switch"]["switches"] == srv["switches_to"]
+        assert m["switch"]["switch_s_total"] == pytest.approx(srv["switch_s_total"])
+        ttft_s = m["latency"]["ttft_ms"]["mean"] * m["latency"]["ttft_ms"]["n"] / 1e3
+        assert m["switch"]["share_of_ttft"] == pytest.approx(srv["switch_request_s"] / ttft_s)
+        assert 0 <= m["switch"]["share_of_ttft"] < 1
+    assert sum(m["switch"]["switch_s_total"] for m in perf["per_model"].values()) == pytest.approx(
+        server["switch_s_total"])
     assert server["backend"] == "consolidated" and server["batches"] >= 1
     assert server["switches"] >= 1 and server["switch_ms"]["mean"] > 0
     assert sum(m["requests"] for m in server["per_model"].values()) == 24
@@ -150,6 +161,9 @@ def test_moecap_serve_runner_multi_tenant_suite(tmp_path, tiny_moe_dir):
     assert proc.returncode == 0, proc.stderr
     lines = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("moecap-serve")]
     assert sorted(ln[3] for ln in lines) == sorted(shares)
+    assert "swap ms (child)" in proc.stdout and "swap % of TTFT" in proc.stdout
+    for ln in lines:  # each child's own swap time, as its record says
+        assert float(ln[10]) == pytest.approx(1e3 * perf["per_model"][ln[3]]["switch"]["switch_s_total"], abs=0.01)
     for ln in lines:
         own = {"tiny-moe-code": "tiny-code", "tiny-moe-prose": "tiny-prose", "tiny-moe-c": "tiny-c"}[ln[3]]
         assert float(ln[-1]) == pytest.approx(per[ln[3]]["perplexity"][own]["perplexity"], abs=0.01)

@@ -77,3 +77,33 @@ def test_perplexity_through_the_runner_matches_the_builder(tiny_moe_dir):
     assert res["context_length"] == prof.seq_len and res["windows"] == prof.eval_windows
     assert res["perplexity"] == pytest.approx(build["children"]["prose"]["test_perplexity"]["prose"], rel=1e-4)
     runner.close()
+
+
+def test_zoo_build_reuses_cached_children_and_counts_only_training_time(tiny_moe_dir, tmp_path):
+    """Issue 21: `moecap zoo build --variants` retrained children already cached (its help says cached)
+    and added every run's wall time to build_seconds."""
+    import json
+    import shutil
+
+    from moecap.zoo.tiny_moe import build
+
+    root = tmp_path / "zoo"
+    shutil.copytree(tiny_moe_dir.parent, root)
+    before = json.loads((root / "build.json").read_text())
+    stamp = {c: (root / c / "model.safetensors").stat().st_mtime_ns for c in ("base", "code", "prose", "c")}
+    lines: list[str] = []
+    summary = build(root=root, variants=("code", "prose", "c"), log=lines.append)
+    assert not [ln for ln in lines if " step " in ln], lines  # nothing trained
+    assert sum("reusing the" in ln for ln in lines) == 4  # the base and the three children
+    assert {c: (root / c / "model.safetensors").stat().st_mtime_ns for c in stamp} == stamp  # nothing rewritten
+    assert summary["build_seconds"] == before["build_seconds"] and summary["last_run_seconds"] > 0
+    assert summary["children"] == before["children"]
+    # a child that is missing is trained, and only its time is added
+    shutil.rmtree(root / "prose")
+    del summary["children"]["prose"]
+    (root / "build.json").write_text(json.dumps(summary))
+    lines.clear()
+    again = build(root=root, variants=("code", "prose"), log=lines.append)
+    assert any("tiny-moe-prose step" in ln for ln in lines) and not any("tiny-moe-code step" in ln for ln in lines)
+    assert again["build_seconds"] == pytest.approx(before["build_seconds"] + again["last_run_seconds"])
+    assert (root / "prose" / "moecap.json").is_file()

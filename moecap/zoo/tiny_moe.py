@@ -268,7 +268,9 @@ def build(profile: Profile | None = None, root: Path | None = None, variants: tu
           log=lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
     """Train the tokenizer, the base model and its domain children; write them and ``build.json``.
 
-    An already built base is reused (loaded, not retrained), so children can be added later.
+    An already built base and already built children are reused (not retrained), so children can be
+    added later; ``build_seconds`` is the time spent training what the folder holds (a run that trains
+    nothing adds nothing), ``last_run_seconds`` this call's.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -291,6 +293,7 @@ def build(profile: Profile | None = None, root: Path | None = None, variants: tu
         "trained": True,
         "corpus": "Python installation text (moecap.corpus): " + ", ".join(DOMAINS),
     }
+    trained = False  # did this call train anything
     if (root / "base" / "moecap.json").is_file() and summary.get("base_test_perplexity"):
         model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
         log(f"moecap zoo: reusing the base model in {root / 'base'}")
@@ -302,6 +305,7 @@ def build(profile: Profile | None = None, root: Path | None = None, variants: tu
             bos_token_id=tokenizer.bos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+        trained = True
         model_type = cfg.pop("model_type")
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg), dtype=torch.float32)
         n_params = sum(p.numel() for p in model.parameters())
@@ -330,6 +334,10 @@ def build(profile: Profile | None = None, root: Path | None = None, variants: tu
     for domain in variants:
         if domain not in DOMAINS:
             raise ValueError(f"unknown tiny-moe variant {domain!r}; allowed: {', '.join(DOMAINS)}")
+        if (root / domain / "moecap.json").is_file() and domain in summary.get("children", {}):
+            log(f"moecap zoo: reusing the {domain} child in {root / domain}")
+            continue
+        trained = True
         model.load_state_dict(base_state)
         ft_losses = train(model, [train_ids[domain]], profile.finetune_steps, profile.finetune_lr, profile,
                           profile.seed + 1 + DOMAINS.index(domain), f"tiny-moe-{domain}", log=log)
@@ -339,7 +347,10 @@ def build(profile: Profile | None = None, root: Path | None = None, variants: tu
                                                 "test_perplexity": ppl})
         summary["children"][domain] = {"test_perplexity": ppl, "final_loss": ft_losses[-1]}
 
-    summary["build_seconds"] = summary.get("build_seconds", 0.0) + time.perf_counter() - t_start
+    took = time.perf_counter() - t_start
+    if trained:  # the time spent training what is here; a run that only reused adds nothing
+        summary["build_seconds"] = summary.get("build_seconds", 0.0) + took
+    summary["last_run_seconds"] = took
     atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary
 

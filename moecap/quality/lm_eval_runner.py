@@ -14,6 +14,7 @@ Command line, with the ``moecap`` model registered and moecap's offline tasks on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -76,6 +77,34 @@ def _samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+@contextlib.contextmanager
+def _quiet_git_probe():
+    """lm-eval records the git commit of the working directory by running ``git describe`` with git's
+    stderr on the process's own: outside a repository every evaluation printed "fatal: not a git
+    repository". While it evaluates, the probe is one that gives the same answer (the commit, or None)
+    and keeps git's complaint to itself."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+
+    def quiet() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # a release without the probe
+        yield
+        return
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def run_lm_eval(
     lm: Any,
     tasks: list[str],
@@ -101,16 +130,17 @@ def run_lm_eval(
         raise ValueError("no lm-eval tasks given")
     tm = task_manager_for(tasks, include_path, include_defaults)
     t0 = time.perf_counter()
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        batch_size=batch_size,
-        task_manager=tm,
-        bootstrap_iters=bootstrap_iters,
-        log_samples=log_samples,
-    )  # lm-eval's default seeds, so that few-shot examples are the ones its own runs draw
+    with _quiet_git_probe():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size=batch_size,
+            task_manager=tm,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+        )  # lm-eval's default seeds, so that few-shot examples are the ones its own runs draw
     seconds = time.perf_counter() - t0
     if results is None:  # a non-zero rank of a distributed run
         return {}

@@ -164,3 +164,35 @@ def test_curve_perplexity_builds_no_graph(family):
     finally:
         hook.remove()
     assert seen == [(False, False)] and result["perplexity"] > 1
+
+
+def test_curve_plot_keeps_the_infinite_threshold_and_names_without_overlap(tmp_path):
+    """Issue 21: curve.png dropped the `inf` threshold (everything shared) and the merged methods' names,
+    all at one memory, were written over each other."""
+    import math
+
+    from moecap.studies.consolidation import _finite_json, curve_figure, plot_curve
+
+    kids = ["code", "prose"]
+    pts = [{"kind": "consolidated", "name": f"t{t:g}", "config": {"threshold": t},
+            "memory": {"expert_bytes": m * 2**20}, "relative": {"code": r, "prose": r}}
+           for t, m, r in ((0.0, 3.0, 0.0), (0.1, 2.0, 0.02), (math.inf, 1.0, 0.1))]
+    pts += [{"kind": k, "name": n, "config": {}, "memory": {"expert_bytes": m * 2**20}, "relative": {"code": r, "prose": r}}
+            for k, n, m, r in (("alone", "each-child-alone", 3.0, 0.0), ("base", "base-for-all", 1.0, 0.5),
+                               ("merged", "average", 1.0, 0.2), ("merged", "ties", 1.0, 0.21),
+                               ("merged", "dare", 1.0, 0.22), ("merged", "task_arithmetic", 1.0, 0.2))]
+    curve = {"children": kids, "shared": "mean", "points": pts}
+    fig = curve_figure(curve)
+    left, right = fig.axes[0], fig.axes[1]
+    assert not left.texts  # names live in the legend, not written over the points
+    labels = left.get_legend().get_texts()
+    assert {t.get_text() for t in labels} >= {"merged: average", "merged: ties", "merged: dare",
+                                              "merged: task_arithmetic", "base: base-for-all"}
+    line = right.get_lines()[0]
+    assert len(line.get_xdata()) == 3 and all(math.isfinite(x) for x in line.get_xdata())  # inf is drawn
+    assert "∞ (all shared)" in [t.get_text() for t in right.get_xticklabels()]
+    assert plot_curve(curve, tmp_path / "curve.png").stat().st_size > 10_000
+    # curve.json stays strict JSON: inf as a string, read back as inf by the plot
+    text = json.dumps(_finite_json(curve), allow_nan=False)
+    assert '"threshold": "inf"' in text
+    curve_figure(json.loads(text))

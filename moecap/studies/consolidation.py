@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -75,13 +76,13 @@ def run_curve(base: str, children: dict[str, str], thresholds: Sequence[float], 
             r.update({"dataset": names[c], "context_length": context})
         rel = {c: ppl[c]["perplexity"] / points_alone[c] - 1 for c in ppl} if points_alone else {}
         report = {"quality": {"perplexity_per_child": ppl}, "memory": memory,
-                  "consolidation": {"relative_perplexity_vs_alone": rel, **(extra or {})}}
+                  "consolidation": {"relative_perplexity_vs_alone": rel, **_finite_json(extra or {})}}
         rec = Record(run_id=run_id, created_at=now_iso(),
                      suite={"name": suite, "source": "moecap engine consolidate", "description":
                             f"expert consolidation of {', '.join(child_dirs)} (children of {base_dir.name})"},
                      cell_id=cell, status="ok", environment=env,
                      config={"model": {"id": str(base_dir), "children": {c: str(d) for c, d in child_dirs.items()}},
-                             "runner": {"type": "engine-consolidation", "kind": kind, **config},
+                             "runner": {"type": "engine-consolidation", "kind": kind, **_finite_json(config)},
                              "workload": {"perplexity": {c: names[c] for c in child_dirs}, "windows": windows,
                                           "context_length": context}},
                      report=report)
@@ -148,57 +149,91 @@ def run_curve(base: str, children: dict[str, str], thresholds: Sequence[float], 
     out = Path(out_dir) / suite
     from moecap.paths import atomic_write_text
 
-    atomic_write_text(out / "curve.json", json.dumps(curve, indent=1) + "\n")
+    atomic_write_text(out / "curve.json", json.dumps(_finite_json(curve), indent=1, allow_nan=False) + "\n")
     plot_curve(curve, out / "curve.png")
     return curve
 
 
-def plot_curve(curve: dict[str, Any], path: Path) -> Path:
+def _finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float as the string "inf" / "-inf" / "nan" (JSON has no such
+    numbers: ``json.dumps`` would write ``Infinity``, which strict readers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def curve_figure(curve: dict[str, Any]) -> Any:
+    """The consolidation curve as a matplotlib figure: left, mean perplexity increase against expert
+    memory (consolidated thresholds joined; each other configuration its own legend entry, so names never
+    overlap); right, per-child increase and expert memory against the threshold, an infinite threshold
+    (everything shared) drawn at the right edge and labelled ∞."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     children = curve["children"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), dpi=120)
     ax = axes[0]
 
     def mean_rel(p: dict[str, Any]) -> float:
         return 100 * sum(p["relative"].get(c, 0.0) for c in children) / len(children)
 
+    def threshold(p: dict[str, Any]) -> float:
+        return float(p["config"]["threshold"])  # "inf" (from curve.json) reads back as inf
+
     cons = sorted((p for p in curve["points"] if p["kind"] == "consolidated"), key=lambda p: p["memory"]["expert_bytes"])
     ax.plot([p["memory"]["expert_bytes"] / 2**20 for p in cons], [mean_rel(p) for p in cons], "o-", color="C0",
             label="consolidated (one point per threshold)")
-    styles = {"alone": ("*", "C2"), "base": ("x", "C7"), "merged": ("s", "C3")}
-    for p in curve["points"]:
-        if p["kind"] == "consolidated":
-            continue
-        marker, color = styles.get(p["kind"], ("d", "C4"))
-        x, y = p["memory"]["expert_bytes"] / 2**20, mean_rel(p)
-        ax.scatter(x, y, marker=marker, color=color, s=60, zorder=3)
-        ax.annotate(p["name"], (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    markers = {"alone": "*", "base": "X", "merged": "s"}
+    others = [p for p in curve["points"] if p["kind"] != "consolidated"]
+    for i, p in enumerate(others):
+        ax.scatter(p["memory"]["expert_bytes"] / 2**20, mean_rel(p), marker=markers.get(p["kind"], "d"),
+                   color=f"C{(i + 1) % 10}", s=70, zorder=3, edgecolors="black", linewidths=0.5,
+                   label=f"{p['kind']}: {p['name']}")
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xlabel("expert memory for all children (MiB)")
     ax.set_ylabel("mean perplexity increase vs each child alone (%)")
     ax.set_title("quality vs memory: consolidation, merging, base", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax = axes[1]
-    ths = [p["config"]["threshold"] for p in cons]
-    order = sorted(range(len(cons)), key=lambda i: ths[i])
+    ths = [threshold(p) for p in cons]
+    finite = [t for t in ths if math.isfinite(t)]
+    edge = max([t for t in finite if t > 0], default=1.0) * 10  # where an infinite threshold is drawn
+    xs = [t if math.isfinite(t) else edge for t in ths]
+    order = sorted(range(len(cons)), key=lambda i: xs[i])
     for c in children:
-        ax.plot([ths[i] for i in order], [100 * cons[i]["relative"].get(c, 0.0) for i in order], "o-", label=c)
+        ax.plot([xs[i] for i in order], [100 * cons[i]["relative"].get(c, 0.0) for i in order], "o-", label=c)
     ax2 = ax.twinx()
-    ax2.plot([ths[i] for i in order], [cons[i]["memory"]["expert_bytes"] / 2**20 for i in order], "k--", label="expert MiB")
+    ax2.plot([xs[i] for i in order], [cons[i]["memory"]["expert_bytes"] / 2**20 for i in order], "k--",
+             label="expert MiB")
     ax2.set_ylabel("expert memory (MiB)")
     ax.set_xscale("symlog", linthresh=0.01)
+    if any(not math.isfinite(t) for t in ths):
+        ticks = sorted({*[x for x in xs if x != edge], edge})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([("∞ (all shared)" if t == edge else f"{t:g}") for t in ticks], fontsize=7)
     ax.set_xlabel("threshold on output distance (private copy above it)")
     ax.set_ylabel("perplexity increase vs the child alone (%)")
     ax.set_title("the consolidation curve over thresholds", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    lines = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
     fig.suptitle(f"expert consolidation of {', '.join(children)} (shared copy: {curve['shared']})", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_curve(curve: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = curve_figure(curve)
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -1,10 +1,13 @@
-"""Expert-tracing overhead on decode passes (goal: < 2 % of the decode pass time).
+"""Expert-tracing overhead on decode passes (goal: < 1 % of the decode pass time).
 
 Alternates traced and untraced decode passes on the same model and prompts (so both see the same
-context lengths and the same background load); each round starts from a fresh, untimed prefill. The
-traced time includes the collection the HF runner does after each batch (one bincount over the
-batch's passes and one device-to-host copy), charged evenly to the traced passes. Reports the ratio
-of the medians measured in this one run.
+context lengths and the same background load); each round starts from a fresh, untimed prefill. An
+untraced pass runs the model as it is without moecap (the tracer detached: no wrapper, no hook); a
+traced pass runs it with the tracer attached and recording (attaching and detaching happen outside the
+timed region). The traced time includes the collection the HF runner does after each batch (one
+bincount over the batch's passes and one device-to-host copy), charged evenly to the traced passes.
+Reports the ratio of the medians measured in this one run, and with ``--repeats N`` the median of N
+such runs' ratios with their range.
 
     python benchmarks/tracing_overhead.py                         # tiny-moe on the CPU
     python benchmarks/tracing_overhead.py --model random:mixtral-8x7b --set num_hidden_layers=4 \
@@ -37,6 +40,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32, help="timed decode passes per mode per round")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=1, help="independent measurements (each of --rounds rounds); "
+                    "the figure is the median of their ratios")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -64,6 +69,8 @@ def main() -> None:
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         for step in range(2 * args.steps):
             mode = (step % 2 == 0) == first_traced
+            if mode:
+                tracer.attach()
             sync()
             t0 = time.perf_counter()
             if mode:
@@ -75,6 +82,8 @@ def main() -> None:
             sync()
             if keep:
                 (traced if mode else plain).append(time.perf_counter() - t0)
+            if mode:
+                tracer.detach()
         # the runner counts a batch's deferred passes at its end: charge that evenly to the traced passes
         t0 = time.perf_counter()
         counts = tracer.flush()
@@ -84,12 +93,14 @@ def main() -> None:
             for i in range(len(traced) - args.steps, len(traced)):
                 traced[i] += flush_s / args.steps
 
+    ratios: list[float] = []
     with torch.inference_mode():
-        tracer.attach()
         one_round(True, keep=False)  # warm-up
-        for r in range(args.rounds):
-            one_round(r % 2 == 0, keep=True)
-    tracer.detach()
+        for _ in range(max(1, args.repeats)):
+            start = len(plain)
+            for r in range(args.rounds):
+                one_round(r % 2 == 0, keep=True)
+            ratios.append(statistics.median(traced[start:]) / statistics.median(plain[start:]) - 1.0)
 
     med_plain = statistics.median(plain)
     med_traced = statistics.median(traced)
@@ -103,8 +114,10 @@ def main() -> None:
         "decode_passes_each": len(plain),
         "median_decode_pass_ms_untraced": med_plain * 1e3,
         "median_decode_pass_ms_traced": med_traced * 1e3,
-        "overhead_ratio": med_traced / med_plain - 1.0,
-        "goal": "< 0.02",
+        "overhead_ratio": statistics.median(ratios),
+        "overhead_ratio_per_repeat": ratios,
+        "overhead_ratio_range": [min(ratios), max(ratios)],
+        "goal": "< 0.01 (median of the repeats)",
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -6,8 +6,11 @@ so the tracer reads the routing decision where it is consumed: a forward pre-hoo
 module takes the integer index tensor it is called with. Layouts that call their experts without
 indices are traced from the router's output (its index tensor, else top-k of its logits).
 
-Cost: the hooks only keep references. Counting is deferred: after a batch, one bincount over all its
-passes and layers and one device-to-host copy turn the references into per-layer expert counts.
+Cost: the experts' calls go through a thin wrapper of their ``forward`` (an instance attribute: the
+module keeps PyTorch's hook-free fast path; a registered pre-hook costs the whole hook dispatch on every
+call), which only keeps a reference. The router hooks, a fallback, are removed after the first traced
+pass that did not need them. Counting is deferred: after a batch, one bincount over all its passes and
+layers and one device-to-host copy turn the references into per-layer expert counts.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _int_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    for v in list(args) + list(kwargs.values()):
+    if len(args) > 1:  # transformers' experts(hidden_states, top_k_index, top_k_weights): look there first
+        v = args[1]
+        if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dim() >= 1:
+            return v
+    for v in (*args, *kwargs.values()):
         if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dim() >= 1:
             return v
     return None
@@ -71,10 +78,11 @@ def _top_k(block: nn.Module, model: nn.Module) -> int:
 class ExpertTracer:
     """Install with ``attach()``; call ``begin_pass()`` before and ``end_pass()`` after each forward.
 
-    Two hooks per MoE block, each only keeping a reference while a pass is traced: a pre-hook on
-    ``experts`` (the integer expert-index tensor it is called with) and a forward hook on the router
-    (its output). The experts' input is preferred; the router's output (an index tensor in its return
-    tuple, else top-k of its logits) is the fallback for layouts that call experts without indices.
+    Per MoE block, each only keeping a reference while a pass is traced: a wrapper of ``experts.forward``
+    (the integer expert-index tensor it is called with) and a forward hook on the router (its output).
+    The experts' input is preferred; the router's output (an index tensor in its return tuple, else
+    top-k of its logits) is the fallback for layouts that call experts without indices, and its hooks
+    are removed once a traced pass found every layer's indices at the experts.
     """
 
     def __init__(self, model: nn.Module):
@@ -83,7 +91,9 @@ class ExpertTracer:
         self.layers = [i for i, _ in self.blocks]
         self.num_experts = [_num_experts(b) for _, b in self.blocks]
         self.top_k = [_top_k(b, model) for _, b in self.blocks]
-        self._handles: list[Any] = []
+        self._handles: list[Any] = []  # the router hooks
+        self._wrapped: list[tuple[nn.Module, Any]] = []  # (experts module, its instance forward before us)
+        self._router_needed = True  # False once a traced pass found every layer's indices at the experts
         self._idx: list[torch.Tensor | None] = [None] * len(self.blocks)
         self._router_out: list[Any] = [None] * len(self.blocks)
         self._pending: list[list[torch.Tensor] | None] = []
@@ -92,22 +102,25 @@ class ExpertTracer:
 
     @property
     def method(self) -> str:
-        return " + ".join(sorted(self.methods)) or "experts-input pre-hook"
+        return " + ".join(sorted(self.methods)) or "experts-input"
 
     def attach(self) -> "ExpertTracer":
         for slot, (_, block) in enumerate(self.blocks):
-            self._handles.append(block.experts.register_forward_pre_hook(self._experts_hook(slot), with_kwargs=True))
-            router = getattr(block, "gate", None) or getattr(block, "router", None)
-            self._handles.append(router.register_forward_hook(self._router_hook(slot)))
+            experts = block.experts
+            self._wrapped.append((experts, experts.__dict__.get("forward")))
+            experts.forward = self._experts_forward(slot, experts.forward)
+            if self._router_needed:
+                router = getattr(block, "gate", None) or getattr(block, "router", None)
+                self._handles.append(router.register_forward_hook(self._router_hook(slot)))
         return self
 
-    def _experts_hook(self, slot: int):
-        def hook(_mod, args, kwargs):
+    def _experts_forward(self, slot: int, forward: Any):
+        def traced_forward(*args, **kwargs):
             if self._active:
                 self._idx[slot] = _int_tensor(args, kwargs)
-            return None
+            return forward(*args, **kwargs)
 
-        return hook
+        return traced_forward
 
     def _router_hook(self, slot: int):
         def hook(_mod, _args, output):
@@ -121,16 +134,22 @@ class ExpertTracer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for experts, before in self._wrapped:
+            if before is None:
+                experts.__dict__.pop("forward", None)
+            else:
+                experts.forward = before
+        self._wrapped.clear()
 
     def begin_pass(self) -> None:
-        self._idx = [None] * len(self.blocks)
-        self._router_out = [None] * len(self.blocks)
+        if self._router_needed:
+            self._router_out = [None] * len(self.blocks)
         self._active = True
 
     def _indices(self, slot: int) -> torch.Tensor | None:
         idx = self._idx[slot]
         if idx is not None:
-            self.methods.add("experts-input pre-hook")
+            self.methods.add("experts-input")
             return idx
         out = self._router_out[slot]
         items = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -152,9 +171,20 @@ class ExpertTracer:
         deferred passes at once, off the timed path (one batched bincount, one device-to-host copy).
         """
         self._active = False
-        idx = [self._indices(s) for s in range(len(self.blocks))] if self.blocks else []
-        self._idx = [None] * len(self.blocks)
-        self._router_out = [None] * len(self.blocks)
+        at_experts = bool(self.blocks) and None not in self._idx
+        if at_experts:  # the common case: every layer's indices were taken at its experts
+            idx = self._idx
+            self.methods.add("experts-input")
+        else:
+            idx = [self._indices(s) for s in range(len(self.blocks))] if self.blocks else []
+        if at_experts and self._router_needed:  # the experts give the indices: the fallback costs for nothing
+            self._router_needed = False
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+        self._idx = [None] * len(self.blocks)  # a new list: the deferred pass keeps the old one
+        if self._router_needed:
+            self._router_out = [None] * len(self.blocks)
         complete = bool(idx) and all(i is not None for i in idx)
         if defer:
             self._pending.append(idx if complete else None)

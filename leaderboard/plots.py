@@ -440,11 +440,16 @@ def bytes_figure(record: dict[str, Any]) -> go.Figure:
             continue
         fig.add_trace(go.Bar(x=list(comps), y=[v / 1e6 for v in comps.values()], name=phase,
                              marker_color=PALETTE[i]))
+    return _grouped_bars(fig, "This record has no per-component byte counts.",
+                         "Bytes moved by component, per phase", "MB (whole run)", bottom=60)
+
+
+def _grouped_bars(fig: go.Figure, empty: str, title: str, yaxis: str, bottom: int) -> go.Figure:
+    """A record's grouped bar chart laid out (or the empty figure saying ``empty`` when it has no bars)."""
     if not fig.data:
-        return _empty_fig("This record has no per-component byte counts.")
-    fig.update_layout(template="plotly_white", barmode="group", height=380,
-                      title={"text": "Bytes moved by component, per phase", "font": {"size": 14}},
-                      yaxis_title="MB (whole run)", margin={"l": 60, "r": 20, "t": 40, "b": 60})
+        return _empty_fig(empty)
+    fig.update_layout(template="plotly_white", barmode="group", height=380, title={"text": title, "font": {"size": 14}},
+                      yaxis_title=yaxis, margin={"l": 60, "r": 20, "t": 40, "b": bottom})
     return fig
 
 
@@ -460,11 +465,6 @@ def latency_figure(record: dict[str, Any]) -> go.Figure:
                 ys.append(v)
         if xs:
             fig.add_trace(go.Bar(x=xs, y=ys, name=stat_label, marker_color=PALETTE[i]))
-    if not fig.data:
-        return _empty_fig("This record has no latency distribution.")
-    fig.update_layout(template="plotly_white", barmode="group", height=380,
-                      title={"text": "Latency distribution", "font": {"size": 14}},
-                      yaxis_title="ms", margin={"l": 60, "r": 20, "t": 40, "b": 40})
-    return fig
+    return _grouped_bars(fig, "This record has no latency distribution.", "Latency distribution", "ms", bottom=40)
 
 

@@ -139,6 +139,8 @@ SET_OF = {"perplexity": "ppl_set", "accuracy": "acc_set"}  # a quality figure ->
 # private columns (not shown, not in columns()): why a figure is missing; a quality row merged elsewhere
 WHY = "_why"
 MERGED = "_merged"
+INTERVALS = "_intervals"  # {figure key: (low, high, repetitions, coverage)} of a record with repetitions
+PRIVATE = (WHY, MERGED, INTERVALS)
 
 # runner settings worth showing in the system name: key -> short name
 _SALIENT_ARGS = {
@@ -424,6 +426,11 @@ def record_row(d: dict[str, Any], path: str | Path | None = None) -> dict[str, A
             row[k] = str(row[k])
     row.update(quality_columns(d))
     row[WHY] = _why_missing(row, rep, d.get("status"))
+    reps = rep.get("repetitions") if isinstance(rep.get("repetitions"), dict) else {}
+    row[INTERVALS] = {k: (v["interval"][0], v["interval"][1], int(reps.get("n") or len(v.get("values") or [])),
+                          v.get("coverage"))
+                      for k, v in (reps.get("figures") or {}).items()
+                      if isinstance(v, dict) and isinstance(v.get("interval"), list) and len(v["interval"]) == 2}
     return row
 
 
@@ -493,7 +500,7 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for c in cols:
         if c.key not in df.columns:
             df[c.key] = None
-    private = [k for k in (WHY, MERGED) if k in df.columns]
+    private = [k for k in PRIVATE if k in df.columns]
     extra = sorted(k for k in df.columns if k not in known and k not in private)
     df = df[[c.key for c in cols] + extra + private]
     for c in cols:
@@ -505,8 +512,9 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             df[c.key] = df[c.key].astype(object).where(df[c.key].notna(), None)
     for k in extra:
         df[k] = pd.to_numeric(df[k], errors="coerce").astype("float64")
-    if WHY in df.columns:
-        df[WHY] = df[WHY].map(lambda v: v if isinstance(v, dict) else {})
+    for k in (WHY, INTERVALS):
+        if k in df.columns:
+            df[k] = df[k].map(lambda v: v if isinstance(v, dict) else {})
     if len(df):
         df = df.sort_values(["suite", "model", "system", "cell_id"], na_position="last", kind="stable")
     return df.reset_index(drop=True)
@@ -667,9 +675,10 @@ def display_frame(df: pd.DataFrame, keys: list[str] | None = None, na: bool = Tr
                   compact: bool = False) -> pd.DataFrame:
     """``df`` restricted to ``keys`` (default: the default-visible columns; keys absent from ``df``
     are left out), figures scaled (utilizations in %) and rounded for display, Accuracy with its
-    standard error (``0.850 ± 0.036``) where the row has one, a missing figure as ``n/a (why)`` (with
-    ``na``; the reason from the record), columns renamed to their labels with units. ``compact`` (a
-    phone's table): no standard error, and a missing figure is a bare ``n/a``."""
+    standard error (``0.850 ± 0.036``) where the row has one, a figure of a record measured with
+    repetitions with the interval of its median (``1304.4 [1290.2–1311.0]``), a missing figure as
+    ``n/a (why)`` (with ``na``; the reason from the record), columns renamed to their labels with units.
+    ``compact`` (a phone's table): no standard error or interval, and a missing figure is a bare ``n/a``."""
     keys = default_keys() if keys is None else list(keys)
     keys = [k for k in keys if k in df.columns]
     out = df[keys].copy()
@@ -682,6 +691,13 @@ def display_frame(df: pd.DataFrame, keys: list[str] | None = None, na: bool = Tr
             vals = (pd.to_numeric(out[k], errors="coerce").astype("float64") * col.scale).round(col.decimals)
         else:
             vals = out[k]
+        ivs = df[INTERVALS] if INTERVALS in df.columns else None
+        if not compact and ivs is not None and col.dtype == "float" and any(k in (v or {}) for v in ivs):
+            fmt = lambda x: f"{x * col.scale:.{col.decimals}f}"  # noqa: E731
+            vals = pd.Series([
+                (f"{fmt(v / col.scale)} [{fmt(iv[k][0])}–{fmt(iv[k][1])}]" if k in (iv or {}) else v)
+                if pd.notna(v) else None for v, iv in zip(vals, ivs)
+            ], index=out.index, dtype=object)
         if k == "accuracy" and not compact and "accuracy_stderr" in df.columns and df["accuracy_stderr"].notna().any():
             se = pd.to_numeric(df["accuracy_stderr"], errors="coerce")
             vals = pd.Series([
@@ -702,7 +718,7 @@ def to_csv(df: pd.DataFrame) -> str:
     injection (:func:`moecap.report.csv_safe`)."""
     from moecap.report import csv_safe
 
-    out = df.drop(columns=[k for k in (WHY, MERGED) if k in df.columns])
+    out = df.drop(columns=[k for k in PRIVATE if k in df.columns])
     for col in out.columns:
         if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
             out[col] = out[col].map(lambda v: csv_safe(v) if isinstance(v, str) else v)

@@ -16,6 +16,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.output:
         overrides.append(f"output.dir={args.output}")
+    if args.repeat is not None:
+        overrides.append(f"repeat={args.repeat}")
     try:
         suite = load_suite(args.suite, overrides)
     except SuiteError as err:
@@ -689,6 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a suite field, e.g. loads=[{batch_size: 2}]")
     r.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     r.add_argument("--force", action="store_true", help="re-run cells that already have an ok record")
+    r.add_argument("--repeat", type=int, metavar="N", default=None,
+                   help="run each performance cell's measured window N times: the record keeps every "
+                   "repetition and each figure's median, interval and spread (default: the suite's repeat, 1)")
     r.add_argument("--resume", action="store_true",
                    help="continue the most recent interrupted run of this suite in this results folder (Ctrl-C, "
                    "SIGTERM, a killed process or a lost machine): its run id is kept, and only its unfinished cells "

@@ -57,9 +57,13 @@ class Figure:
 
     def value(self, report: dict[str, Any] | None) -> Any:
         """The figure in ``report`` (a record's report, or a per-model section shaped like one), None
-        where it is absent. Numbers come back as floats (NaN and inf included: callers judge them)."""
+        where it is absent: with repetitions (``report.repetitions``), their median. Numbers come back
+        as floats (NaN and inf included: callers judge them)."""
         if not isinstance(report, dict):
             return None
+        over = dig(report, ("repetitions", "figures", self.key))
+        if isinstance(over, dict) and isinstance(over.get("median"), (int, float)):
+            return float(over["median"])
         v = self.getter(report) if self.getter is not None else dig(report, self.path)
         if isinstance(v, bool):
             return v
@@ -267,6 +271,38 @@ def get(key: str) -> Figure:
         if f.key == key:
             return f
     raise KeyError(f"unknown figure {key!r}; known: {', '.join(f.key for f in FIGURES)}")
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float]:
+    """(median, low, high, coverage) of ``values``: the distribution-free interval of the median from
+    order statistics, [x_(k), x_(n-k+1)] with the largest k whose coverage 1 - 2 P(Bin(n, 1/2) < k) is
+    at least ``level``; with too few values for that level, the whole range and its (lower) coverage."""
+    xs = sorted(float(v) for v in values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("no values")
+    mid = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    cdf = [sum(math.comb(n, i) for i in range(j + 1)) / 2**n for j in range(n)]  # P(Bin(n, 1/2) <= j)
+    k = 1
+    for j in range(1, n // 2 + 1):
+        if 1 - 2 * (cdf[j - 1] if j >= 1 else 0.0) >= level:
+            k = j
+    coverage = 1 - 2 * (cdf[k - 1] if k >= 1 else 0.0)
+    return mid, xs[k - 1], xs[n - k], coverage
+
+
+def repetition_summary(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per figure of the table present in every repetition's report: its values, median, the median's
+    interval (:func:`median_interval`) with its coverage, and the spread, (max - min) / |median|."""
+    out: dict[str, Any] = {}
+    for f in table():
+        vals = [number(f.value(r)) for r in reports]
+        if not vals or any(v is None for v in vals):
+            continue
+        med, lo, hi, cov = median_interval(vals)
+        out[f.key] = {"values": vals, "median": med, "interval": [lo, hi], "coverage": cov,
+                      "spread": (max(vals) - min(vals)) / abs(med) if med else None}
+    return out
 
 
 def value(report: dict[str, Any] | None, key: str) -> Any:

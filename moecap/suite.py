@@ -278,6 +278,10 @@ class Suite(_Strict):
     """Cost inputs by name (prices, amortization, PUE, tariff, cloud rates; ``moecap cost --help``
     lists them); anything unset comes from moecap/data/catalog.yaml for the detected hardware."""
     output: OutputConfig = Field(default_factory=OutputConfig)
+    repeat: int = Field(default=1, ge=1, le=100)
+    """How many times each performance cell's measured window runs (``moecap run --repeat N``). With
+    N >= 2 the record keeps every repetition's traces and each figure's median, interval and spread over
+    them (``report.repetitions``); the figure's value is that median. Not part of a cell's id."""
 
     @field_validator("cost")
     @classmethod

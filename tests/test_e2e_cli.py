@@ -330,3 +330,34 @@ def test_first_run_shows_training_progress_on_the_console(tmp_path):
     err = proc.stderr
     assert "moecap: building tiny-moe" in err and "moecap zoo: tiny-moe base step 150/150, loss" in err, err[-3000:]
     assert "Loading weights" not in err and "it/s]" not in err
+
+
+def test_repeat_keeps_every_repetition_and_reports_medians_with_intervals(tmp_path, tiny_moe_dir):
+    """Issue 21: `moecap run --repeat N` runs each performance cell's measured window N times; the record
+    keeps every repetition's traces, each figure's median, interval and spread, and its value is the
+    median; the table and the leaderboard show the interval."""
+    from moecap import figures
+    from moecap.leaderboard.data import display_frame, load_results
+
+    proc = moecap("run", "quickstart", "-o", str(tmp_path), "--repeat", "3",
+                  "--set", "workloads=[{name: r, source: random, input_tokens: 32, output_tokens: 8, num_prompts: 4, "
+                  "ignore_eos: true}]", "--set", "loads=[{batch_size: 2}]", check=0)
+    (rec,) = records(tmp_path / "quickstart").values()
+    reps = rec["report"]["repetitions"]
+    assert reps["n"] == 3 and 1 <= reps["sections_from"] <= 3
+    thr = reps["figures"]["output_tokens_per_s"]
+    assert len(thr["values"]) == 3 and thr["median"] == sorted(thr["values"])[1]
+    assert thr["interval"] == [min(thr["values"]), max(thr["values"])] and thr["coverage"] == 0.75
+    # the sections are one real repetition's: the one whose throughput is the median
+    assert rec["report"]["throughput"]["output_tokens_per_s"] == thr["median"]
+    assert figures.value(rec["report"], "ttft_ms_p50") == reps["figures"]["ttft_ms_p50"]["median"]
+    for i in (1, 2, 3):  # every repetition's raw traces
+        for kind in ("passes", "requests"):
+            path = tmp_path / "quickstart" / rec["artifacts"][f"{kind}.r{i}"]
+            assert path.is_file() and path.read_text().strip()
+    assert f"{reps['figures']['ttft_ms_p50']['median']:.2f}" in proc.stdout
+    shown = display_frame(load_results(tmp_path)).iloc[0]
+    lo, hi = thr["interval"]
+    assert shown["Output throughput (tok/s)"] == f"{thr['median']:.1f} [{lo:.1f}–{hi:.1f}]"
+    bad = moecap("run", "quickstart", "-o", str(tmp_path / "x"), "--repeat", "0", check=2)
+    assert "repeat" in bad.stderr and "Traceback" not in bad.stderr

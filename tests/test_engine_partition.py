@@ -12,13 +12,12 @@ import os
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import PYTHON, REPO, free_port, running_server
+from test_engine_serve import _http as _serve_http
 
 CHILDREN = ("tiny-moe-code", "tiny-moe-prose", "tiny-moe-c")
 KEY = "sk-partition-test-0123456789"
@@ -41,19 +40,8 @@ def _auth(key: str | None) -> dict[str, str]:
 
 
 def _http(url: str, body: dict | bytes | None = None, key: str | None = None, timeout: float = 60):
-    """(status, parsed JSON or text); 4xx/5xx are answers, not exceptions."""
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                 headers={"Content-Type": "application/json", **_auth(key)})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
+    """(status, parsed JSON or text), with the key; 4xx/5xx are answers, not exceptions."""
+    return _serve_http(url, body, timeout=timeout, headers=_auth(key))
 
 
 def _prompt(n: int, seed: int) -> list[int]:

@@ -117,3 +117,32 @@ def test_schema_1_records_load_through_the_one_migration(tmp_path):
     df = load_results(tmp_path)
     assert df["basis"].iloc[0] == "util=traced (calibrated peak); cost=estimated" and df["output_tokens_per_s"].iloc[0] == 20.0
     assert migrate({"schema_version": SCHEMA_VERSION, "x": 1}) == {"schema_version": SCHEMA_VERSION, "x": 1}
+
+
+def test_median_interval_is_the_order_statistic_interval():
+    """The distribution-free interval of a median: [x_(k), x_(n-k+1)], the largest k with coverage >= 95 %
+    (binomial tables: n=10 -> (2, 9), n=20 -> (6, 15)); too few values: the range, with its coverage."""
+    from moecap.figures import median_interval
+
+    assert median_interval(range(10)) == (4.5, 1.0, 8.0, pytest.approx(1 - 2 * 11 / 1024))
+    assert median_interval(range(20))[1:3] == (5.0, 14.0)
+    med, lo, hi, cov = median_interval([3.0, 1.0, 2.0])
+    assert (med, lo, hi) == (2.0, 1.0, 3.0) and cov == 0.75  # 1 - 2 / 2**3
+    assert median_interval([5.0]) == (5.0, 5.0, 5.0, 0.0)
+    with pytest.raises(ValueError):
+        median_interval([])
+
+
+def test_repetitions_give_every_figure_its_median_interval_and_spread():
+    from moecap.figures import repetition_summary
+
+    runs = [{**REPORT, "throughput": {**REPORT["throughput"], "output_tokens_per_s": v}} for v in (100.0, 90.0, 120.0)]
+    summary = repetition_summary(runs)
+    thr = summary["output_tokens_per_s"]
+    assert thr["values"] == [100.0, 90.0, 120.0] and thr["median"] == 100.0
+    assert thr["interval"] == [90.0, 120.0] and thr["coverage"] == 0.75 and thr["spread"] == pytest.approx(0.3)
+    # the figure's value is the median over the repetitions, whatever the sections hold
+    rep = {**runs[2], "repetitions": {"n": 3, "figures": summary}}
+    assert figures.value(rep, "output_tokens_per_s") == 100.0
+    assert figures.value(runs[2], "output_tokens_per_s") == 120.0
+    assert set(summary) >= {"ttft_ms_p50", "tpot_ms_p50", "usd_per_1m_output_tokens", "s_mbu_decode"}

@@ -78,19 +78,36 @@ def _measure_cell(
     report: dict[str, Any] = {}
     arts: dict[str, str] = {}
     if cell.workload.measures_performance:
-        trace = runner.run(cell.workload, cell.load)
-        report, rows = build_report(trace, peaks, cell.workload.slo_ms)
-        report["requests"], problem = request_verdict(trace, cell.workload)
-        report["cost"] = price_run(report, hw, cell.suite.cost)
-        if getattr(runner, "remote", False):
-            report["cost"] = _remote_cost(report["cost"], cell.suite.cost)
-        by_index = {r["index"]: r for r in rows}
-        arts = {
-            "passes": store.write_artifact(
-                cell.cell_id, "passes.jsonl", ({**p.to_dict(), **by_index.get(p.index, {})} for p in trace.passes)
-            ),
-            "requests": store.write_artifact(cell.cell_id, "requests.jsonl", (r.to_dict() for r in trace.requests)),
-        }
+        n = max(1, int(getattr(cell.suite, "repeat", 1) or 1))
+        runs = []  # (report, artifacts) per repetition
+        for i in range(n):
+            trace = runner.run(cell.workload, cell.load)
+            rep, rows = build_report(trace, peaks, cell.workload.slo_ms)
+            rep["requests"], why = request_verdict(trace, cell.workload)
+            problem = problem or (f"repetition {i + 1} of {n}: {why}" if why and n > 1 else why)
+            rep["cost"] = price_run(rep, hw, cell.suite.cost)
+            if getattr(runner, "remote", False):
+                rep["cost"] = _remote_cost(rep["cost"], cell.suite.cost)
+            by_index = {r["index"]: r for r in rows}
+            suffix = f".r{i + 1}" if n > 1 else ""
+            runs.append((rep, {
+                "passes": store.write_artifact(cell.cell_id, f"passes{suffix}.jsonl",
+                                               ({**p.to_dict(), **by_index.get(p.index, {})} for p in trace.passes)),
+                "requests": store.write_artifact(cell.cell_id, f"requests{suffix}.jsonl",
+                                                 (r.to_dict() for r in trace.requests)),
+            }))
+        # the record's sections are one real repetition's (the median one on output throughput), so that
+        # they stay consistent with each other; every figure's value is its median over the repetitions
+        order = sorted(range(n), key=lambda i: runs[i][0].get("throughput", {}).get("output_tokens_per_s") or 0.0)
+        chosen = order[(n - 1) // 2]
+        report, arts = runs[chosen][0], dict(runs[chosen][1])
+        if n > 1:
+            from moecap.figures import repetition_summary
+
+            report["repetitions"] = {"n": n, "sections_from": chosen + 1,
+                                     "figures": repetition_summary([r for r, _ in runs])}
+            for i, (_, a) in enumerate(runs, 1):  # every repetition's raw traces
+                arts.update({f"{kind}.r{i}": path for kind, path in a.items()})
     else:
         reason = "a quality-only cell serves no requests: there is no measured serving window to meter or price"
         report["energy"] = {"available": False, "reason": reason}

@@ -75,7 +75,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import hmac
 import json
 import os
 import secrets
@@ -385,12 +384,12 @@ class PartitionRouter:
 
     def __init__(self, children: list[_Child], key: str, api_key: str | None, max_request_bytes: int,
                  split: dict[str, Any]):
-        from moecap.engine.server import check_api_key
+        from moecap.engine.server import api_key_bytes
 
         self.children = {c.name: c for c in children}
         self.models = [c.name for c in children]
         self._key = key
-        self._api_key = check_api_key(api_key).encode("utf-8", "surrogateescape") if api_key is not None else None
+        self._api_key = api_key_bytes(api_key)
         self.max_request_bytes = int(max_request_bytes)
         self.split = dict(split)
         self._origin_unix = time.time()
@@ -404,19 +403,10 @@ class PartitionRouter:
         return self._api_key is not None
 
     def app(self) -> Any:
-        from aiohttp import web
+        """moecap serve's endpoints, access and errors (OpenAI's error object), answered by the children."""
+        from moecap.engine.server import openai_app
 
-        app = web.Application(middlewares=[self._error_middleware()], client_max_size=self.max_request_bytes)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.list_models)
-        app.router.add_get("/v1/models/{model:.+}", self.get_model)
-        app.router.add_post("/v1/completions", self.forward_generation)
-        app.router.add_post("/v1/chat/completions", self.forward_generation)
-        app.router.add_get("/stats", self.stats)
-        app.on_startup.append(self._on_startup)
-        app.on_shutdown.append(self._on_shutdown)
-        app.on_cleanup.append(self._on_cleanup)
-        return app
+        return openai_app(self, self.forward_generation, self.forward_generation)
 
     async def _on_startup(self, app: Any) -> None:
         import aiohttp
@@ -438,58 +428,12 @@ class PartitionRouter:
         if self._session is not None:
             await self._session.close()
 
-    # -- access and errors (as moecap serve's) ------------------------------------------------------------
-    def _authorized(self, request: Any) -> bool:
-        if self._api_key is None or (request.method in ("GET", "HEAD") and request.path == "/health"):
-            return True
-        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), self._api_key)
-
-    def _error_middleware(self) -> Any:
-        """Access and errors exactly as moecap serve answers them (OpenAI's error object)."""
-        from aiohttp import web
-
-        from moecap.engine.server import ApiError, _error_type, _json_response, error_body
-
-        @web.middleware
-        async def errors(request: Any, handler: Any) -> Any:
-            try:
-                if not self._authorized(request):
-                    raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                   code="invalid_api_key")
-                return await handler(request)
-            except ApiError as err:
-                headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-                return _json_response(err.status, err.body(), headers)
-            except web.HTTPException as err:
-                if err.status < 400:
-                    raise
-                headers = {k: v for k, v in err.headers.items() if k.lower() == "allow"}
-                message = err.text if err.text and not err.text.startswith(f"{err.status}:") else err.reason
-                if err.status == 404:
-                    message = f"no route {request.method} {request.path}"
-                return _json_response(err.status, error_body(message, _error_type(err.status), None, None), headers)
-            except (asyncio.CancelledError, ConnectionResetError):
-                raise
-            except Exception as err:
-                return _json_response(500, error_body(f"internal error: {type(err).__name__}: {err}", "server_error"))
-
-        return errors
-
+    # -- errors (as moecap serve's) -----------------------------------------------------------------------
     def _check_model(self, name: Any) -> _Child:
         """The child serving ``name``, or moecap serve's own error for a missing or unknown model."""
-        from moecap.engine.server import ApiError
+        from moecap.engine.server import check_model_name
 
-        if name is None:
-            raise ApiError(400, f"'model' is required; served models: {', '.join(self.models)}", param="model")
-        if not isinstance(name, str):
-            raise ApiError(400, "'model' must be a string", param="model")
-        if name not in self.children:
-            raise ApiError(404, f"The model `{name}` does not exist. Served models: {', '.join(self.models)}",
-                           param="model", code="model_not_found")
-        return self.children[name]
+        return self.children[check_model_name(name, self.models)]
 
     def _down(self, child: _Child, why: str | None = None) -> Any:
         from moecap.engine.server import ApiError
@@ -624,35 +568,12 @@ class PartitionRouter:
         return _json_response(200, out)
 
     # -- generation ----------------------------------------------------------------------------------------
-    async def _read_body(self, request: Any) -> bytes:
-        from aiohttp import web
-
-        from moecap.engine.server import ApiError
-
-        def too_large(size: str) -> ApiError:
-            return ApiError(413, f"the request body is {size}; this server takes at most {self.max_request_bytes} "
-                                 "bytes (moecap serve --max-request-bytes)", code="request_too_large")
-
-        declared = request.content_length
-        if declared is not None and declared > self.max_request_bytes and "Content-Encoding" not in request.headers:
-            raise too_large(f"{declared} bytes")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large(f"over {self.max_request_bytes} bytes") from None
-        except web.RequestPayloadError as err:
-            raise ApiError(400, f"the request body could not be read: {err}") from None
-
     async def forward_generation(self, request: Any) -> Any:
-        from moecap.engine.server import PARSE_IN_THREAD_BYTES, ApiError, _decode_body
+        from moecap.engine.server import ApiError, read_body
 
         if self._shutting_down:
             raise ApiError(503, "the server is shutting down")
-        raw = await self._read_body(request)
-        if len(raw) <= PARSE_IN_THREAD_BYTES:
-            body = _decode_body(raw)
-        else:
-            body = await asyncio.get_running_loop().run_in_executor(None, _decode_body, raw)
+        raw, body = await read_body(request, self.max_request_bytes)
         child = self._check_model(body.get("model"))
         return await self._forward(request, child, raw)
 
@@ -712,8 +633,8 @@ def serve_partition(models: dict[str, str], host: str = "127.0.0.1", port: int =
     of other backends, an error when set."""
     from aiohttp import web
 
-    from moecap.engine.server import (API_KEY_ENV, DEFAULT_MAX_REQUEST_BYTES, SHUTDOWN_TIMEOUT_S, _bind,
-                                      _host_port, _raise_interrupt, check_api_key, is_loopback)
+    from moecap.engine.server import (DEFAULT_MAX_REQUEST_BYTES, SHUTDOWN_TIMEOUT_S, _host_port, _listen,
+                                      _raise_interrupt)
 
     unknown = sorted(k for k, v in other.items() if v is not None)
     if unknown:
@@ -730,24 +651,10 @@ def serve_partition(models: dict[str, str], host: str = "127.0.0.1", port: int =
         print("moecap serve: --fast-budget-gb must be > 0", file=sys.stderr)
         return 2
     max_request_bytes = DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None else int(max_request_bytes)
-    if max_request_bytes < 1:
-        print("moecap serve: --max-request-bytes must be >= 1", file=sys.stderr)
-        return 2
-    if api_key is not None:
-        try:
-            check_api_key(api_key)
-        except ValueError as err:
-            print(f"moecap serve: --api-key: {err}", file=sys.stderr)
-            return 2
-    try:
-        sock = _bind(host, port)
-    except OSError as err:
-        print(f"moecap serve: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+    sock = _listen(host, port, api_key, max_request_bytes)
+    if sock is None:
         return 2
     actual = sock.getsockname()[1]
-    if api_key is None and not is_loopback(str(sock.getsockname()[0])):
-        print(f"moecap serve: WARNING: listening on {_host_port(host, actual)} without an API key; anyone who can "
-              f"reach it can use it (set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
     n = len(models)
     total, threads, cpu_sets = cpu_share(n)
     share = fast_budget_gb * 1e9 / n

@@ -64,6 +64,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -275,75 +276,34 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-class OpenAIServer:
-    """The aiohttp application over a :class:`Scheduler` and its backend. With ``api_key``, every endpoint but
-    ``GET /health`` wants ``Authorization: Bearer api_key``; a body beyond ``max_request_bytes`` gets 413."""
+# -- access, errors, bodies: shared with moecap serve --backend partition's router ---------------------
 
-    def __init__(self, backend: Any, scheduler: Scheduler, backend_kind: str = "separate",
-                 sources: dict[str, str] | None = None, api_key: str | None = None,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, process_info: dict[str, Any] | None = None):
-        if max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
-        self.backend = backend
-        self.scheduler = scheduler
-        self.backend_kind = backend_kind
-        # what this process is (a partition child's pid, thread share ...): in /health and /stats when given
-        self.process_info = dict(process_info) if process_info is not None else None
-        self.sources = dict(sources or {})
-        self.created = int(time.time())
-        self.models = list(backend.model_names())
-        self.max_request_bytes = int(max_request_bytes)
-        # bytes, compared with hmac.compare_digest: its str form wants ASCII only
-        self._api_key = check_api_key(api_key).encode("utf-8", "surrogateescape") if api_key is not None else None
-        self._vocab = {m: len(backend.tokenizer(m)) for m in self.models}
-        self._max_chars = {m: int(backend.context_length(m)) * PROMPT_CHARS_PER_TOKEN for m in self.models}
-        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="moecap-tokenize")
-        self._shutting_down = False
+def api_key_bytes(api_key: str | None) -> bytes | None:
+    """``api_key`` checked (:func:`check_api_key`) and as bytes for :func:`bearer_authorized`; None: no key."""
+    # bytes, compared with hmac.compare_digest: its str form wants ASCII only
+    return check_api_key(api_key).encode("utf-8", "surrogateescape") if api_key is not None else None
 
-    @property
-    def requires_api_key(self) -> bool:
-        return self._api_key is not None
 
-    # -- the app --------------------------------------------------------------------------------
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=self.max_request_bytes)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.list_models)
-        app.router.add_get("/v1/models/{model:.+}", self.get_model)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_get("/stats", self.stats)
-        app.on_startup.append(self._on_startup)
-        app.on_shutdown.append(self._on_shutdown)
-        app.on_cleanup.append(self._on_cleanup)
-        return app
+def bearer_authorized(request: web.Request, api_key: bytes | None) -> bool:
+    """Whether ``request`` may pass: no key (None), the health probe, or ``Authorization: Bearer KEY`` (the
+    scheme in any case; ``api_key`` from :func:`api_key_bytes`), compared in constant time so that the
+    answer's timing does not tell how much of a guess was right."""
+    if api_key is None or (request.method in ("GET", "HEAD") and request.path == "/health"):
+        return True
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), api_key)
 
-    async def _on_startup(self, app: web.Application) -> None:
-        self.scheduler.start()
 
-    async def _on_shutdown(self, app: web.Application) -> None:
-        # sites are closed already; abort what runs so that open streams end now
-        self._shutting_down = True
-        await asyncio.get_running_loop().run_in_executor(None, self.scheduler.shutdown, SHUTDOWN_TIMEOUT_S)
-
-    async def _on_cleanup(self, app: web.Application) -> None:
-        self.scheduler.shutdown(0.1)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _authorized(self, request: web.Request) -> bool:
-        """No key set, the health probe, or ``Authorization: Bearer KEY`` (the scheme in any case), compared
-        in constant time so that the answer's timing does not tell how much of a guess was right."""
-        if self._api_key is None or (request.method in ("GET", "HEAD") and request.path == "/health"):
-            return True
-        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), self._api_key)
-
+def error_middleware(authorized: Callable[[web.Request], bool]) -> Any:
+    """The aiohttp middleware that refuses a request ``authorized`` rejects (401, ``WWW-Authenticate:
+    Bearer``) and answers every error in OpenAI's shape: an :class:`ApiError` as raised, aiohttp's
+    HTTP errors with their status (404: ``no route METHOD PATH``), anything else 500 (logged)."""
     @web.middleware
-    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         try:
-            if not self._authorized(request):  # before routing or reading: nothing for an unknown client
+            if not authorized(request):  # before routing or reading: nothing for an unknown client
                 raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
             return await handler(request)
@@ -364,6 +324,107 @@ class OpenAIServer:
             log.exception("unhandled error on %s %s", request.method, request.path)
             return _json_response(500, error_body(f"internal error: {type(err).__name__}: {err}", "server_error"))
 
+    return errors
+
+
+def check_model_name(name: Any, models: list[str]) -> str:
+    """``name`` if it is one of ``models``; else 400 (missing, not a string) or 404 naming the served models."""
+    if name is None:
+        raise ApiError(400, f"'model' is required; served models: {', '.join(models)}", param="model")
+    if not isinstance(name, str):
+        raise ApiError(400, "'model' must be a string", param="model")
+    if name not in models:
+        raise ApiError(404, f"The model `{name}` does not exist. Served models: {', '.join(models)}",
+                       param="model", code="model_not_found")
+    return name
+
+
+async def read_body(request: web.Request, max_request_bytes: int,
+                    pool: ThreadPoolExecutor | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The body, raw and as a JSON object (:func:`_decode_body`; beyond ``PARSE_IN_THREAD_BYTES`` parsed in
+    ``pool``, None: the loop's default executor). 413 beyond ``max_request_bytes``: refused unread when it
+    declares its length, else (chunked, compressed) cut off once it passes the limit; 400 for a broken one."""
+    def too_large(size: str) -> ApiError:
+        return ApiError(413, f"the request body is {size}; this server takes at most {max_request_bytes} "
+                             "bytes (moecap serve --max-request-bytes)", code="request_too_large")
+
+    declared = request.content_length
+    if declared is not None and declared > max_request_bytes and "Content-Encoding" not in request.headers:
+        raise too_large(f"{declared} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(f"over {max_request_bytes} bytes") from None
+    except web.RequestPayloadError as err:  # a broken chunked or compressed body
+        raise ApiError(400, f"the request body could not be read: {err}") from None
+    if len(raw) <= PARSE_IN_THREAD_BYTES:
+        return raw, _decode_body(raw)
+    return raw, await asyncio.get_running_loop().run_in_executor(pool, _decode_body, raw)
+
+
+def openai_app(server: Any, completions: Any, chat_completions: Any) -> web.Application:
+    """``moecap serve``'s endpoints as an aiohttp application over ``server`` (an :class:`OpenAIServer` or the
+    partition router): its ``health``, ``list_models``, ``get_model`` and ``stats`` handlers, its
+    ``_on_startup`` / ``_on_shutdown`` / ``_on_cleanup`` hooks, its ``_api_key`` (:func:`api_key_bytes`) and
+    ``max_request_bytes`` behind :func:`error_middleware`; the two generation endpoints go to the handlers given."""
+    errors = error_middleware(lambda request: bearer_authorized(request, server._api_key))
+    app = web.Application(middlewares=[errors], client_max_size=server.max_request_bytes)
+    app.router.add_get("/health", server.health)
+    app.router.add_get("/v1/models", server.list_models)
+    app.router.add_get("/v1/models/{model:.+}", server.get_model)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/stats", server.stats)
+    app.on_startup.append(server._on_startup)
+    app.on_shutdown.append(server._on_shutdown)
+    app.on_cleanup.append(server._on_cleanup)
+    return app
+
+
+class OpenAIServer:
+    """The aiohttp application over a :class:`Scheduler` and its backend. With ``api_key``, every endpoint but
+    ``GET /health`` wants ``Authorization: Bearer api_key``; a body beyond ``max_request_bytes`` gets 413."""
+
+    def __init__(self, backend: Any, scheduler: Scheduler, backend_kind: str = "separate",
+                 sources: dict[str, str] | None = None, api_key: str | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, process_info: dict[str, Any] | None = None):
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+        self.backend = backend
+        self.scheduler = scheduler
+        self.backend_kind = backend_kind
+        # what this process is (a partition child's pid, thread share ...): in /health and /stats when given
+        self.process_info = dict(process_info) if process_info is not None else None
+        self.sources = dict(sources or {})
+        self.created = int(time.time())
+        self.models = list(backend.model_names())
+        self.max_request_bytes = int(max_request_bytes)
+        self._api_key = api_key_bytes(api_key)
+        self._vocab = {m: len(backend.tokenizer(m)) for m in self.models}
+        self._max_chars = {m: int(backend.context_length(m)) * PROMPT_CHARS_PER_TOKEN for m in self.models}
+        self._pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="moecap-tokenize")
+        self._shutting_down = False
+
+    @property
+    def requires_api_key(self) -> bool:
+        return self._api_key is not None
+
+    # -- the app --------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        return openai_app(self, self.completions, self.chat_completions)
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self.scheduler.start()
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        # sites are closed already; abort what runs so that open streams end now
+        self._shutting_down = True
+        await asyncio.get_running_loop().run_in_executor(None, self.scheduler.shutdown, SHUTDOWN_TIMEOUT_S)
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        self.scheduler.shutdown(0.1)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     # -- simple endpoints ---------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
         if self._shutting_down or self.scheduler.closing:
@@ -383,7 +444,7 @@ class OpenAIServer:
 
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        self._check_model(name)
+        check_model_name(name, self.models)
         return _json_response(200, self._model_card(name))
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -397,42 +458,12 @@ class OpenAIServer:
             out["memory"] = {"error": f"{type(err).__name__}: {err}"}
         return _json_response(200, out)
 
-    def _check_model(self, name: Any) -> str:
-        if name is None:
-            raise ApiError(400, f"'model' is required; served models: {', '.join(self.models)}", param="model")
-        if not isinstance(name, str):
-            raise ApiError(400, "'model' must be a string", param="model")
-        if name not in self.models:
-            raise ApiError(404, f"The model `{name}` does not exist. Served models: {', '.join(self.models)}",
-                           param="model", code="model_not_found")
-        return name
-
     # -- completions ----------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=True)
-
-    def _too_large(self, size: str) -> ApiError:
-        return ApiError(413, f"the request body is {size}; this server takes at most {self.max_request_bytes} "
-                             "bytes (moecap serve --max-request-bytes)", code="request_too_large")
-
-    async def _read_body(self, request: web.Request) -> dict[str, Any]:
-        """The body as a JSON object. One that declares a length beyond the limit is refused unread; one that
-        does not (chunked, compressed) is cut off once it passes the limit. A large one is parsed off the loop."""
-        declared = request.content_length
-        if declared is not None and declared > self.max_request_bytes and "Content-Encoding" not in request.headers:
-            raise self._too_large(f"{declared} bytes")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise self._too_large(f"over {self.max_request_bytes} bytes") from None
-        except web.RequestPayloadError as err:  # a broken chunked or compressed body
-            raise ApiError(400, f"the request body could not be read: {err}") from None
-        if len(raw) <= PARSE_IN_THREAD_BYTES:
-            return _decode_body(raw)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, _decode_body, raw)
 
     def _check_chars(self, model: str, n: int, param: str) -> None:
         """Refuse a prompt of ``n`` characters that no context could hold, before paying its tokenization."""
@@ -510,7 +541,7 @@ class OpenAIServer:
         return ids
 
     def _parse(self, body: dict[str, Any], chat: bool) -> tuple[str, list[int], SamplingParams, dict[str, Any]]:
-        model = self._check_model(body.get("model"))
+        model = check_model_name(body.get("model"), self.models)
         unsupported = [("n", lambda v: v == 1), ("best_of", lambda v: v == 1), ("suffix", lambda v: v == "")]
         if chat:
             unsupported.append(("echo", lambda v: v is False))
@@ -585,7 +616,7 @@ class OpenAIServer:
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         if self._shutting_down or self.scheduler.closing:
             raise ApiError(503, "the server is shutting down")
-        body = await self._read_body(request)
+        _, body = await read_body(request, self.max_request_bytes, self._pool)
         loop = asyncio.get_running_loop()
         # validation, chat template and tokenizer off the event loop: one large prompt stalls no one else
         model, ids, params, opts = await loop.run_in_executor(self._pool, self._parse, body, chat)
@@ -775,6 +806,34 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _listen(host: str, port: int, api_key: str | None, max_request_bytes: int,
+            sock: socket.socket | None = None) -> socket.socket | None:
+    """Check ``api_key`` and ``max_request_bytes``, bind ``host:port`` unless ``sock`` is given, and warn on
+    stderr when an address beyond the loopback interface is served without a key: the listening socket, or
+    None with the error printed (``moecap serve``'s exit status 2)."""
+    if api_key is not None:
+        try:
+            check_api_key(api_key)
+        except ValueError as err:
+            print(f"moecap serve: --api-key: {err}", file=sys.stderr)
+            return None
+    if max_request_bytes < 1:
+        print("moecap serve: --max-request-bytes must be >= 1", file=sys.stderr)
+        return None
+    if sock is None:
+        try:
+            sock = _bind(host, port)
+        except OSError as err:
+            print(f"moecap serve: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+            return None
+    # the address actually bound decides (a host name may resolve to a loopback address), at once: an
+    # operator sees it before the (slow) model load
+    if api_key is None and not is_loopback(str(sock.getsockname()[0])):
+        print(f"moecap serve: WARNING: listening on {_host_port(host, sock.getsockname()[1])} without an API key; "
+              f"anyone who can reach it can use it (set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
+    return sock
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -795,27 +854,10 @@ def serve(models: dict[str, str], host: str = "127.0.0.1", port: int = 8000, bac
     which its batches' ``start_s`` count from) added."""
     from moecap.engine.backend import BackendError, make_backend
 
-    if api_key is not None:
-        try:
-            check_api_key(api_key)
-        except ValueError as err:
-            print(f"moecap serve: --api-key: {err}", file=sys.stderr)
-            return 2
-    if max_request_bytes < 1:
-        print("moecap serve: --max-request-bytes must be >= 1", file=sys.stderr)
-        return 2
+    sock = _listen(host, port, api_key, max_request_bytes, sock)
     if sock is None:
-        try:
-            sock = _bind(host, port)
-        except OSError as err:
-            print(f"moecap serve: cannot listen on {host}:{port}: {err}", file=sys.stderr)
-            return 2
+        return 2
     actual = sock.getsockname()[1]
-    # the address actually bound decides (a host name may resolve to a loopback address), at once: an
-    # operator sees it before the (slow) model load
-    if api_key is None and not is_loopback(str(sock.getsockname()[0])):
-        print(f"moecap serve: WARNING: listening on {_host_port(host, actual)} without an API key; anyone who can "
-              f"reach it can use it (set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
     try:
         t0 = time.perf_counter()
         print(f"moecap serve: loading {len(models)} model(s) with the {backend} backend: "

@@ -1,10 +1,10 @@
 """Expert-tracing overhead on decode passes (goal: < 1 % of the decode pass time).
 
-Alternates traced and untraced decode passes on the same model and prompts (so both see the same
-context lengths and the same background load); each round starts from a fresh, untimed prefill. An
-untraced pass runs the model as it is without moecap (the tracer detached: no wrapper, no hook); a
-traced pass runs it with the tracer attached and recording (attaching and detaching happen outside the
-timed region). The traced time includes the collection the HF runner does after each batch (one
+Alternates traced and untraced rounds of decode passes on the same model and prompts, in ABBA order
+(so both see the same context lengths, and a drift in background load hits both alike); each round
+starts from a fresh, untimed prefill. An untraced round runs the model as it is without moecap (no
+tracer attached: no wrapper, no hook); a traced round runs it with the tracer attached and recording
+every pass, as a run does. The traced time includes the collection the HF runner does after each batch (one
 bincount over the batch's passes and one device-to-host copy), charged evenly to the traced passes.
 Reports the ratio of the medians measured in this one run, and with ``--repeats N`` the median of N
 such runs' ratios with their range.
@@ -38,8 +38,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=32, help="timed decode passes per mode per round")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=48, help="timed decode passes per round")
+    ap.add_argument("--rounds", type=int, default=8, help="rounds per repeat, traced and untraced in turn (ABBA)")
     ap.add_argument("--repeats", type=int, default=1, help="independent measurements (each of --rounds rounds); "
                     "the figure is the median of their ratios")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -62,15 +62,16 @@ def main() -> None:
     plain: list[float] = []
     traced: list[float] = []
 
-    def one_round(first_traced: bool, keep: bool) -> None:
-        """A fresh prefill, then decode passes alternating traced / untraced (paired, same contexts)."""
+    def one_round(mode: bool, keep: bool) -> None:
+        """A fresh prefill, then decode passes, all traced (the tracer attached for the round and
+        recording every pass, as in a run) or all untraced (no tracer attached at all)."""
+        if mode:
+            tracer.attach()
         cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        for step in range(2 * args.steps):
-            mode = (step % 2 == 0) == first_traced
-            if mode:
-                tracer.attach()
+        times = []
+        for _ in range(args.steps):
             sync()
             t0 = time.perf_counter()
             if mode:
@@ -80,27 +81,27 @@ def main() -> None:
             if mode:
                 tracer.end_pass(defer=True)  # as the runner does for decode passes
             sync()
-            if keep:
-                (traced if mode else plain).append(time.perf_counter() - t0)
-            if mode:
-                tracer.detach()
-        # the runner counts a batch's deferred passes at its end: charge that evenly to the traced passes
-        t0 = time.perf_counter()
-        counts = tracer.flush()
-        flush_s = time.perf_counter() - t0
-        assert len(counts) == args.steps and all(c is not None for c in counts)
+            times.append(time.perf_counter() - t0)
+        if mode:
+            # the runner counts a batch's deferred passes at its end: charge that evenly to the traced passes
+            t0 = time.perf_counter()
+            counts = tracer.flush()
+            flush_s = time.perf_counter() - t0
+            assert len(counts) == args.steps and all(c is not None for c in counts)
+            times = [t + flush_s / args.steps for t in times]
+            tracer.detach()
         if keep:
-            for i in range(len(traced) - args.steps, len(traced)):
-                traced[i] += flush_s / args.steps
+            (traced if mode else plain).extend(times)
 
     ratios: list[float] = []
     with torch.inference_mode():
-        one_round(True, keep=False)  # warm-up
+        one_round(True, keep=False)  # warm-up, both ways
+        one_round(False, keep=False)
         for _ in range(max(1, args.repeats)):
-            start = len(plain)
-            for r in range(args.rounds):
-                one_round(r % 2 == 0, keep=True)
-            ratios.append(statistics.median(traced[start:]) / statistics.median(plain[start:]) - 1.0)
+            start_p, start_t = len(plain), len(traced)
+            for r in range(args.rounds):  # traced, untraced, untraced, traced, ...: a drift hits both alike
+                one_round(r % 4 in (0, 3), keep=True)
+            ratios.append(statistics.median(traced[start_t:]) / statistics.median(plain[start_p:]) - 1.0)
 
     med_plain = statistics.median(plain)
     med_traced = statistics.median(traced)

@@ -171,7 +171,8 @@ class ExpertTracer:
         deferred passes at once, off the timed path (one batched bincount, one device-to-host copy).
         """
         self._active = False
-        at_experts = bool(self.blocks) and None not in self._idx
+        # `is not None`, never `None in`: that compares every tensor with None through torch (~10 us each)
+        at_experts = bool(self.blocks) and all(i is not None for i in self._idx)
         if at_experts:  # the common case: every layer's indices were taken at its experts
             idx = self._idx
             self.methods.add("experts-input")
@@ -211,7 +212,7 @@ class ExpertTracer:
         width = e_max + 1  # one spare bucket per row for out-of-range ids (padding sentinels)
         shapes = {tuple(t.shape) for idx in passes for t in idx}
         if len(shapes) == 1:
-            ids = torch.stack([torch.stack(idx) for idx in passes]).reshape(n_pass * n_layer, -1)
+            ids = torch.stack([t for idx in passes for t in idx]).reshape(n_pass * n_layer, -1)  # one stack
         else:  # layers saw different token counts: flatten each row separately
             ids = torch.nn.utils.rnn.pad_sequence(
                 [t.reshape(-1) for idx in passes for t in idx], batch_first=True, padding_value=-1

@@ -472,7 +472,7 @@ def build_app(results: str, reload_s: float | None = None) -> gr.Blocks:
             asked = [v for v in get(key) if v in known[key]]
             updates.append(gr.update(value=asked) if get(key) else gr.update())
         q = get(URL_SEARCH)
-        rank = [r for r in get(URL_RANK) if r in sortable or r in label_to_key.values()]
+        rank = [r for r in get(URL_RANK) if r in sortable or r in numeric]  # a figure's label or key
         rank_update = gr.update(value=rank[0] if rank[0] in sortable else _label(rank[0])) if rank else gr.update()
         return (*updates, gr.update(value=q[0]) if q else gr.update(), rank_update)
 

@@ -435,9 +435,13 @@ def test_children_die_when_the_front_is_killed(tiny_moe_dir):
 
 def test_interrupt_while_the_children_load(tiny_moe_dir):
     """SIGINT (Ctrl-C) before the children are ready: the front stops them and exits 130."""
-    proc = subprocess.Popen([PYTHON, "-m", "moecap", "serve", "tiny-moe-code", "tiny-moe-prose", "--backend",
-                             "partition", "--fast-budget-gb", "1", "--port", str(free_port()), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    # as a foreground command gets Ctrl-C: SIGINT at its default, whatever this process inherited (a shell
+    # starts a background job, pytest included, with SIGINT ignored, and exec keeps an ignored signal ignored)
+    args = ["-m", "moecap", "serve", "tiny-moe-code", "tiny-moe-prose", "--backend", "partition", "--fast-budget-gb",
+            "1", "--port", str(free_port()), "--device", "cpu"]
+    foreground = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  f"os.execv(sys.executable, [sys.executable, *{args!r}])")
+    proc = subprocess.Popen([PYTHON, "-c", foreground], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     try:
         end = time.monotonic() + 60
         while len(_tagged(proc.pid)) < 2 and time.monotonic() < end:

@@ -173,9 +173,10 @@ class Figure:
     """One figure of one record, with what the accuracy bound needs."""
 
     spec: MetricSpec
-    value: float
+    value: float  # the median over the record's repetitions (its only value with one)
     stderr: float | None = None
     n: int | None = None
+    reps: tuple[float, ...] = ()  # every repetition's value (empty with one repetition)
 
 
 def record_figures(rec: Record) -> dict[str, Figure]:
@@ -183,11 +184,15 @@ def record_figures(rec: Record) -> dict[str, Figure]:
     from moecap import figures
 
     report = rec.report or {}
+    reps = dig(report, ("repetitions", "figures"))
+    reps = reps if isinstance(reps, dict) else {}
     out: dict[str, Figure] = {}
     for spec in static_metrics():
         v = _number(spec.getter(rec, report) if spec.getter else dig(report, spec.path))
         if v is not None:
-            out[spec.name] = Figure(spec, v)
+            vals = (reps.get(spec.name) or {}).get("values") if isinstance(reps.get(spec.name), dict) else None
+            vals = tuple(_number(x) for x in vals) if isinstance(vals, list) else ()
+            out[spec.name] = Figure(spec, v, reps=vals if len(vals) >= 2 and None not in vals else ())
     for key, (v, stderr, info) in figures.quality_values(report).items():
         if key.startswith("ppl:"):
             out[key] = Figure(_perplexity_spec(info["dataset"]), v)
@@ -273,7 +278,6 @@ class Settings:
     confidence: float = 0.95
     resamples: int = 2000
     seed: int = 0
-    noise_factor: float = 2.0  # with --history: the threshold is at least this times the run-to-run spread
 
     def threshold(self, spec: MetricSpec) -> float:
         thr = spec.threshold
@@ -290,7 +294,7 @@ class Settings:
         return {"thresholds": [f"{p}={v * 100:g}" for p, v in self.thresholds],
                 "gate": self.gate if self.gate is not None else ["default"], "no_gate": self.no_gate,
                 "confidence": self.confidence, "resamples": self.resamples, "seed": self.seed,
-                "min_samples": MIN_SAMPLES, "noise_factor": self.noise_factor}
+                "min_samples": MIN_SAMPLES}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,6 +403,15 @@ def _count(n: int, unit: str) -> str:
     return f"{n} {unit}"
 
 
+def _side(lo: float, hi: float) -> str:
+    """Where an interval of a worse factor lies against no change (1)."""
+    if lo > 1.0:
+        return "wholly worse"
+    if hi < 1.0:
+        return "wholly better"
+    return "includes no change"
+
+
 @dataclass
 class ShiftTest:
     """Did the samples behind a figure move? ``ratio`` is current/baseline of the statistic of the times
@@ -417,27 +430,24 @@ class ShiftTest:
     confidence: float = 0.95
     reason: str | None = None
 
-    def beyond(self, bound: float) -> bool:
-        """Significantly beyond ``bound`` (a time ratio): the whole interval above it."""
-        return self.tested and self.lo is not None and self.lo > bound
+    @property
+    def significant(self) -> bool:
+        """The samples really got slower: the whole interval of the time ratio above 1."""
+        return self.tested and self.lo is not None and self.lo > 1.0
 
-    def describe(self, bound: float | None = None) -> str:
+    def describe(self) -> str:
         if not self.tested:
             return f"threshold only: {self.reason}"
         what = _count(self.n_base, self.unit) if self.paired else f"{self.n_base} vs {_count(self.n_cur, self.unit)}"
-        text = (f"{'paired ' if self.paired else ''}bootstrap over {what}: {self.statistic} time ×{self.ratio:.3f} "
-                f"({self.confidence:.0%} CI {self.lo:.3f}–{self.hi:.3f})")
-        if bound is not None:
-            text += (f", significantly beyond the threshold (×{bound:.3f})" if self.beyond(bound)
-                     else f", not significantly beyond the threshold (×{bound:.3f})")
-        return text
+        return (f"{'paired ' if self.paired else ''}bootstrap over {what} within each run: {self.statistic} time "
+                f"×{self.ratio:.3f} ({self.confidence:.0%} CI {self.lo:.3f}–{self.hi:.3f}, {_side(self.lo, self.hi)})")
 
     def to_dict(self, bound: float | None = None) -> dict[str, Any]:
-        return {"source": self.source, "statistic": self.statistic, "unit": self.unit, "paired": self.paired,
-                "n_baseline": self.n_base, "n_current": self.n_cur, "tested": self.tested,
+        return {"kind": "traces", "source": self.source, "statistic": self.statistic, "unit": self.unit,
+                "paired": self.paired, "n_baseline": self.n_base, "n_current": self.n_cur, "tested": self.tested,
                 "time_ratio": self.ratio, "ci": [self.lo, self.hi] if self.tested else None,
                 "confidence": self.confidence, "threshold_time_ratio": bound,
-                "significant": self.beyond(bound) if bound is not None else None, "reason": self.reason}
+                "significant": self.significant if self.tested else None, "reason": self.reason}
 
 
 def _statistic(x: Any, statistic: str) -> Any:
@@ -519,8 +529,8 @@ class MetricResult:
     threshold: float  # as applied (accuracy: widened to the standard error)
     verdict: str
     basis: str
-    test: ShiftTest | None = None
-    bound: float | None = None  # the threshold as a ratio of the samples' times
+    test: "ShiftTest | RunTest | None" = None
+    bound: float | None = None  # the threshold as a worse factor (1 + threshold)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.name, "description": self.description,
@@ -640,76 +650,214 @@ def _accuracy_threshold(fb: Figure, fc: Figure, floor: float, z: float) -> tuple
 
 
 def time_ratio_bound(spec: MetricSpec, threshold: float) -> float:
-    """A relative threshold on the figure as a bound on the ratio of the samples' times (> 1 is slower).
-
-    A latency is a time: +10 % is a ratio of 1.10. A throughput or an S-MBU is work over time: -5 % is a
-    time ratio of 1/0.95.
-    """
-    if not spec.higher_is_better:
-        return 1.0 + threshold
-    return 1.0 / (1.0 - threshold) if threshold < 1 else math.inf
+    """A relative threshold as a bound on the ratio of the samples' times (> 1 is slower): every relative
+    threshold is a slowdown, so ``threshold`` 0.10 is a time ratio of 1.10 for a latency and for a
+    throughput alike (a throughput 10 % slower is ×1/1.10, a change of -9.1 %)."""
+    return 1.0 + threshold
 
 
-def run_to_run_spread(values: Sequence[float]) -> float | None:
-    """The largest relative deviation from their median among a figure's values in earlier runs of the
-    same cell (the history and the baseline): how far identical runs of this cell wander on this machine.
-    None with fewer than two values."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if len(vals) < 2:
+# a change that lands on the threshold to rounding (a stretch of exactly 10 % against 10 %) is within it
+_AT_THRESHOLD = 1e-9
+
+
+def worse_factor(spec: MetricSpec, base: float, cur: float) -> float | None:
+    """How much worse ``cur`` is than ``base`` as a factor in the figure's bad direction (1.10: 10 %
+    worse; 0.9: better): cur/base for a figure where lower is better, base/cur where higher is. A
+    throughput that drops to 1/1.10 and a latency that grows ×1.10 are both 1.10. None when either
+    value is not positive (no ratio)."""
+    if not (base > 0 and cur > 0):
         return None
-    ordered = sorted(vals)
-    mid = len(ordered) // 2
-    med = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-    if med == 0:
+    return base / cur if spec.higher_is_better else cur / base
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom: exact for 1 and 2, else the
+    Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5; within 0.5 % from 3 degrees of freedom)."""
+    if df <= 0:
+        return math.inf
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    z = NormalDist().inv_cdf(p)
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    g4 = (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3 + g4 / df ** 4
+
+
+# the power at which `detectable` is quoted: a true change of that size is flagged 4 times in 5
+DETECT_POWER = 0.8
+# below this many earlier runs (besides the baseline) a note says the run-to-run spread is rough
+SHORT_HISTORY = 5
+
+
+def _median_var_factor(n: int) -> float:
+    """Var(median of n) / (sigma^2 / n) for normal samples: 1 up to two values (the median is the mean),
+    then pi/2 (its large-sample efficiency; within 15 % of the exact value from n = 3)."""
+    return 1.0 if n <= 2 else math.pi / 2
+
+
+@dataclass
+class RunTest:
+    """Did the figure move between runs, given how far it moves between repetitions and between runs?
+
+    On the log of the figure in its bad direction: the change is log(worse_factor) of the two medians;
+    its standard error is the larger of two estimates: the spread between repetitions within runs
+    (pooled over the baseline's, the current's and the history's repetitions) carried to the medians,
+    and the spread of the run medians of earlier runs of the cell (history and baseline: what identical
+    runs do on this machine, a whole run shifted by another tenant included). The interval is a t
+    interval on that estimate's degrees of freedom."""
+
+    n_base: int
+    n_cur: int
+    n_history: int
+    factor: float  # worse factor of the medians
+    se: float  # standard error of its log
+    df: int
+    crit: float  # the t quantile of the interval
+    lo: float
+    hi: float
+    source: str  # "repetitions" or "run-to-run spread"
+    within_sd: float | None
+    run_sd: float | None
+    confidence: float
+    detectable: float  # the smallest true change (a fraction) flagged with DETECT_POWER on this noise
+    flags_beyond: float  # the smallest observed change (a fraction) that is flagged
+
+    @property
+    def significant(self) -> bool:
+        """The interval of the worse factor lies wholly above 1: the figure really got worse."""
+        return self.lo > 1.0
+
+    def describe(self) -> str:
+        what = (f"{self.n_base} vs {self.n_cur} repetitions" if self.source == "repetitions"
+                else f"run-to-run spread of {self.n_history} earlier runs and the baseline")
+        spreads = []
+        if self.within_sd is not None:
+            spreads.append(f"±{self.within_sd * 100:.1f}% between repetitions")
+        if self.run_sd is not None:
+            spreads.append(f"±{self.run_sd * 100:.1f}% between runs")
+        return (f"{what} ({', '.join(spreads)}): ×{self.factor:.3f} worse, {self.confidence:.0%} CI "
+                f"{self.lo:.3f}–{self.hi:.3f} ({_side(self.lo, self.hi)}); "
+                f"detects ≥{self.detectable * 100:.1f}% (flags beyond {self.flags_beyond * 100:.1f}%)")
+
+    def to_dict(self, bound: float | None = None) -> dict[str, Any]:
+        return {"kind": "runs", "source": self.source, "n_baseline": self.n_base, "n_current": self.n_cur,
+                "n_history_runs": self.n_history, "worse_factor": self.factor, "se_log": self.se, "df": self.df,
+                "ci": [self.lo, self.hi], "confidence": self.confidence, "significant": self.significant,
+                "within_run_sd": self.within_sd, "run_to_run_sd": self.run_sd,
+                "detectable_change": self.detectable, "flags_beyond": self.flags_beyond}
+
+
+def _logs(spec: MetricSpec, values: Sequence[float]) -> list[float] | None:
+    """The log of each value in the bad direction (up is worse); None if one is not positive."""
+    if any(not (v > 0) for v in values):
         return None
-    return max(abs(v - med) for v in vals) / abs(med)
+    return [-math.log(v) if spec.higher_is_better else math.log(v) for v in values]
+
+
+def _sd(groups: Sequence[Sequence[float]]) -> tuple[float | None, int]:
+    """The pooled standard deviation of groups of values about each group's own mean, and its degrees of
+    freedom (None with none)."""
+    ss, df = 0.0, 0
+    for g in groups:
+        if len(g) >= 2:
+            m = sum(g) / len(g)
+            ss += sum((x - m) ** 2 for x in g)
+            df += len(g) - 1
+    return (math.sqrt(ss / df), df) if df else (None, 0)
+
+
+def run_test(spec: MetricSpec, fb: Figure, fc: Figure, history: Sequence[Figure], threshold: float,
+             confidence: float) -> RunTest | str:
+    """The :class:`RunTest` of one figure, or why there is none (a record with one repetition and no
+    history: then only the traces within each run can speak)."""
+    factor = worse_factor(spec, fb.value, fc.value)
+    if factor is None:
+        return "a value that is not positive: no ratio"
+    b = _logs(spec, fb.reps or (fb.value,))
+    c = _logs(spec, fc.reps or (fc.value,))
+    hist_reps = [_logs(spec, h.reps) for h in history if h.reps]
+    runs = _logs(spec, [h.value for h in history] + [fb.value])
+    if b is None or c is None or runs is None or any(h is None for h in hist_reps):
+        return "a value that is not positive: no ratio"
+    within_sd, df_w = _sd([b, c, *[h for h in hist_reps if h]])
+    run_sd, df_r = _sd([runs]) if len(runs) >= 3 else (None, 0)
+    est = []
+    if within_sd is not None:
+        var = within_sd ** 2 * (_median_var_factor(len(b)) / len(b) + _median_var_factor(len(c)) / len(c))
+        est.append((math.sqrt(var), df_w, "repetitions"))
+    if run_sd is not None:  # each compared run's median wanders as the earlier runs' did
+        est.append((run_sd * math.sqrt(2), df_r, "run-to-run spread"))
+    if not est:
+        return "one repetition a side and no history (--history): no spread between runs to judge by"
+    se, df, source = max(est, key=lambda e: e[0])
+    crit = t_quantile(1 - (1 - confidence) / 2, df)
+    d = math.log(factor)
+    cut = max(math.log1p(threshold), crit * se)
+    z = NormalDist().inv_cdf(DETECT_POWER)
+    return RunTest(len(b), len(c), len(history), factor, se, df, crit, math.exp(d - crit * se),
+                   math.exp(d + crit * se), source, within_sd, run_sd, confidence,
+                   detectable=math.expm1(cut + z * se), flags_beyond=math.expm1(cut))
 
 
 def compare_metric(name: str, fb: Figure | None, fc: Figure | None, sampling: "_CellSampling",
-                   settings: Settings, history: Sequence[float] = ()) -> MetricResult:
-    """The verdict on one figure: a regression when it moved beyond its threshold in the bad direction
-    AND, when the traces allow a test, the samples behind it moved significantly beyond the threshold
-    too (the bootstrap interval of their ratio lies wholly past it). Requiring the interval to clear the
-    threshold, not merely 1, keeps a small but consistent drift (a busier machine) from turning an
-    outlier-driven figure change into a failure."""
+                   settings: Settings, history: Sequence[Figure] = ()) -> MetricResult:
+    """The verdict on one figure, by one rule for every relative figure:
+
+    * within threshold: the figure is at most ``threshold`` worse (worse_factor <= 1 + threshold, a
+      change landing on the threshold to rounding included); improved when it is that much better;
+    * otherwise a regression when the change is real: the interval of the worse factor lies wholly
+      above 1. The interval comes from the repetitions and, with ``history``, the spread between
+      earlier runs of the cell (:func:`run_test`); for records of one repetition and no history, from
+      a bootstrap over the per-pass or per-request traces of the two runs (:func:`shift_test`); a change
+      the data cannot call real is noise; without either, the threshold alone decides.
+    """
     spec = (fb or fc).spec  # type: ignore[union-attr]
     gated = settings.gated(spec)
     thr = settings.threshold(spec)
     base = fb.value if fb else None
     cur = fc.value if fc else None
-    noise_note = ""
-    if not spec.absolute and history and fb is not None:
-        # run-to-run noise, seen in earlier runs of this cell: within-run samples cannot show a shift that
-        # moves a whole run (another tenant on the machine, clocks, memory placement)
-        spread = run_to_run_spread([*history, base])
-        if spread is not None:
-            allowance = settings.noise_factor * spread
-            noise_note = (f"; run-to-run spread over {len(history) + 1} earlier runs ±{spread * 100:.1f}%"
-                          + (f" widens the threshold to {settings.noise_factor:g}× that" if allowance > thr else ""))
-            thr = max(thr, allowance)
     bound = None if spec.absolute else time_ratio_bound(spec, thr)
 
-    def result(verdict: str, change: float | None, basis: str, test: ShiftTest | None = None) -> MetricResult:
+    def result(verdict: str, change: float | None, basis: str, test: Any = None) -> MetricResult:
         return MetricResult(name, spec.description, spec.higher_is_better, gated, spec.absolute, base, cur,
-                            change, thr, verdict, basis + noise_note, test, bound)
+                            change, thr, verdict, basis, test, bound)
 
     if fb is None:
         return result(NEW, None, "no baseline figure")
     if fc is None:  # same configuration, and the figure is gone: something stopped measuring it
         return result(REGRESSION if gated else MISSING, None, "the current record has no such figure")
-    test: ShiftTest | None = None
     if spec.absolute:  # accuracy: the standard error is the noise bound
         change = cur - base
         z = NormalDist().inv_cdf(1 - (1 - settings.confidence) / 2)
         thr, basis = _accuracy_threshold(fb, fc, thr, z)
+        worse_by = -change if spec.higher_is_better else change
+        if worse_by <= thr * (1 + _AT_THRESHOLD):
+            return result(IMPROVED if -worse_by > thr else OK, change, basis)
+        return result(REGRESSION if gated else REPORTED, change, basis)
+    change = (cur - base) / abs(base) if base != 0 else (0.0 if cur == 0 else math.copysign(math.inf, cur))
+    test: Any = run_test(spec, fb, fc, history, thr, settings.confidence)
+    if isinstance(test, RunTest):
+        basis, real = test.describe(), test.significant
     else:
-        change = (cur - base) / abs(base) if base != 0 else (0.0 if cur == 0 else math.copysign(math.inf, cur))
+        why = test
         test = sampling.test(spec)
-        basis = test.describe(bound) if isinstance(test, ShiftTest) else sampling.why_untested(spec)
-    worse_by = -change if spec.higher_is_better else change
-    if worse_by <= thr:
-        return result(IMPROVED if -worse_by > thr else OK, change, basis, test)
-    if test is not None and test.tested and not test.beyond(bound):  # type: ignore[arg-type]
+        if isinstance(test, ShiftTest) and test.tested:
+            basis, real = test.describe(), test.lo > 1.0  # type: ignore[operator]
+        else:
+            basis = (test.describe() if isinstance(test, ShiftTest) else sampling.why_untested(spec)) + f"; {why}"
+            real = True  # nothing to judge the noise by: the threshold alone decides
+    factor = worse_factor(spec, base, cur)
+    if factor is None:  # a zero (e.g. no request met the SLOs): the figure's own change decides
+        worse_by = -change if spec.higher_is_better else change
+        factor = 1.0 + worse_by if worse_by > -1 else 0.0
+    if factor <= (1.0 + thr) * (1 + _AT_THRESHOLD):
+        better = (1.0 / factor - 1.0) if factor > 0 else math.inf
+        return result(IMPROVED if better > thr * (1 + _AT_THRESHOLD) else OK, change, basis, test)
+    if not real:
         return result(NOISE, change, basis, test)
     return result(REGRESSION if gated else REPORTED, change, basis, test)
 
@@ -751,7 +899,7 @@ class _CellSampling:
 def compare_records(pb: Path, rb: Record, pc: Path, rc: Record, settings: Settings,
                     history: Sequence[Record] = ()) -> list[MetricResult]:
     """Every metric either record has, in the catalogue's order (then quality figures by name).
-    ``history``: ok records of the same cell from earlier runs (their run-to-run spread widens thresholds)."""
+    ``history``: ok records of the same cell from earlier runs (their run-to-run spread is noise)."""
     fbs, fcs = record_figures(rb), record_figures(rc)
     fhs = [record_figures(h) for h in history]
     sampling = _CellSampling(pb, rb, pc, rc, settings)
@@ -759,14 +907,16 @@ def compare_records(pb: Path, rb: Record, pc: Path, rc: Record, settings: Settin
     names = [s.name for s in static if s.name in fbs or s.name in fcs]
     names += sorted((set(fbs) | set(fcs)) - {s.name for s in static})
     return [compare_metric(name, fbs.get(name), fcs.get(name), sampling, settings,
-                           [f[name].value for f in fhs if name in f]) for name in names]
+                           [f[name] for f in fhs if name in f]) for name in names]
 
 
 def compare_paths(baseline: str | Path, current: str | Path, settings: Settings | None = None,
                   history: Sequence[str | Path] = ()) -> Comparison:
     """Match the cells of two result sets and judge every figure (raises CompareInputError on bad input).
-    ``history``: result sets of earlier runs of the same suite, older than the baseline; each figure's
-    threshold is at least ``settings.noise_factor`` times its run-to-run spread over them and the baseline."""
+    ``history``: result sets of earlier runs of the same suite, older than the baseline; how far each
+    figure wandered between them and the baseline is noise a regression must stand out of. A record of
+    the baseline's or the current run itself (same run id) is never counted as history, nor is one run
+    twice."""
     settings = settings or Settings()
     base_index, n_base, notes, bad_base = _index(baseline, "baseline")
     cur_index, n_cur, notes_c, bad_cur = _index(current, "current")
@@ -774,12 +924,29 @@ def compare_paths(baseline: str | Path, current: str | Path, settings: Settings 
     past: dict[tuple[str, str], list[Record]] = {}
     for h in history:
         h_index, n_h, _, _ = _index(h, "history")
-        used = 0
+        used, own, twice = 0, 0, 0
         for key, (_, rec) in h_index.items():
-            if rec.status == "ok" and key in base_index:
+            if rec.status != "ok" or key not in base_index:
+                continue
+            sides = {base_index[key][1].run_id, cur_index[key][1].run_id if key in cur_index else None}
+            if rec.run_id in sides:
+                own += 1
+            elif any(r.run_id == rec.run_id for r in past.get(key, [])):
+                twice += 1
+            else:
                 past.setdefault(key, []).append(rec)
                 used += 1
-        notes.append(f"history {str(h)!r}: {used} of {n_h} records match a baseline cell")
+        notes.append(f"history {str(h)!r}: {used} of {n_h} records match a baseline cell"
+                     + (f"; {own} are records of the baseline's or the current run itself (same run id), not "
+                        "counted: a run is no evidence of its own noise" if own else "")
+                     + (f"; {twice} repeat a run already given, counted once" if twice else ""))
+    if history:
+        runs = sorted({len(v) for k, v in past.items() if k in cur_index} or {0})
+        if runs[0] < SHORT_HISTORY:
+            notes.append(f"warning: the history gives {runs[0] if len(runs) == 1 else f'{runs[0]}–{runs[-1]}'} "
+                         f"earlier run{'s' if runs[-1] != 1 else ''} per cell: the run-to-run spread needs 2 "
+                         f"and rests on few until {SHORT_HISTORY} (a wider interval makes up for it, so small "
+                         "changes go undetected: see each figure's 'detects')")
     if not set(base_index) & set(cur_index) and not (bad_cur and base_index):
         def suites(ix: dict[tuple[str, str], Any]) -> str:
             return ", ".join(sorted({k[0] for k in ix}))
@@ -865,8 +1032,18 @@ def _fmt_change(m: MetricResult) -> str:
 
 
 def _fmt_threshold(m: MetricResult) -> str:
-    sign = "−" if m.higher_is_better else "+"
-    return f"{sign}{m.threshold * 100:.1f} pts" if m.absolute else f"{sign}{m.threshold * 100:g}%"
+    if m.absolute:
+        return f"{'−' if m.higher_is_better else '+'}{m.threshold * 100:.1f} pts"
+    if m.higher_is_better:  # a slowdown of the threshold: ×1/(1 + t)
+        return f"{m.threshold * 100:g}% worse (−{m.threshold / (1 + m.threshold) * 100:.1f}%)"
+    return f"{m.threshold * 100:g}% worse (+{m.threshold * 100:g}%)"
+
+
+def _fmt_detects(m: MetricResult) -> str:
+    """The smallest true change (as a worse factor - 1) the data would flag 4 times in 5."""
+    if isinstance(m.test, RunTest):
+        return f"≥{m.test.detectable * 100:.1f}%"
+    return "–"
 
 
 def _md_escape(s: str) -> str:
@@ -898,12 +1075,16 @@ def format_markdown(cmp: Comparison) -> str:
         f"{counts.get('baseline_not_ok', 0)} with a baseline that is not ok"
         + (f", {counts['not_ok_now']} not ok now" if counts.get("not_ok_now") else "")
         + (f", {counts['unreadable']} unreadable" if counts.get("unreadable") else ""),
-        f"- a regression: the figure moved beyond its threshold in the bad direction and, where both records "
-        f"have per-pass or per-request traces, the samples behind it moved significantly beyond the threshold "
-        f"too: the bootstrap {s.confidence:.0%} CI of the ratio current/baseline of their statistic ({s.resamples} "
-        f"resamples; paired pass by pass or request by request when both runs ran the same ones; at least "
-        f"{MIN_SAMPLES} samples) lies wholly past the threshold; accuracy: an absolute threshold widened to the "
-        f"standard error; figures without samples: the threshold alone (the basis column says which)",
+        f"- a regression: the figure is worse than its threshold (a relative threshold is a slowdown: "
+        f"throughput 5 % means ×1/1.05, a latency 10 % means ×1.10; a change that lands on the threshold is "
+        f"within it) and the change is real: the {s.confidence:.0%} interval of how much worse it got lies "
+        f"wholly above no change. The interval comes from the records' repetitions (`moecap run --repeat N`) "
+        f"and, with `--history`, from how far the figure wandered between earlier runs of the cell; records "
+        f"of one repetition and no history fall back to a bootstrap over their per-pass or per-request traces "
+        f"({s.resamples} resamples, at least {MIN_SAMPLES} samples), which cannot see a whole run shifted; "
+        f"accuracy: an absolute threshold widened to the standard error; figures without samples: the "
+        f"threshold alone (the basis column says which). 'detects': the smallest true change flagged 4 times "
+        f"in 5 on this data: a gate whose 'detects' is above the change you care about cannot catch it",
         f"- gated metrics: {'each metric’s default' if s.gate is None else ', '.join(s.gate)}"
         + (f", except {', '.join(s.no_gate)}" if s.no_gate else "")
         + (f"; thresholds: {', '.join(f'{p}={v * 100:g}%' for p, v in s.thresholds)}" if s.thresholds else ""),
@@ -922,11 +1103,11 @@ def format_markdown(cmp: Comparison) -> str:
             continue
         icon = "❌" if c.failing else ("⚠️" if any(ICONS[m.verdict] == "⚠️" for m in c.metrics) else "✅")
         lines += ["", f"## {icon} {c.suite} · {c.description}", "", f"`{c.cell_id}`", "",
-                  "| metric | gated | baseline | current | change | threshold | verdict | basis |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| metric | gated | baseline | current | change | threshold | detects | verdict | basis |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for m in c.metrics:
             lines.append(f"| {_md_escape(m.name)} | {'yes' if m.gated else ''} | {_fmt_value(m.baseline)} | "
-                         f"{_fmt_value(m.current)} | {_fmt_change(m)} | {_fmt_threshold(m)} | "
+                         f"{_fmt_value(m.current)} | {_fmt_change(m)} | {_fmt_threshold(m)} | {_fmt_detects(m)} | "
                          f"{ICONS[m.verdict]} {VERDICT_TEXT[m.verdict]} | {_md_escape(m.basis)} |")
     others = [c for c in cmp.cells if c.status != "compared"]
     if others:
@@ -990,13 +1171,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "output_tokens_per_s=3 or latency=25 (repeatable; the last match wins)")
     parser.add_argument("--history", action="append", default=[], metavar="PATH",
                         help="an earlier run of the same suite, older than BASELINE (repeatable; e.g. the nights "
-                             "before): each figure's threshold becomes at least --noise-factor times how far it "
-                             "wandered between those runs and the baseline. Without it, only the noise within "
-                             "each run is seen, not a shift of a whole run (another tenant on the machine)")
-    parser.add_argument("--noise-factor", type=float, default=2.0,
-                        help="with --history: the threshold is at least this times the run-to-run spread (default 2)")
+                             "before): how far each figure wandered between those runs and the baseline is noise a "
+                             "regression must stand out of. Without it, only the spread between repetitions within "
+                             "each run is seen, not a shift of a whole run (another tenant on the machine); records "
+                             "of the baseline's own run are not counted. 2 earlier runs are the least, 5 or more "
+                             "make the spread trustworthy")
     parser.add_argument("--confidence", type=float, default=0.95,
-                        help="confidence of the bootstrap interval and of the accuracy bound (default 0.95)")
+                        help="confidence of the intervals (a regression's worse factor must have its whole "
+                             "interval above 1) and of the accuracy bound (default 0.95)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000; seeded)")
     parser.add_argument("--format", choices=["markdown", "json"], default="markdown")
     parser.add_argument("--report", metavar="FILE", help="also write the report (in --format) to FILE")
@@ -1021,11 +1203,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.resamples < 100:
         print(f"moecap compare: --resamples {args.resamples}: expected at least 100", file=sys.stderr)
         return 2
-    if not args.noise_factor > 0:
-        print(f"moecap compare: --noise-factor {args.noise_factor}: expected a number > 0, e.g. 2", file=sys.stderr)
-        return 2
     settings = Settings(thresholds=list(args.threshold or []), gate=args.gate, no_gate=list(args.no_gate or []),
-                        confidence=args.confidence, resamples=args.resamples, noise_factor=args.noise_factor)
+                        confidence=args.confidence, resamples=args.resamples)
     try:
         cmp = compare_paths(args.baseline, args.current, settings, history=list(args.history or []))
         text = format_json(cmp) if args.format == "json" else format_markdown(cmp)

@@ -10,13 +10,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable
 
 import pytest
 
 from moecap.compare import MIN_SAMPLES, Samples, main, parse_threshold, shift_test
-from moecap.metrics.latency import pass_latency, summarize_requests
+from moecap.retime import hiccup, retime_results, slower
 
 # enough prompts that every gated timing figure has >= MIN_SAMPLES samples at batch 4 (6 batches)
 RUN_ARGS = [
@@ -24,6 +22,7 @@ RUN_ARGS = [
     "--set", "workloads.0.output_tokens=8",
     "--set", "workloads.1.perplexity.max_windows=16",
     "--set", "workloads.1.lm_eval.limit=20",
+    "--repeat", "1",  # one repetition: the gate falls back to the traces (repetitions: repeated_runs below)
 ]
 SUITE = "quickstart"
 
@@ -65,73 +64,14 @@ def rows(data: dict, metric: str) -> list[dict]:
     return [m for c in data["cells"] for m in c["metrics"] if m["metric"] == metric]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows_: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows_))
-
-
 def perf_records(root: Path) -> list[Path]:
     return [p for p in sorted((root / SUITE).glob("*.json")) if json.loads(p.read_text())["artifacts"].get("passes")]
 
 
-def retime(src: Path, dst: Path, warp_for: Callable[[list[dict]], Callable[[float], float]]) -> Path:
-    """Copy the result folder ``src`` to ``dst`` with every performance cell's timestamps warped.
-
-    ``warp_for(passes)`` returns a monotone map of timestamps for that cell. Latency, throughput and
-    per-pass figures are recomputed from the warped traces; utilization and cost, which divide fixed
-    bytes, FLOPs and prices by time, are rescaled by the change of their time.
-    """
-    shutil.copytree(src, dst)
-    for path in perf_records(dst):
-        rec = json.loads(path.read_text())
-        passes_path = path.parent / rec["artifacts"]["passes"]
-        requests_path = path.parent / rec["artifacts"]["requests"]
-        passes, requests = read_jsonl(passes_path), read_jsonl(requests_path)
-        warp = warp_for(passes)
-        for p in passes:
-            p["start_s"], p["end_s"] = warp(p["start_s"]), warp(p["end_s"])
-            p["time_s"] = p["end_s"] - p["start_s"]
-        for r in requests:
-            r["send_s"] = warp(r["send_s"])
-            r["token_times_s"] = [warp(t) for t in r["token_times_s"]]
-        write_jsonl(passes_path, passes)
-        write_jsonl(requests_path, requests)
-
-        rep = rec["report"]
-        old_duration = rep["throughput"]["duration_s"]
-        rep.update(summarize_requests([SimpleNamespace(**r) for r in requests]))
-        rep["pass_latency"] = pass_latency([SimpleNamespace(**p) for p in passes])
-        for phase in ("prefill", "decode"):
-            util = rep["utilization"][phase]
-            new_time = sum(p["time_s"] for p in passes if p["phase"] == phase)
-            scale = util["time_s"] / new_time
-            util["time_s"] = new_time
-            for key in ("s_mbu", "s_mfu", "achieved_bandwidth_gbs", "achieved_tflops"):
-                util[key] *= scale
-        scale = rep["throughput"]["duration_s"] / old_duration
-        for key in ("run_seconds", "run_hours", "run_usd", "usd_per_1m_output_tokens", "usd_per_request"):
-            rep["cost"][key] *= scale
-        path.write_text(json.dumps(rec, indent=2))
-    return dst
-
-
-def slower(factor: float) -> Callable[[list[dict]], Callable[[float], float]]:
-    """Every interval of the run stretched by ``factor``: a uniformly slower system."""
-    return lambda passes: (lambda t: t * factor)
-
-
-def hiccup(share_of_duration: float) -> Callable[[list[dict]], Callable[[float], float]]:
-    """One decode pass in the middle of the run stalls; everything after it starts that much later."""
-    def warp_for(passes: list[dict]) -> Callable[[float], float]:
-        decode = [p for p in passes if p["phase"] == "decode"]
-        stalled = decode[len(decode) // 2]
-        run_s = max(p["end_s"] for p in passes) - min(p["start_s"] for p in passes)
-        delay = share_of_duration * run_s
-        return lambda t: t + delay if t > stalled["start_s"] else t
-    return warp_for
+def retime(src: Path, dst: Path, warp_for, run_id: str | None = None) -> Path:
+    """A copy of the result folder ``src`` with every performance record's traces warped and its
+    figures recomputed from them (``moecap.retime``: the calibration benchmark injects with it too)."""
+    return retime_results(src, dst, warp_for, run_id)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,8 +116,7 @@ def test_two_real_runs(two_runs, tmp_path):
             assert "paired bootstrap" in m["basis"]
     regressions = [m for c in data["cells"] for m in c["metrics"] if m["verdict"] == "regression"]
     for m in regressions:  # a real, consistent slowdown of the second run, never an outlier or jitter
-        assert m["significance"]["significant"], m
-        assert m["significance"]["ci"][0] > m["significance"]["threshold_time_ratio"], m
+        assert m["significance"]["significant"] and m["significance"]["ci"][0] > 1, m
     assert data["exit_status"] == (1 if regressions else 0)
 
 
@@ -237,31 +176,49 @@ def test_injected_10_percent_slowdown_is_flagged(two_runs, tmp_path, capsys):
     assert rc == 0 and any("'ppl:wikitext2' matched no metric" in n for n in data["notes"])
 
 
-def test_history_widens_thresholds_to_the_run_to_run_spread(two_runs, tmp_path, capsys):
+def test_history_is_the_run_to_run_noise(two_runs, tmp_path, capsys):
     """A whole run shifted by the machine (another tenant) moves every pass alike, which no within-run
     test can tell from a regression. Earlier runs of the same cell (--history) show how far identical
-    runs wander: thresholds widen to --noise-factor times that spread, and a shift inside it passes,
-    while one well beyond it is still caught."""
-    from moecap.compare import run_to_run_spread
-
-    assert run_to_run_spread([100.0]) is None
-    assert run_to_run_spread([100.0, 110.0, 90.0]) == pytest.approx(0.1)
+    runs wander: a slowdown inside that spread is noise, one well beyond it is caught, and the report
+    says the smallest change the data could catch. The baseline's own run is never its own history."""
     _, cur = two_runs
-    past = [retime(cur, tmp_path / f"past{i}", slower(f)) for i, f in enumerate((1.06, 0.95))]
     slow = retime(cur, tmp_path / "slow", slower(1.1))
     rc, data = compare_json(capsys, cur, slow)
     assert rc == 1  # alone, a 10 % slower run is a regression
-    history = [a for p in past for a in ("--history", str(p))]
+    wide = [retime(cur, tmp_path / f"wide{i}", slower(f), f"past-wide-{i}") for i, f in enumerate((1.06, 0.95))]
+    history = [a for p in wide for a in ("--history", str(p))]
     rc, data = compare_json(capsys, cur, slow, *history)
     assert rc == 0, [m for c in data["cells"] for m in c["metrics"] if m["verdict"] == "regression"]
-    for m in rows(data, "output_tokens_per_s"):  # spread of 1, 1/1.06, 1/0.95 around their median
-        assert m["threshold"] == pytest.approx(2 * (1 - 1 / 1.06), rel=1e-6)
-        assert "run-to-run spread over 3 earlier runs" in m["basis"] and m["verdict"] in ("noise", "ok")
-    much_slower = retime(cur, tmp_path / "much", slower(1.3))
+    for m in rows(data, "output_tokens_per_s"):
+        sig = m["significance"]
+        assert sig["kind"] == "runs" and sig["source"] == "run-to-run spread" and sig["n_history_runs"] == 2
+        assert sig["worse_factor"] == pytest.approx(1.1) and not sig["significant"]
+        assert sig["run_to_run_sd"] == pytest.approx(0.0548, abs=0.002)  # logs of 1/1.06, 1/0.95, 1
+        assert sig["detectable_change"] > 0.3 and m["verdict"] == "noise"
+    assert any("warning: the history gives 2 earlier runs" in n for n in data["notes"])
+    rc, out, _ = compare(capsys, cur, slow, *history)
+    assert "| detects |" in out and "run-to-run spread of 2 earlier runs" in out
+    much_slower = retime(cur, tmp_path / "much", slower(1.6), "much-slower")
     rc, data = compare_json(capsys, cur, much_slower, *history)
     assert rc == 1 and all(m["verdict"] == "regression" for m in rows(data, "output_tokens_per_s"))
-    rc, data = compare_json(capsys, cur, slow, *history, "--noise-factor", "0.5")
-    assert rc == 1  # a smaller factor keeps the default 5 % threshold: caught again
+
+    # a machine that wanders little: the same 10 % slowdown stands out of it
+    tight = [retime(cur, tmp_path / f"tight{i}", slower(f), f"past-tight-{i}")
+             for i, f in enumerate((1.01, 0.99, 1.015, 0.995, 1.0))]
+    history = [a for p in tight for a in ("--history", str(p))]
+    rc, data = compare_json(capsys, cur, slow, *history)
+    assert rc == 1 and not any("warning" in n for n in data["notes"])
+    for m in rows(data, "output_tokens_per_s"):
+        assert m["verdict"] == "regression" and m["significance"]["significant"]
+        assert m["significance"]["detectable_change"] < 0.1
+
+    # the baseline (or the current run) given as its own history is not counted, and is said so
+    rc, data = compare_json(capsys, cur, slow, "--history", str(cur), "--history", str(slow))
+    assert rc == 1 and any("not counted" in n and "0 of" in n for n in data["notes"])
+    assert all(m["significance"]["kind"] == "traces" for m in rows(data, "output_tokens_per_s"))
+    # one run given twice counts once
+    rc, data = compare_json(capsys, cur, slow, "--history", str(tight[0]), "--history", str(tight[0]))
+    assert any("counted once" in n for n in data["notes"])
     rc, out, err = compare(capsys, cur, slow, "--history", str(tmp_path / "nope"))
     assert rc == 2 and "nope" in err
 
@@ -445,16 +402,104 @@ def test_shift_test_on_known_samples():
     keys = [(i,) for i in range(40)]
     base = Samples([1.0 + 0.01 * (i % 7) for i in range(40)], keys, "passes")
     same = shift_test(base, base, "mean")
-    assert same.tested and same.paired and same.ratio == 1.0 and not same.beyond(1.05)
+    assert same.tested and same.paired and same.ratio == 1.0 and not same.significant
     slow = shift_test(base, Samples([1.1 * v for v in base.values], keys, "passes"), "median")
-    assert slow.lo == pytest.approx(1.1) and slow.beyond(1.05) and not slow.beyond(1.2)
+    assert slow.lo == pytest.approx(1.1) and slow.significant
     # unpaired (different passes): still clearly slower
     other = Samples([1.2 + 0.01 * (i % 5) for i in range(30)], [(i, "x") for i in range(30)], "passes")
     t = shift_test(base, other, "median")
-    assert not t.paired and t.beyond(1.1)
+    assert not t.paired and t.significant and t.lo > 1.1
     few = shift_test(Samples([1.0] * (MIN_SAMPLES - 1), keys[:MIN_SAMPLES - 1], "passes"),
                      Samples([2.0] * (MIN_SAMPLES - 1), keys[:MIN_SAMPLES - 1], "passes"), "mean")
     assert not few.tested and "too few" in few.describe()
+
+
+def test_t_quantiles():
+    from moecap.compare import t_quantile
+
+    for df, want in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (10, 2.228), (30, 2.042)):
+        assert t_quantile(0.975, df) == pytest.approx(want, rel=0.005)
+    assert t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-12)
+
+
+def _figures(name: str, base: list[float], cur: list[float], history: list[list[float]] = ()):
+    from moecap.compare import Figure, static_by_name
+    from moecap.figures import median_interval
+
+    spec = static_by_name()[name]
+
+    def fig(vals):
+        return Figure(spec, median_interval(vals)[0], reps=tuple(vals) if len(vals) > 1 else ())
+    return spec, fig(base), fig(cur), [fig(h) for h in history]
+
+
+def test_one_rule_at_the_threshold():
+    """A change that is exactly the threshold is within it for every figure, whichever way the figure is
+    better and whatever the data: a 10 % slowdown is throughput ×1/1.10, TPOT ×1.10, S-MBU ×1/1.10, and a
+    relative threshold is always a slowdown (throughput 5 %: ×1/1.05)."""
+    from moecap.compare import OK, REGRESSION, Settings, _CellSampling, compare_metric
+
+    class NoTraces(_CellSampling):
+        def __init__(self):
+            self.why = "none"
+
+        def test(self, spec):
+            return None
+
+    for name, thr in (("output_tokens_per_s", 0.05), ("tpot_ms_p50", 0.10), ("s_mbu_decode", 0.05),
+                      ("ttft_ms_p99", 0.20)):
+        for reps in (1, 3):
+            for scale in (1.0, 7.3, 1e-3):
+                spec, fb, fc, _ = _figures(name, [scale * (1 + 0.001 * i) for i in range(reps)], [0.0] * reps)
+                worse = 1 + thr
+                vals = [v / worse if spec.higher_is_better else v * worse for v in (fb.reps or (fb.value,))]
+                _, _, fc, _ = _figures(name, list(fb.reps or (fb.value,)), vals)
+                at = compare_metric(name, fb, fc, NoTraces(), Settings())
+                assert at.verdict == OK, (name, reps, scale, at.basis)
+                past = [v / 1.0001 if spec.higher_is_better else v * 1.0001 for v in vals]
+                _, _, fc2, _ = _figures(name, list(fb.reps or (fb.value,)), past)
+                beyond = compare_metric(name, fb, fc2, NoTraces(), Settings())
+                assert beyond.verdict == REGRESSION, (name, reps, scale, beyond.basis)
+    # the threshold of a throughput is a slowdown: -9.1 % is 10 % slower, beyond 5 %; -4.8 % is 5 %
+    spec, fb, fc, _ = _figures("output_tokens_per_s", [100.0], [100 / 1.05])
+    m = compare_metric("output_tokens_per_s", fb, fc, NoTraces(), Settings())
+    assert m.verdict == OK and m.change == pytest.approx(-0.047619, abs=1e-6)
+
+
+def test_repetitions_decide_with_their_spread():
+    """Repetitions give the noise: a shift as large as their spread is noise, one well outside it is a
+    regression; the smallest detectable change follows the spread and the counts."""
+    from moecap.compare import NOISE, REGRESSION, Settings, compare_metric, run_test
+
+    class NoTraces:
+        why = "none"
+
+        def test(self, spec):
+            return None
+
+        def why_untested(self, spec):
+            return "none"
+
+    noisy = [100.0, 88.0, 112.0, 95.0, 105.0]
+    spec, fb, fc, _ = _figures("output_tokens_per_s", noisy, [v / 1.08 for v in noisy[::-1]])
+    m = compare_metric("output_tokens_per_s", fb, fc, NoTraces(), Settings())
+    assert m.verdict == NOISE and m.test.n_base == 5 and m.test.source == "repetitions"
+    assert m.test.factor == pytest.approx(1.08) and m.test.lo < 1 < m.test.hi and m.test.detectable > 0.08
+    quiet = [100.0, 100.5, 99.5, 100.2, 99.8]
+    spec, fb, fc, _ = _figures("output_tokens_per_s", quiet, [v / 1.08 for v in quiet])
+    m = compare_metric("output_tokens_per_s", fb, fc, NoTraces(), Settings())
+    assert m.verdict == REGRESSION and m.test.significant and m.test.detectable < 0.08
+    more = run_test(spec, *_figures("output_tokens_per_s", noisy * 3, noisy * 3)[1:3], (), 0.05, 0.95)
+    fewer = run_test(spec, *_figures("output_tokens_per_s", noisy, noisy)[1:3], (), 0.05, 0.95)
+    assert more.detectable < fewer.detectable  # more repetitions, smaller detectable change
+    # with history, the larger of the two spreads rules: runs that wander more than repetitions do
+    spec, fb, fc, hist = _figures("output_tokens_per_s", quiet, [v / 1.08 for v in quiet],
+                                  [[v * f for v in quiet] for f in (0.9, 1.1, 0.95, 1.05)])
+    m = compare_metric("output_tokens_per_s", fb, fc, NoTraces(), Settings(), hist)
+    assert m.test.source == "run-to-run spread" and m.test.n_history == 4 and m.verdict == NOISE
+    # a figure with a zero: no ratio, the threshold decides
+    assert isinstance(run_test(spec, *_figures("output_tokens_per_s", [0.0, 1.0], [1.0, 1.0])[1:3], (), 0.05,
+                               0.95), str)
 
 
 def test_import_is_light():
@@ -462,3 +507,48 @@ def test_import_is_light():
             "print(','.join(m for m in ('torch', 'transformers', 'numpy', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+REPEAT_ARGS = ["--set", "workloads=[{name: w, source: random, input_tokens: 32, output_tokens: 8, num_prompts: 8, "
+               "ignore_eos: true}]", "--set", "loads=[{batch_size: 4}]", "--repeat", "3"]
+
+
+@pytest.fixture(scope="module")
+def repeated_runs(tmp_path_factory, tiny_moe_dir):
+    """The quickstart's model at batch 4, three repetitions a run, run twice."""
+    out = []
+    for side in ("rep-baseline", "rep-current"):
+        d = tmp_path_factory.mktemp(side)
+        proc = subprocess.run([sys.executable, "-m", "moecap", "run", SUITE, "-o", str(d), *REPEAT_ARGS],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        out.append(d)
+    return out
+
+
+def test_compare_decides_from_repetitions(repeated_runs, tmp_path, capsys):
+    """Records with repetitions are judged on them, not on one repetition's traces: every gated timing
+    figure's interval comes from the 3 vs 3 repetitions, with its detectable change; a slowdown of every
+    repetition by 30 % is caught; the injected copy's repetitions are what the warp made of each."""
+    base, cur = repeated_runs
+    rec = json.loads(perf_records(base)[0].read_text())
+    assert rec["report"]["repetitions"]["n"] == 3 and "passes.r3" in rec["artifacts"]
+    rc, data = compare_json(capsys, base, cur)
+    gated = [m for c in data["cells"] for m in c["metrics"] if m["gated"]]
+    assert gated and all(m["significance"]["kind"] == "runs" for m in gated)
+    for m in gated:
+        sig = m["significance"]
+        assert sig["n_baseline"] == sig["n_current"] == 3 and sig["source"] == "repetitions"
+        assert sig["detectable_change"] >= m["threshold"] and sig["df"] == 4
+        if m["verdict"] == "regression":  # a real, whole-run slowdown of the second run
+            assert sig["significant"]
+    slow = retime(cur, tmp_path / "slow", slower(1.3))
+    r0 = json.loads(perf_records(cur)[0].read_text())["report"]["repetitions"]["figures"]
+    r1 = json.loads(perf_records(slow)[0].read_text())["report"]["repetitions"]["figures"]
+    assert [b / a for a, b in zip(r0["tpot_ms_p50"]["values"], r1["tpot_ms_p50"]["values"])] == \
+        pytest.approx([1.3] * 3)
+    assert r1["output_tokens_per_s"]["median"] == pytest.approx(r0["output_tokens_per_s"]["median"] / 1.3)
+    rc, data = compare_json(capsys, cur, slow)
+    assert rc == 1
+    for m in rows(data, "output_tokens_per_s") + rows(data, "tpot_ms_p50"):
+        assert m["verdict"] == "regression" and m["significance"]["worse_factor"] == pytest.approx(1.3)

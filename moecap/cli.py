@@ -693,7 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="re-run cells that already have an ok record")
     r.add_argument("--repeat", type=int, metavar="N", default=None,
                    help="run each performance cell's measured window N times: the record keeps every "
-                   "repetition and each figure's median, interval and spread (default: the suite's repeat, 1)")
+                   "repetition and each figure's median, interval and spread; moecap compare judges them. With "
+                   "--executor inline or --isolate group the repetitions of a group's cells interleave (round i "
+                   "runs repetition i of every cell), so a drift of the machine hits all alike (default: the "
+                   "suite's repeat, 1)")
     r.add_argument("--resume", action="store_true",
                    help="continue the most recent interrupted run of this suite in this results folder (Ctrl-C, "
                    "SIGTERM, a killed process or a lost machine): its run id is kept, and only its unfinished cells "

@@ -361,3 +361,24 @@ def test_repeat_keeps_every_repetition_and_reports_medians_with_intervals(tmp_pa
     assert shown["Output throughput (tok/s)"] == f"{thr['median']:.1f} [{lo:.1f}–{hi:.1f}]"
     bad = moecap("run", "quickstart", "-o", str(tmp_path / "x"), "--repeat", "0", check=2)
     assert "repeat" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("executor", [["--executor", "inline"], ["--isolate", "group"]])
+def test_repetitions_interleave_across_a_groups_cells(tmp_path, tiny_moe_dir, executor):
+    """Issue 21: where one process runs a group's cells (inline, --isolate group), round i runs repetition
+    i of every cell, so a drift of the machine hits all cells alike: both cells start before either
+    finishes, and each record still has all of its own repetitions."""
+    proc = moecap("run", "quickstart", "-o", str(tmp_path), "--repeat", "2", *executor,
+                  "--set", "workloads=[{name: r, source: random, input_tokens: 16, output_tokens: 4, num_prompts: 2, "
+                  "ignore_eos: true}]", "--set", "loads=[{batch_size: 1}, {batch_size: 2}]", check=0)
+    lines = proc.stderr.splitlines()
+    first_start = next(i for i, ln in enumerate(lines) if "[1/2]" in ln and ln.endswith("..."))
+    second_start = next(i for i, ln in enumerate(lines) if "[2/2]" in ln and ln.endswith("..."))
+    first_done = next(i for i, ln in enumerate(lines) if "[1/2]" in ln and ": ok:" in ln)
+    assert first_start < second_start < first_done, proc.stderr[-3000:]
+    recs = records(tmp_path / "quickstart")
+    assert len(recs) == 2
+    for rec in recs.values():
+        assert rec["status"] == "ok" and rec["report"]["repetitions"]["n"] == 2
+        assert {f"passes.r{i}" for i in (1, 2)} <= set(rec["artifacts"])
+        assert all(a.startswith(rec["cell_id"] + "/") for a in rec["artifacts"].values())

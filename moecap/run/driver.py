@@ -227,22 +227,19 @@ class InlineExecutor:
         from moecap.runners.server import check_interrupted
 
         for group in groups:
-            session: GroupSession | None = None
+            cells = driver.take(group)
+            if not cells:
+                continue
+            session = GroupSession(driver.suite, driver.run_id, driver.environment(), driver.log)
             try:
-                for cell in group:
-                    if not driver.take([cell]):
-                        continue
-                    if session is None:
-                        session = GroupSession(driver.suite, driver.run_id, driver.environment(), driver.log)
-                        driver.status(f"loading {cell.model.display_name}")
-                        session.load(cell)
-                    driver.started(cell)
-                    result = session.measure(cell)
+                driver.status(f"loading {cells[0].model.display_name}")
+                session.load(cells[0])
+                started = lambda c, first: driver.started(c) if first else None  # noqa: E731
+                for cell, result in session.measure_group(cells, started):
                     check_interrupted()  # a Ctrl-C/SIGTERM stopped the servers mid-cell: record nothing of it
                     driver.deliver(cell, result)
             finally:
-                if session is not None:
-                    session.close()
+                session.close()
 
 
 def make_executor(kind: str, options: ExecutorOptions | None = None) -> Executor:

@@ -2,14 +2,15 @@
 
 Units: with ``isolate="cell"`` (the default) every cell gets a fresh worker, so no CUDA state, leaked
 memory or crash carries over from one cell to the next (the model loads per cell); with
-``isolate="group"`` one worker loads a model x runner group's model once and runs its cells in turn.
-Workers run one at a time (cells on one machine would contend for it).
+``isolate="group"`` one worker loads a model x runner group's model once and runs its cells in turn,
+interleaving their repetitions when the suite has ``repeat`` > 1 (round i runs repetition i of every
+cell; see :meth:`moecap.run.measure.GroupSession.measure_group`). Workers run one at a time (cells on one machine would contend for it).
 
 A worker starts in its own session; the driver reads its events from a pipe and tees its output
 (standard output and error) to this process's standard error, keeping the tail for failure records.
 
 * Timeout (``cell_timeout_s``): loading the model and each cell each get that long, counted from the
-  worker's event that starts them; past it the worker's process group gets SIGTERM (its runner stops
+  worker's event that starts them (with interleaved repetitions: each repetition's window); past it the worker's process group gets SIGTERM (its runner stops
   the servers it launched), then SIGKILL after ``kill_grace_s``. The cell (every cell the worker was
   loading the model for, when it was loading) is recorded failed, ``failure.kind: timeout``; not retried.
 * A worker that dies (a signal, a non-zero exit, ``os._exit``) before its cells finished: the cell it
@@ -272,6 +273,8 @@ class LocalExecutor:
             elif kind == "start" and ev.get("cell_id") in by_id:
                 phase = ev["cell_id"]
                 driver.started(by_id[phase])
+            elif kind == "window" and ev.get("cell_id") in by_id:  # a later window of interleaved repetitions
+                phase = ev["cell_id"]
             elif kind == "result" and ev.get("cell_id") in by_id:
                 result = CellResult.from_dict(ev)
                 driver.attach_log(result, worker.take_log(ev["cell_id"]))

@@ -7,7 +7,7 @@ import json
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from moecap.records import Record, now_iso
 from moecap.registry import load_object, runner_entry
@@ -69,46 +69,53 @@ def request_verdict(trace: Any, workload: Any) -> tuple[dict[str, Any], str | No
     return info, None
 
 
-def _measure_cell(
-    runner: Any, cell: Cell, peaks: Any, store: "ArtifactSink", hw: dict[str, Any] | None
-) -> tuple[dict[str, Any], dict[str, str], str | None]:
-    """Run one cell on a loaded runner: performance (traces -> figures, artifacts) and/or quality; with
-    why its requests fail it (None: they do not)."""
-    problem = None
-    report: dict[str, Any] = {}
-    arts: dict[str, str] = {}
-    if cell.workload.measures_performance:
-        n = max(1, int(getattr(cell.suite, "repeat", 1) or 1))
-        runs = []  # (report, artifacts) per repetition
-        for i in range(n):
-            trace = runner.run(cell.workload, cell.load)
-            rep, rows = build_report(trace, peaks, cell.workload.slo_ms)
-            rep["requests"], why = request_verdict(trace, cell.workload)
-            problem = problem or (f"repetition {i + 1} of {n}: {why}" if why and n > 1 else why)
-            rep["cost"] = price_run(rep, hw, cell.suite.cost)
-            if getattr(runner, "remote", False):
-                rep["cost"] = _remote_cost(rep["cost"], cell.suite.cost)
-            by_index = {r["index"]: r for r in rows}
-            suffix = f".r{i + 1}" if n > 1 else ""
-            runs.append((rep, {
-                "passes": store.write_artifact(cell.cell_id, f"passes{suffix}.jsonl",
-                                               ({**p.to_dict(), **by_index.get(p.index, {})} for p in trace.passes)),
-                "requests": store.write_artifact(cell.cell_id, f"requests{suffix}.jsonl",
-                                                 (r.to_dict() for r in trace.requests)),
-            }))
-        # the record's sections are one real repetition's (the median one on output throughput), so that
-        # they stay consistent with each other; every figure's value is its median over the repetitions
-        order = sorted(range(n), key=lambda i: runs[i][0].get("throughput", {}).get("output_tokens_per_s") or 0.0)
-        chosen = order[(n - 1) // 2]
-        report, arts = runs[chosen][0], dict(runs[chosen][1])
-        if n > 1:
-            from moecap.figures import repetition_summary
+def _perf_window(runner: Any, cell: Cell, peaks: Any, store: "ArtifactSink", hw: dict[str, Any] | None,
+                 i: int, n: int) -> tuple[dict[str, Any], dict[str, str], str | None]:
+    """Repetition ``i`` (from 0) of ``n`` of a performance cell's measured window: its report, its raw
+    traces as artifacts (``passes.rI``/``requests.rI`` with several repetitions), and why its requests
+    fail the cell (None: they do not)."""
+    trace = runner.run(cell.workload, cell.load)
+    rep, rows = build_report(trace, peaks, cell.workload.slo_ms)
+    rep["requests"], why = request_verdict(trace, cell.workload)
+    rep["cost"] = price_run(rep, hw, cell.suite.cost)
+    if getattr(runner, "remote", False):
+        rep["cost"] = _remote_cost(rep["cost"], cell.suite.cost)
+    by_index = {r["index"]: r for r in rows}
+    suffix = f".r{i + 1}" if n > 1 else ""
+    arts = {
+        "passes": store.write_artifact(cell.cell_id, f"passes{suffix}.jsonl",
+                                       ({**p.to_dict(), **by_index.get(p.index, {})} for p in trace.passes)),
+        "requests": store.write_artifact(cell.cell_id, f"requests{suffix}.jsonl", (r.to_dict() for r in trace.requests)),
+    }
+    return rep, arts, (f"repetition {i + 1} of {n}: {why}" if why and n > 1 else why)
 
-            report["repetitions"] = {"n": n, "sections_from": chosen + 1,
-                                     "figures": repetition_summary([r for r, _ in runs])}
-            for i, (_, a) in enumerate(runs, 1):  # every repetition's raw traces
-                arts.update({f"{kind}.r{i}": path for kind, path in a.items()})
-    else:
+
+def _assemble(runs: list[tuple[dict[str, Any], dict[str, str], str | None]]
+              ) -> tuple[dict[str, Any], dict[str, str], str | None]:
+    """A performance cell's report from its repetitions' windows (see :func:`_perf_window`).
+
+    The record's sections are one real repetition's (the median one on output throughput), so that they
+    stay consistent with each other; with several repetitions every figure's value is its median over
+    them (``report.repetitions``) and every repetition's raw traces are kept."""
+    n = len(runs)
+    problem = next((why for _, _, why in runs if why), None)
+    order = sorted(range(n), key=lambda i: runs[i][0].get("throughput", {}).get("output_tokens_per_s") or 0.0)
+    chosen = order[(n - 1) // 2]
+    report, arts = runs[chosen][0], dict(runs[chosen][1])
+    if n > 1:
+        from moecap.figures import repetition_summary
+
+        report["repetitions"] = {"n": n, "sections_from": chosen + 1,
+                                 "figures": repetition_summary([r for r, _, _ in runs])}
+        for i, (_, a, _) in enumerate(runs, 1):
+            arts.update({f"{kind}.r{i}": path for kind, path in a.items()})
+    return report, arts, problem
+
+
+def _finish_report(runner: Any, cell: Cell, report: dict[str, Any]) -> dict[str, Any]:
+    """A cell's report after its performance windows: quality, or what a quality-only cell leaves out,
+    and the basis of each figure family."""
+    if not cell.workload.measures_performance:
         reason = "a quality-only cell serves no requests: there is no measured serving window to meter or price"
         report["energy"] = {"available": False, "reason": reason}
         report["cost"] = {"available": False, "reason": reason}
@@ -123,7 +130,25 @@ def _measure_cell(
     from moecap.figures import bases
 
     report["basis"] = bases(report)  # per figure family: measured, traced, recorded or estimated
-    return report, arts, problem
+    return report
+
+
+def repeat_count(cell: Cell) -> int:
+    return max(1, int(getattr(cell.suite, "repeat", 1) or 1))
+
+
+def _measure_cell(
+    runner: Any, cell: Cell, peaks: Any, store: "ArtifactSink", hw: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, str], str | None]:
+    """Run one cell on a loaded runner: performance (traces -> figures, artifacts; its repetitions back
+    to back) and/or quality; with why its requests fail it (None: they do not)."""
+    report: dict[str, Any] = {}
+    arts: dict[str, str] = {}
+    problem = None
+    if cell.workload.measures_performance:
+        n = repeat_count(cell)
+        report, arts, problem = _assemble([_perf_window(runner, cell, peaks, store, hw, i, n) for i in range(n)])
+    return _finish_report(runner, cell, report), arts, problem
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,33 +258,88 @@ class GroupSession:
         return Record(run_id=self.run_id, created_at=now_iso(), suite=_suite_info(self.suite), cell_id=cell.cell_id,
                       status=status, environment=self.environment, **kw)
 
+    def _failed_load(self, cell: Cell) -> CellResult:
+        sink = ArtifactSink()
+        arts = _save_logs(self.runner, sink, cell) if self.runner is not None else {}
+        rec = self._record(cell, "failed", error=self.load_error, config=_cell_config(cell, None, self.hw_dict),
+                           artifacts=arts, failure={"kind": "exception"})
+        return CellResult(rec, sink.files)
+
+    def _result(self, cell: Cell, info: Any, sink: "ArtifactSink", report: dict[str, Any], arts: dict[str, str],
+                problem: str | None) -> CellResult:
+        arts.update(_save_logs(self.runner, sink, cell))
+        if problem is None:
+            rec = self._record(cell, "ok", config=_cell_config(cell, info, self.hw_dict), report=report, artifacts=arts)
+        else:  # its requests failed it: the figures and every request stay for the post-mortem
+            rec = self._record(cell, "failed", error=problem, config=_cell_config(cell, info, self.hw_dict),
+                               report=report, artifacts=arts, failure={"kind": "requests"})
+        return CellResult(rec, sink.files)
+
+    def _raised(self, cell: Cell, info: Any) -> CellResult:
+        err = traceback.format_exc()
+        sink = ArtifactSink()  # artifacts of a half-measured cell are not kept
+        rec = self._record(cell, "failed", error=err, config=_cell_config(cell, info, self.hw_dict),
+                           artifacts=_save_logs(self.runner, sink, cell), failure={"kind": "exception"})
+        _free_device_memory()
+        return CellResult(rec, sink.files)
+
     def measure(self, cell: Cell) -> CellResult:
         if not self.loaded:
             self.load(cell)
-        sink = ArtifactSink()
         if self.load_error is not None:
-            arts = _save_logs(self.runner, sink, cell) if self.runner is not None else {}
-            rec = self._record(cell, "failed", error=self.load_error, config=_cell_config(cell, None, self.hw_dict),
-                               artifacts=arts, failure={"kind": "exception"})
-            return CellResult(rec, sink.files)
+            return self._failed_load(cell)
         info = None
+        sink = ArtifactSink()
         try:
             info = self.runner.info()
             report, arts, problem = _measure_cell(self.runner, cell, self.peaks, sink, self.hw_dict)
-            arts.update(_save_logs(self.runner, sink, cell))
-            if problem is None:
-                rec = self._record(cell, "ok", config=_cell_config(cell, info, self.hw_dict), report=report,
-                                   artifacts=arts)
-            else:  # its requests failed it: the figures and every request stay for the post-mortem
-                rec = self._record(cell, "failed", error=problem, config=_cell_config(cell, info, self.hw_dict),
-                                   report=report, artifacts=arts, failure={"kind": "requests"})
+            return self._result(cell, info, sink, report, arts, problem)
         except Exception:
-            err = traceback.format_exc()
-            sink = ArtifactSink()  # artifacts of a half-measured cell are not kept
-            rec = self._record(cell, "failed", error=err, config=_cell_config(cell, info, self.hw_dict),
-                               artifacts=_save_logs(self.runner, sink, cell), failure={"kind": "exception"})
-            _free_device_memory()
-        return CellResult(rec, sink.files)
+            return self._raised(cell, info)
+
+    def measure_group(self, cells: list[Cell], on_start: Callable[[Cell, bool], None] = lambda c, first: None
+                      ) -> Iterator[tuple[Cell, CellResult]]:
+        """Measure ``cells`` (loaded for the first), yielding each cell's result as it is done.
+
+        With ``repeat`` > 1 and two or more performance cells, the repetitions are interleaved: round i
+        runs repetition i of every cell in turn, so that a drift of the machine (another tenant, clocks,
+        heat) hits every cell alike instead of the cells that happened to run during it; a cell's result
+        comes after its last round (a cell whose window raises fails then and leaves the rounds). Quality
+        cells follow. Otherwise the cells run one after the other, each with its repetitions back to
+        back. ``on_start(cell, first)`` is called before every measured window (first: the cell's first)."""
+        if not self.loaded:
+            self.load(cells[0])
+        perf = [c for c in cells if c.workload.measures_performance]
+        n = repeat_count(cells[0])
+        if self.load_error is not None or n < 2 or len(perf) < 2:
+            for cell in cells:
+                on_start(cell, True)
+                yield cell, self.measure(cell)
+            return
+        state: dict[str, dict[str, Any]] = {c.cell_id: {"runs": [], "sink": ArtifactSink(), "info": None}
+                                            for c in perf}
+        live = list(perf)
+        for i in range(n):
+            for cell in list(live):
+                st = state[cell.cell_id]
+                on_start(cell, i == 0)
+                try:
+                    if i == 0:
+                        st["info"] = self.runner.info()
+                    st["runs"].append(_perf_window(self.runner, cell, self.peaks, st["sink"], self.hw_dict, i, n))
+                    if i < n - 1:
+                        continue
+                    report, arts, problem = _assemble(st["runs"])
+                    result = self._result(cell, st["info"], st["sink"],
+                                          _finish_report(self.runner, cell, report), arts, problem)
+                except Exception:
+                    result = self._raised(cell, st["info"])
+                live.remove(cell)
+                yield cell, result
+        for cell in cells:
+            if not cell.workload.measures_performance:
+                on_start(cell, True)
+                yield cell, self.measure(cell)
 
     def close(self) -> None:
         runner, self.runner = self.runner, None
@@ -311,9 +391,9 @@ def run_unit(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> No
         emit({"event": "loading"})
         session.load(cells[0])
         emit({"event": "loaded", "ok": session.load_error is None})
-        for cell in cells:
-            emit({"event": "start", "cell_id": cell.cell_id})
-            res = session.measure(cell)
+        # "start": a cell's first measured window; "window": a later one of interleaved repetitions
+        starts = lambda c, first: emit({"event": "start" if first else "window", "cell_id": c.cell_id})  # noqa: E731
+        for cell, res in session.measure_group(cells, starts):
             check_interrupted()  # a SIGTERM stopped the servers mid-cell: report nothing of it
             emit({"event": "result", "cell_id": cell.cell_id, **res.to_dict()})
     finally:

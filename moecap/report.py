@@ -30,7 +30,7 @@ def columns() -> list[tuple[str, str, str]]:
 
     cols = [(c[0], c[1], c[3]) for c in IDENTITY]
     cols += [(f.key, f.header, f".{f.decimals}f") for f in figures.shown("report")]
-    return cols + [("basis", "basis", "s"), ("peak", "peak", "s")]
+    return cols + [("repetitions", "reps", "d"), ("basis", "basis", "s"), ("peak", "peak", "s")]
 
 
 def __getattr__(name: str) -> Any:  # COLUMNS follows the figure table (read at access)
@@ -55,8 +55,14 @@ def record_row(rec: Record | dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"cell_id": d.get("cell_id")}
     for col, _, path, fmt in IDENTITY:
         row[col] = _load_str(d) if fmt == "load" else dig(d, path)
+    reps = report.get("repetitions") if isinstance(report.get("repetitions"), dict) else {}
+    summary = reps.get("figures") if isinstance(reps.get("figures"), dict) else {}
+    row["repetitions"] = reps.get("n") if reps else (1 if report.get("throughput") else None)
     for f in figures.shown("report"):
         row[f.key] = f.value(report)
+        iv = (summary.get(f.key) or {}).get("interval") if isinstance(summary.get(f.key), dict) else None
+        if isinstance(iv, list) and len(iv) == 2:  # the interval of the median over the repetitions
+            row[f.key + LOW], row[f.key + HIGH] = iv
     row["basis"] = figures.basis_summary(report) if report else None
     row["peak"] = figures.peak_kind(report)
     for k, (v, se, _) in figures.quality_values(report).items():
@@ -67,6 +73,8 @@ def record_row(rec: Record | dict[str, Any]) -> dict[str, Any]:
 
 
 STDERR = " stderr"  # a quality figure's standard error sits beside it under "<key> stderr"
+LOW, HIGH = " lo", " hi"  # with repetitions: the interval of a figure's median, under "<key> lo" / "<key> hi"
+_AUX = (STDERR, LOW, HIGH)
 
 
 def result_line(rec: Record) -> str:
@@ -106,7 +114,7 @@ def _quality_keys(rows: list[dict[str, Any]], fixed: set[str] | None = None) -> 
     """The quality figures (``ppl:<dataset>``, ``<task>:<metric>``) any row has: perplexities first.
     ``fixed``: the keys that are no quality figure (default: the identity and the table's figures)."""
     fixed = fixed if fixed is not None else {"cell_id", *(c[0] for c in columns())}
-    keys = {k for r in rows for k in r if k not in fixed and not k.endswith(STDERR)}
+    keys = {k for r in rows for k in r if k not in fixed and not k.endswith(_AUX)}
     return sorted(keys, key=lambda k: (not k.startswith("ppl:"), k))
 
 
@@ -115,8 +123,13 @@ def _quality_fmt(key: str) -> str:
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """(key, header, format) of the fixed columns, then each quality figure and its standard error."""
-    cols = columns()
+    """(key, header, format) of the fixed columns (each figure with repetitions followed by the interval
+    of its median, ``<key> lo``/``<key> hi``), then each quality figure and its standard error."""
+    cols = []
+    for c in columns():
+        cols.append(c)
+        if any(r.get(c[0] + LOW) is not None for r in rows):
+            cols += [(c[0] + LOW, c[1] + " lo", c[2]), (c[0] + HIGH, c[1] + " hi", c[2])]
     for k in _quality_keys(rows):
         cols.append((k, k, _quality_fmt(k)))
         if any(r.get(k + STDERR) is not None for r in rows):
@@ -183,7 +196,12 @@ def format_rows(rows: list[dict[str, Any]], fmt: str = "table") -> str:
     render = _markdown if fmt == "markdown" else render_table
     parts = []
     if perf:
-        parts.append(render([c[1] for c in fixed], [[_fmt(r.get(c[0]), c[2]) for c in fixed] for r in perf]))
+        def cell(r: dict[str, Any], c: tuple[str, str, str]) -> str:
+            text = _fmt(r.get(c[0]), c[2])
+            if r.get(c[0] + LOW) is not None and r.get(c[0]) is not None:  # median [interval] over repetitions
+                text += f" [{_fmt(r[c[0] + LOW], c[2])}–{_fmt(r[c[0] + HIGH], c[2])}]"
+            return text
+        parts.append(render([c[1] for c in fixed], [[cell(r, c) for c in fixed] for r in perf]))
     if quality:
         parts.append(render(*_quality_table(quality)))
     return "\n\n".join(parts)

@@ -95,6 +95,7 @@ class ExpertTracer:
         self._wrapped: list[tuple[nn.Module, Any]] = []  # (experts module, its instance forward before us)
         self._router_needed = True  # False once a traced pass found every layer's indices at the experts
         self._idx: list[torch.Tensor | None] = [None] * len(self.blocks)
+        self._seen = 0  # layers whose experts gave their indices in the traced pass
         self._router_out: list[Any] = [None] * len(self.blocks)
         self._pending: list[list[torch.Tensor] | None] = []
         self._active = False
@@ -117,7 +118,11 @@ class ExpertTracer:
     def _experts_forward(self, slot: int, forward: Any):
         def traced_forward(*args, **kwargs):
             if self._active:
-                self._idx[slot] = _int_tensor(args, kwargs)
+                idx = _int_tensor(args, kwargs)
+                if idx is not None:
+                    if self._idx[slot] is None:  # _seen: how many layers have their indices
+                        self._seen += 1
+                    self._idx[slot] = idx
             return forward(*args, **kwargs)
 
         return traced_forward
@@ -144,6 +149,7 @@ class ExpertTracer:
     def begin_pass(self) -> None:
         if self._router_needed:
             self._router_out = [None] * len(self.blocks)
+        self._seen = 0
         self._active = True
 
     def _indices(self, slot: int) -> torch.Tensor | None:
@@ -171,6 +177,15 @@ class ExpertTracer:
         deferred passes at once, off the timed path (one batched bincount, one device-to-host copy).
         """
         self._active = False
+        n = len(self.blocks)
+        if n and self._seen == n and not self._router_needed:
+            # the common case, kept short (it runs on the timed path): every layer's experts gave its
+            # indices, and the router fallback is gone
+            idx, self._idx = self._idx, [None] * n  # a new list: the deferred pass keeps the old one
+            if defer:
+                self._pending.append(idx)
+                return None
+            return self._count([idx])[0]
         # `is not None`, never `None in`: that compares every tensor with None through torch (~10 us each)
         at_experts = bool(self.blocks) and all(i is not None for i in self._idx)
         if at_experts:  # the common case: every layer's indices were taken at its experts
@@ -195,6 +210,11 @@ class ExpertTracer:
     def flush(self) -> list[list[list[int]] | None]:
         """Expert counts of every deferred pass, in order (None where a pass was not fully traced)."""
         pending, self._pending = self._pending, []
+        if pending and all(idx is not None for idx in pending):
+            try:  # the common case, decode passes of one batch: every index tensor has one shape
+                return self._count(pending, torch.stack([t for idx in pending for t in idx]))
+            except RuntimeError:  # shapes differ (a pass of other token counts): group them by shape
+                pass
         out: list[list[list[int]] | None] = [None] * len(pending)
         groups: dict[tuple, list[int]] = {}
         for i, idx in enumerate(pending):
@@ -205,21 +225,26 @@ class ExpertTracer:
                 out[i] = counts
         return out
 
-    def _count(self, passes: list[list[torch.Tensor]]) -> list[list[list[int]]]:
-        """Bincount of the expert ids of several passes of one shape: [pass][layer][expert]."""
+    def _count(self, passes: list[list[torch.Tensor]], stacked: torch.Tensor | None = None) -> list[list[list[int]]]:
+        """Bincount of the expert ids of several passes: [pass][layer][expert]. ``stacked``: their index
+        tensors already stacked (one shape)."""
         n_pass, n_layer = len(passes), len(self.blocks)
         e_max = max(self.num_experts)
         width = e_max + 1  # one spare bucket per row for out-of-range ids (padding sentinels)
-        shapes = {tuple(t.shape) for idx in passes for t in idx}
-        if len(shapes) == 1:
+        if stacked is not None:
+            ids = stacked.reshape(n_pass * n_layer, -1)
+        elif len({tuple(t.shape) for idx in passes for t in idx}) == 1:
             ids = torch.stack([t for idx in passes for t in idx]).reshape(n_pass * n_layer, -1)  # one stack
         else:  # layers saw different token counts: flatten each row separately
             ids = torch.nn.utils.rnn.pad_sequence(
                 [t.reshape(-1) for idx in passes for t in idx], batch_first=True, padding_value=-1
             )
-        ids = ids.to(torch.int64)
-        ids = torch.where((ids < 0) | (ids > e_max), e_max, ids)
-        ids = ids + torch.arange(n_pass * n_layer, device=ids.device)[:, None] * width
-        counts = torch.bincount(ids.reshape(-1), minlength=n_pass * n_layer * width)
-        rows = counts.view(n_pass, n_layer, width).cpu().tolist()
+        # out-of-range ids (-1 padding, a sentinel past the last expert) land in the spare bucket, e_max:
+        # clamp to [-1, e_max], then -1 % width == e_max
+        ids = ids.to(torch.int64).clamp(-1, e_max).remainder(width)
+        ids = ids + torch.arange(0, n_pass * n_layer * width, width, device=ids.device)[:, None]
+        counts = torch.bincount(ids.reshape(-1), minlength=n_pass * n_layer * width).view(n_pass, n_layer, width)
+        if min(self.num_experts) == e_max:  # every layer has as many experts: cut the spare bucket at once
+            return counts[:, :, :e_max].cpu().tolist()
+        rows = counts.cpu().tolist()
         return [[row[: self.num_experts[s]] for s, row in enumerate(layers)] for layers in rows]

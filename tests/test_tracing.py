@@ -115,6 +115,25 @@ def test_deferred_passes_flush_in_order():
     assert tracer.flush() == []
 
 
+def test_flush_counts_out_of_range_ids_in_no_expert():
+    """Padding (-1) and sentinels past the last expert are counted for no expert, in the one-shape fast
+    path and in the grouped one; a pass that was not fully traced stays None."""
+    model = _build(TINY["olmoe"])
+    tracer = ExpertTracer(model)
+    n_layer, n_exp = len(tracer.blocks), tracer.num_experts[0]
+    ids = torch.tensor([[0, n_exp - 1], [-1, n_exp], [n_exp + 5, 1]])
+    want = [0] * n_exp
+    want[0] += 1
+    want[n_exp - 1] += 1
+    want[1] += 1
+    for pending, expected in (
+        ([[ids] * n_layer, [ids] * n_layer], [[want] * n_layer] * 2),
+        ([[ids] * n_layer, None, [ids[:1]] * n_layer], [[want] * n_layer, None, [[1] + [0] * (n_exp - 2) + [1]] * n_layer]),
+    ):
+        tracer._pending = pending
+        assert tracer.flush() == expected
+
+
 class _LogitsRouter(nn.Module):
     """An older layout: the router returns logits only, the experts get dense routing weights."""
 

@@ -236,7 +236,7 @@ def _known_pattern(pattern: str) -> bool:
 def _unknown_metric_message(pattern: str) -> str:
     examples = ", ".join(s.name for s in static_metrics()[:4])
     return (f"unknown metric {pattern!r}; expected a metric name or pattern ({examples}, "
-            f"ttft_ms_p99, ...; `moecap compare --list-metrics` lists them all), a group ({', '.join(groups())}), "
+            f"output_tokens_per_s, s_mbu_decode, ...; `moecap compare --list-metrics` lists them all), a group ({', '.join(groups())}), "
             f"or a quality figure (ppl:<dataset>, <task>:<metric>)")
 
 
@@ -279,9 +279,11 @@ class Settings:
     resamples: int = 2000
     seed: int = 0
 
-    def threshold(self, spec: MetricSpec) -> float:
+    def threshold(self, spec: MetricSpec, suite: Sequence[tuple[str, float]] = ()) -> float:
+        """The metric's default, then the suite's gate (``suite``: from the baseline record), then the
+        command line's --threshold: in each, the last match wins."""
         thr = spec.threshold
-        for pattern, value in self.thresholds:
+        for pattern, value in (*suite, *self.thresholds):
             if _matches(pattern, spec):
                 thr = value
         return thr
@@ -803,8 +805,20 @@ def run_test(spec: MetricSpec, fb: Figure, fc: Figure, history: Sequence[Figure]
                    detectable=math.expm1(cut + z * se), flags_beyond=math.expm1(cut))
 
 
+def suite_thresholds(rec: Record) -> list[tuple[str, float]]:
+    """The thresholds a record's suite set for ``moecap compare`` (``gate.thresholds``, percent), as
+    (pattern, fraction); none when it set none or they are malformed."""
+    gate = (rec.suite or {}).get("gate") if isinstance(rec.suite, dict) else None
+    th = gate.get("thresholds") if isinstance(gate, dict) else None
+    if not isinstance(th, dict):
+        return []
+    return [(str(k), float(v) / 100.0) for k, v in th.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0]
+
+
 def compare_metric(name: str, fb: Figure | None, fc: Figure | None, sampling: "_CellSampling",
-                   settings: Settings, history: Sequence[Figure] = ()) -> MetricResult:
+                   settings: Settings, history: Sequence[Figure] = (),
+                   suite: Sequence[tuple[str, float]] = ()) -> MetricResult:
     """The verdict on one figure, by one rule for every relative figure:
 
     * within threshold: the figure is at most ``threshold`` worse (worse_factor <= 1 + threshold, a
@@ -817,7 +831,7 @@ def compare_metric(name: str, fb: Figure | None, fc: Figure | None, sampling: "_
     """
     spec = (fb or fc).spec  # type: ignore[union-attr]
     gated = settings.gated(spec)
-    thr = settings.threshold(spec)
+    thr = settings.threshold(spec, suite)
     base = fb.value if fb else None
     cur = fc.value if fc else None
     bound = None if spec.absolute else time_ratio_bound(spec, thr)
@@ -906,8 +920,9 @@ def compare_records(pb: Path, rb: Record, pc: Path, rc: Record, settings: Settin
     static = static_metrics()
     names = [s.name for s in static if s.name in fbs or s.name in fcs]
     names += sorted((set(fbs) | set(fcs)) - {s.name for s in static})
+    suite = suite_thresholds(rb)
     return [compare_metric(name, fbs.get(name), fcs.get(name), sampling, settings,
-                           [f[name] for f in fhs if name in f]) for name in names]
+                           [f[name] for f in fhs if name in f], suite) for name in names]
 
 
 def compare_paths(baseline: str | Path, current: str | Path, settings: Settings | None = None,
@@ -940,6 +955,15 @@ def compare_paths(baseline: str | Path, current: str | Path, settings: Settings 
                      + (f"; {own} are records of the baseline's or the current run itself (same run id), not "
                         "counted: a run is no evidence of its own noise" if own else "")
                      + (f"; {twice} repeat a run already given, counted once" if twice else ""))
+    gates: dict[str, str] = {}
+    for (suite_name, _), (_, rec) in base_index.items():
+        if suite_name not in gates and suite_thresholds(rec):
+            gate = rec.suite.get("gate") or {}
+            gates[suite_name] = (", ".join(f"{k}={v:g}%" for k, v in gate.get("thresholds", {}).items())
+                                 + (f" ({gate['note']})" if gate.get("note") else ""))
+    for suite_name, text in gates.items():
+        notes.append(f"suite {suite_name!r} sets its gate's thresholds (the baseline records' suite.gate; "
+                     f"--threshold overrides them): {text}")
     if history:
         runs = sorted({len(v) for k, v in past.items() if k in cur_index} or {0})
         if runs[0] < SHORT_HISTORY:

@@ -265,6 +265,31 @@ class OutputConfig(_Strict):
     """Records go to ``<dir>/<suite name>/``."""
 
 
+class GateConfig(_Strict):
+    """How ``moecap compare`` gates this suite's records unless its command line says otherwise: the
+    noise thresholds a suite's author calibrated on its machine (``benchmarks/gate_calibration.py``)."""
+
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    """Metric, pattern or group -> threshold in percent (accuracy: points), as ``moecap compare
+    --threshold METRIC=PCT``; applied in order (the last match wins), before the command line's."""
+    note: str = ""
+    """Why these thresholds (what was measured, where): shown in the comparison's notes."""
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: dict[str, float]) -> dict[str, float]:
+        import math
+
+        from moecap.compare import _known_pattern, _unknown_metric_message
+
+        for metric, pct in v.items():
+            if not _known_pattern(metric):
+                raise ValueError(f"{metric!r}: {_unknown_metric_message(metric)}")
+            if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not (math.isfinite(pct) and pct >= 0):
+                raise ValueError(f"{metric}: {pct!r}: a threshold is a finite percentage >= 0, e.g. {metric}: 7")
+        return v
+
+
 class Suite(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*$")
     description: str = ""
@@ -282,6 +307,9 @@ class Suite(_Strict):
     """How many times each performance cell's measured window runs (``moecap run --repeat N``). With
     N >= 2 the record keeps every repetition's traces and each figure's median, interval and spread over
     them (``report.repetitions``); the figure's value is that median. Not part of a cell's id."""
+    gate: GateConfig | None = None
+    """``moecap compare``'s thresholds for this suite's records (recorded in each record's ``suite``);
+    the command line's ``--threshold`` still wins. Not part of a cell's id."""
 
     @field_validator("cost")
     @classmethod

@@ -39,8 +39,7 @@ class HFRunner(Runner):
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         self.dtype_name = dtype
         self.torch_dtype = getattr(torch, dtype)
-        if args.num_threads and not self.device.startswith("cuda"):
-            torch.set_num_threads(args.num_threads)
+        self._threads_before: int | None = None  # torch's threads before load() set num_threads
         self.model = None
         self.tokenizer = None
         self.tracer = None
@@ -48,9 +47,16 @@ class HFRunner(Runner):
 
     # ------------------------------------------------------------------ lifecycle
     def load(self, model_cfg: Any) -> None:
+        import torch
+
         from moecap.models import load_causal_lm
         from moecap.runners.tracing import ExpertTracer
 
+        # set here, not when constructed: the hardware peaks are calibrated in between, and they are the
+        # machine's (every core), not this runner's share of it; close() gives the threads back
+        if self.args.num_threads and not self.device.startswith("cuda"):
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.args.num_threads)
         self.model, self.tokenizer, self.model_source = load_causal_lm(
             model_cfg, self.device, self.torch_dtype, self.args.attn_implementation
         )
@@ -63,6 +69,9 @@ class HFRunner(Runner):
         if self.tracer is not None:
             self.tracer.detach()
         self.model = self.tokenizer = self.tracer = None
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -552,3 +552,22 @@ def test_compare_decides_from_repetitions(repeated_runs, tmp_path, capsys):
     assert rc == 1
     for m in rows(data, "output_tokens_per_s") + rows(data, "tpot_ms_p50"):
         assert m["verdict"] == "regression" and m["significance"]["worse_factor"] == pytest.approx(1.3)
+
+
+def test_a_suites_gate_sets_the_thresholds_and_the_command_line_wins(two_runs, tmp_path, capsys):
+    """Issue 21: the thresholds a suite carries (``gate.thresholds``, recorded in each record's ``suite``)
+    are the comparison's, above each metric's default; ``--threshold`` still wins; the notes say so."""
+    _, cur = two_runs
+    base = tmp_path / "base"
+    shutil.copytree(cur, base)
+    for path in (base / SUITE).glob("*.json"):
+        rec = json.loads(path.read_text())
+        rec["suite"]["gate"] = {"thresholds": {"throughput": 12, "utilization": 12, "latency": 12}, "note": "measured"}
+        path.write_text(json.dumps(rec))
+    slow = retime(cur, tmp_path / "slow", slower(1.1), "slow")
+    rc, data = compare_json(capsys, base, slow)
+    assert rc == 0 and all(m["threshold"] == 0.12 and m["verdict"] == "ok" for m in rows(data, "output_tokens_per_s"))
+    assert any("suite 'quickstart' sets its gate's thresholds" in n and "throughput=12%" in n and "(measured)" in n
+               for n in data["notes"])
+    rc, data = compare_json(capsys, base, slow, "--threshold", "throughput=5")
+    assert rc == 1 and all(m["threshold"] == 0.05 for m in rows(data, "output_tokens_per_s"))

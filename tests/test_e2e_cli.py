@@ -82,6 +82,10 @@ def test_quickstart_records(quickstart_run):
         assert rep["model"]["total_params"] > 100_000
         assert rec["environment"]["packages"]["transformers"] == "5.23.0"
         assert rec["config"]["runner"]["device"] == "cpu"
+        # the quickstart's settings for repeatable numbers (issue 21): one torch thread, 5 repetitions,
+        # and the gate thresholds calibrated for them, carried to moecap compare in the record
+        assert rec["config"]["runner"]["torch_threads"] == 1 and rep["repetitions"]["n"] == 5
+        assert rec["suite"]["gate"]["thresholds"] == {"throughput": 7, "utilization": 7}
 
         # per-pass trace with non-empty expert unions; per-request timestamps
         passes = [json.loads(x) for x in (out / "quickstart" / rec["artifacts"]["passes"]).read_text().splitlines()]

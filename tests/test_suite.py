@@ -345,3 +345,21 @@ def test_unknown_served_child_is_refused_at_validation(tmp_path):
     assert "not served; served: child" in msg
     ok = _serve_suite({"serve": ["code=tiny-moe-code", "org/some-model"], "models": {"code": 3, "org/some-model": 1}})
     load_suite(str(write(tmp_path, ok)))
+
+
+def test_gate_thresholds_are_validated_and_not_part_of_a_cells_id(tmp_path):
+    """Issue 21: a suite may carry moecap compare's thresholds for its records (``gate.thresholds``,
+    percent); a name compare does not know, or a threshold that is no finite percentage, is an error
+    naming the file, the field and what is allowed."""
+    ok = load_suite(str(write(tmp_path, {**BASE, "gate": {"thresholds": {"throughput": 7, "ttft_ms_p50": 12.5},
+                                                         "note": "calibrated here"}})))
+    assert ok.gate.thresholds == {"throughput": 7, "ttft_ms_p50": 12.5}
+    plain = load_suite(str(write(tmp_path, BASE, "plain.yaml")))
+    assert [c.cell_id for c in expand(ok)] == [c.cell_id for c in expand(plain)]
+    msg = err_of(tmp_path, {**BASE, "gate": {"thresholds": {"thruput": 7}}})
+    assert "suite.yaml" in msg and "gate.thresholds" in msg and "'thruput'" in msg and "output_tokens_per_s" in msg
+    msg = err_of(tmp_path, {**BASE, "gate": {"thresholds": {"throughput": -1}}})
+    assert "gate.thresholds" in msg and "finite percentage >= 0" in msg
+    msg = err_of(tmp_path, {**BASE, "gate": {"threshold": {"throughput": 5}}})
+    assert "gate.threshold" in msg
+    assert load_suite("quickstart").gate.thresholds  # the quickstart carries its calibrated settings

@@ -16,7 +16,10 @@ from moecap.suite import Cell, Suite, expand
 
 
 def _suite_info(suite: Suite) -> dict[str, Any]:
-    return {"name": suite.name, "source": suite.source, "description": suite.description}
+    info = {"name": suite.name, "source": suite.source, "description": suite.description}
+    if suite.gate is not None:  # moecap compare's thresholds for these records
+        info["gate"] = suite.gate.model_dump()
+    return info
 
 
 def _cell_config(cell: Cell, runner_info: dict[str, Any] | None, hw: dict[str, Any] | None) -> dict[str, Any]:

@@ -52,14 +52,15 @@ class HFRunner(Runner):
         from moecap.models import load_causal_lm
         from moecap.runners.tracing import ExpertTracer
 
-        # set here, not when constructed: the hardware peaks are calibrated in between, and they are the
-        # machine's (every core), not this runner's share of it; close() gives the threads back
-        if self.args.num_threads and not self.device.startswith("cuda"):
-            self._threads_before = torch.get_num_threads()
-            torch.set_num_threads(self.args.num_threads)
         self.model, self.tokenizer, self.model_source = load_causal_lm(
             model_cfg, self.device, self.torch_dtype, self.args.attn_implementation
         )
+        # set once the model is here, not when constructed: the hardware peaks (calibrated before load) are
+        # the machine's, every core, and so is building an embedded model on first use (training);
+        # close() gives the threads back
+        if self.args.num_threads and not self.device.startswith("cuda"):
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.args.num_threads)
         if self.args.trace_experts:
             self.tracer = ExpertTracer(self.model).attach()
 

@@ -107,3 +107,35 @@ def test_zoo_build_reuses_cached_children_and_counts_only_training_time(tiny_moe
     assert any("tiny-moe-prose step" in ln for ln in lines) and not any("tiny-moe-code step" in ln for ln in lines)
     assert again["build_seconds"] == pytest.approx(before["build_seconds"] + again["last_run_seconds"])
     assert (root / "prose" / "moecap.json").is_file()
+
+
+def test_num_threads_holds_from_load_to_close(tiny_moe_dir, monkeypatch):
+    """The HF runner's ``num_threads`` (the quickstart sets 1) holds only while it serves: not when it is
+    constructed (the hardware peaks are calibrated next, on every core), not while the model loads or
+    an embedded model trains on first use, and close() gives the threads back."""
+    import torch
+
+    import moecap.models
+    from moecap.runners.args import HFRunnerArgs
+    from moecap.runners.hf import HFRunner
+    from moecap.suite import HardwareConfig, ModelConfig
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    seen = []
+    real = moecap.models.load_causal_lm
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moecap.models, "load_causal_lm", spy)
+    runner = HFRunner(HFRunnerArgs(dtype="float32", num_threads=want), HardwareConfig(device="cpu"))
+    try:
+        assert torch.get_num_threads() == before
+        runner.load(ModelConfig(id="tiny-moe"))
+        assert seen == [before] and torch.get_num_threads() == want
+        assert runner.info()["torch_threads"] == want
+    finally:
+        runner.close()
+    assert torch.get_num_threads() == before

@@ -651,14 +651,9 @@ def _accuracy_threshold(fb: Figure, fc: Figure, floor: float, z: float) -> tuple
     return max(floor, bound), basis
 
 
-def time_ratio_bound(spec: MetricSpec, threshold: float) -> float:
-    """A relative threshold as a bound on the ratio of the samples' times (> 1 is slower): every relative
-    threshold is a slowdown, so ``threshold`` 0.10 is a time ratio of 1.10 for a latency and for a
-    throughput alike (a throughput 10 % slower is ×1/1.10, a change of -9.1 %)."""
-    return 1.0 + threshold
-
-
-# a change that lands on the threshold to rounding (a stretch of exactly 10 % against 10 %) is within it
+# a change that lands on the threshold to rounding (a stretch of exactly 10 % against 10 %) is within it.
+# Every relative threshold is a slowdown: 0.10 is a worse factor of 1.10 for a latency and a throughput
+# alike (a throughput 10 % slower is x1/1.10, a change of -9.1 %); see worse_factor
 _AT_THRESHOLD = 1e-9
 
 
@@ -834,7 +829,7 @@ def compare_metric(name: str, fb: Figure | None, fc: Figure | None, sampling: "_
     thr = settings.threshold(spec, suite)
     base = fb.value if fb else None
     cur = fc.value if fc else None
-    bound = None if spec.absolute else time_ratio_bound(spec, thr)
+    bound = None if spec.absolute else 1.0 + thr  # the threshold as a worse factor
 
     def result(verdict: str, change: float | None, basis: str, test: Any = None) -> MetricResult:
         return MetricResult(name, spec.description, spec.higher_is_better, gated, spec.absolute, base, cur,
@@ -868,7 +863,7 @@ def compare_metric(name: str, fb: Figure | None, fc: Figure | None, sampling: "_
     if factor is None:  # a zero (e.g. no request met the SLOs): the figure's own change decides
         worse_by = -change if spec.higher_is_better else change
         factor = 1.0 + worse_by if worse_by > -1 else 0.0
-    if factor <= (1.0 + thr) * (1 + _AT_THRESHOLD):
+    if factor <= bound * (1 + _AT_THRESHOLD):  # type: ignore[operator]
         better = (1.0 / factor - 1.0) if factor > 0 else math.inf
         return result(IMPROVED if better > thr * (1 + _AT_THRESHOLD) else OK, change, basis, test)
     if not real:

@@ -105,11 +105,13 @@ def retime_results(src: Path, dst: Path, warp_for: WarpFor, run_id: str | None =
             rec = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             continue
-        if run_id is not None and isinstance(rec, dict) and "run_id" in rec:
+        renamed = run_id is not None and isinstance(rec, dict) and "run_id" in rec
+        if renamed:
             rec["run_id"] = run_id
-            path.write_text(json.dumps(rec, indent=2), encoding="utf-8")
         arts = rec.get("artifacts") if isinstance(rec, dict) else None
         if not isinstance(arts, dict) or not arts.get("passes") or not arts.get("requests"):
+            if renamed:  # no traces to warp (a quality record): only its run id changes
+                path.write_text(json.dumps(rec, indent=2), encoding="utf-8")
             continue
         reps = {"": ("passes", "requests")}
         n = (rec.get("report") or {}).get("repetitions", {}).get("n") or 1
